@@ -1,0 +1,155 @@
+"""``workflow`` — the command line.
+
+    workflow run RECIPE [--stages a,b] [--from STAGE] [--force]
+    workflow validate RECIPE...
+    workflow ingest|model|train|evaluate|serve RECIPE [--force]
+    workflow batch RECIPE --input URI --output URI [--adapter PATH ...]
+    workflow serve RECIPE [--detach | --stop]      workflow stop RECIPE
+    workflow sync SRC DEST
+    workflow tiny-model --data FILE... --out DIR
+    workflow show RECIPE|RUN_URI
+
+Errors print one line (``--debug`` adds the traceback) and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import runner
+from .config import load_recipe
+from .errors import WorkflowError
+from .stage import report_failure
+
+
+def _cmd_validate(args) -> int:
+    failed = 0
+    for path in args.recipes:
+        try:
+            recipe = load_recipe(path)
+            stages = runner.select_stages(recipe)
+            print(f"ok  {path}  ({recipe.name}: {' -> '.join(stages)}; storage {recipe.run_uri})")
+        except WorkflowError as err:
+            failed += 1
+            print(f"error: {err}", file=sys.stderr)
+    return 2 if failed else 0
+
+
+def _cmd_run(args) -> int:
+    recipe = load_recipe(args.recipe)
+    stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
+    options = {"serve": {"detach": args.detach}} if args.detach else None
+    runner.run_pipeline(recipe, stages=stages, from_stage=args.from_stage, force=args.force, debug=args.debug,
+                        options=options)
+    return 0
+
+
+def _cmd_stage(args) -> int:
+    recipe = load_recipe(args.recipe)
+    options = {k: v for k, v in vars(args).items() if k in ("detach", "stop") and v}
+    if args.command == "stop":
+        args.command, options = "serve", {"stop": True}
+    runner.run_stage(args.command, recipe, force=getattr(args, "force", False), debug=args.debug, options=options)
+    return 0
+
+
+def _cmd_batch(args) -> int:
+    recipe = load_recipe(args.recipe)
+    options = {"input": args.input, "output": args.output, "adapters": args.adapter or []}
+    runner.run_stage("batch", recipe, debug=args.debug, options=options, job=True)
+    return 0
+
+
+def _cmd_sync(args) -> int:
+    from .sync import sync
+
+    sync(args.src, args.dest)
+    return 0
+
+
+def _cmd_tiny_model(args) -> int:
+    from .config import TinyModelConfig
+    from .tiny_model import build_tiny_model
+
+    out = build_tiny_model(args.data, args.out, TinyModelConfig())
+    print(f"tiny model written to {out}")
+    return 0
+
+
+def _cmd_show(args) -> int:
+    from .show import show
+
+    show(args.target)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workflow", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the recipe's stages in order")
+    p.add_argument("recipe")
+    p.add_argument("--stages", help="comma-separated subset, e.g. ingest,train")
+    p.add_argument("--from", dest="from_stage", help="start at this stage")
+    p.add_argument("--force", action="store_true", help="rerun stages that are up to date")
+    p.add_argument("--detach", action="store_true", help="leave the served app running at the end")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("validate", help="check recipes without running anything")
+    p.add_argument("recipes", nargs="+")
+    p.set_defaults(func=_cmd_validate)
+
+    for name, spec in runner.STAGES.items():
+        p = sub.add_parser(name, help=spec.doc)
+        p.add_argument("recipe")
+        p.add_argument("--force", action="store_true")
+        if name == "serve":
+            group = p.add_mutually_exclusive_group()
+            group.add_argument("--detach", action="store_true", help="leave the app running")
+            group.add_argument("--stop", action="store_true", help="shut the app down")
+        p.set_defaults(func=_cmd_stage)
+
+    p = sub.add_parser("stop", help="shut down the recipe's served app")
+    p.add_argument("recipe")
+    p.set_defaults(func=_cmd_stage)
+
+    p = sub.add_parser("batch", help=runner.JOBS["batch"].doc)
+    p.add_argument("recipe")
+    p.add_argument("--input", required=True, help="JSONL, Parquet or CSV (local, s3://, gs://)")
+    p.add_argument("--output", required=True, help="where to write (.parquet or .jsonl)")
+    p.add_argument("--adapter", action="append", help="a LoRA adapter folder; repeat for several")
+    p.set_defaults(func=_cmd_batch)
+
+    p = sub.add_parser("sync", help="copy a folder between local disk and object storage")
+    p.add_argument("src")
+    p.add_argument("dest")
+    p.set_defaults(func=_cmd_sync)
+
+    p = sub.add_parser("tiny-model", help="build a tiny Qwen2-architecture model with a tokenizer trained on data")
+    p.add_argument("--data", nargs="+", required=True, help="JSONL/CSV files whose text trains the tokenizer")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_tiny_model)
+
+    p = sub.add_parser("show", help="show a run's stages, outputs and lineage")
+    p.add_argument("target", help="a recipe file or a run's storage URI")
+    p.set_defaults(func=_cmd_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except runner.StageFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.code
+    except BaseException as err:  # noqa: BLE001 - the CLI reports every failure in one line
+        if isinstance(err, SystemExit):
+            raise
+        return report_failure(err, debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""`model:` — which base model the run fine-tunes, evaluates and serves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from .base import Section
+
+
+class TinyModelConfig(Section):
+    """A Qwen2-architecture model with random weights and a tokenizer trained on the data.
+
+    It stands in for a real base model where no hub can be reached (tests, the CPU demo).
+    head_dim must be >= 64: vLLM's CPU attention kernels reject smaller heads.
+    """
+
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 64
+    intermediate_size: int = 688
+    vocab_size: int = 4000
+    max_position_embeddings: int = 1024
+    tie_word_embeddings: bool = True
+    seed: int = 0
+
+    @field_validator("head_dim")
+    @classmethod
+    def _head_dim_supported(cls, v: int) -> int:
+        if v < 64:
+            raise ValueError("must be >= 64 (vLLM's CPU attention kernels reject smaller heads)")
+        return v
+
+
+class ModelConfig(Section):
+    """The base model.
+
+    ``source`` is ``tiny`` (built locally from the ingested data), a Hugging Face id such as
+    ``Qwen/Qwen2.5-7B-Instruct``, a local directory, or an ``s3://`` / ``gs://`` mirror.
+    """
+
+    source: str
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    # LLaMA-Factory keys for a short full-parameter training of a tiny base before the
+    # LoRA stage (a random-weight base cannot be LoRA-tuned; real bases are pre-trained).
+    pretrain: dict[str, Any] | None = None
+    # Copy the base model into <storage>/<run>/model/ so cluster nodes load it from the bucket.
+    mirror: bool = False
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.source == "tiny"

@@ -1,0 +1,306 @@
+"""Ingest stage: read a dataset, validate it, write it in LLaMA-Factory's form.
+
+Reads JSONL, JSON, CSV or Parquet from a local path, ``http(s)://``, ``s3://`` or ``gs://``
+(fsspec), maps columns to Alpaca (``instruction``/``input``/``output``) or ShareGPT
+(``messages``), drops or rejects invalid rows with counted reasons, and writes
+``<split>.jsonl`` for each split plus ``dataset_info.json`` (the dataset names are the split
+names) and ``stats.json`` to ``<storage>/<run>/ingest/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from . import manifest, storage
+from .config import IngestConfig
+from .envs import SERVE
+from .errors import WorkflowError
+from .stage import StageContext, StageResult
+
+ENV = SERVE
+ROLES = ("system", "user", "assistant")
+
+
+class InvalidRow(ValueError):
+    """A row that fails validation; the message is the reason counted in the stats."""
+
+
+# ---------------------------------------------------------------- reading
+
+def detect_format(name: str, declared: str) -> str:
+    if declared != "auto":
+        return declared
+    lower = name.lower().split("?", 1)[0]
+    for suffix, fmt in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "json"), (".csv", "csv"),
+                        (".parquet", "parquet"), (".pq", "parquet")):
+        if lower.endswith(suffix):
+            return fmt
+    raise WorkflowError(f"{name}: cannot tell the file format from its name", hint="set ingest.file_format")
+
+
+def _open_bytes(uri: str) -> bytes:
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise WorkflowError(f"{uri}: file not found", hint="check ingest.source and ingest.splits") from None
+    if not data.strip():
+        raise WorkflowError(f"{uri}: the file is empty")
+    return data
+
+
+def read_records(uri: str, file_format: str = "auto") -> list[dict[str, Any]]:
+    """Every record of one file, as dicts; malformed files raise a one-line error."""
+    fmt = detect_format(uri, file_format)
+    data = _open_bytes(uri)
+    if fmt == "jsonl":
+        rows = []
+        for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise WorkflowError(f"{uri}:{lineno}: not valid JSON ({err.msg} at column {err.colno})",
+                                    hint="fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise WorkflowError(f"{uri}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    elif fmt == "json":
+        try:
+            obj = json.loads(data)
+        except json.JSONDecodeError as err:
+            raise WorkflowError(f"{uri}:{err.lineno}: not valid JSON ({err.msg})") from None
+        if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
+            obj = next(iter(obj.values()))  # {"data": [...]}
+        if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
+            raise WorkflowError(f"{uri}: a JSON file must hold a list of objects")
+        rows = obj
+    elif fmt == "csv":
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig")))
+        rows = [dict(r) for r in reader]
+    else:
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(io.BytesIO(data)).to_pylist()
+        except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad file
+            raise WorkflowError(f"{uri}: not a readable Parquet file ({err})") from None
+    if not rows:
+        raise WorkflowError(f"{uri}: the file has no rows")
+    return rows
+
+
+# ---------------------------------------------------------------- mapping and validation
+
+def _text(row: dict, column: str, field: str, *, required: bool) -> str:
+    value = row.get(column)
+    if value is None or (isinstance(value, float) and value != value):  # None or NaN
+        if required:
+            raise InvalidRow(f"empty {field}")
+        return ""
+    if not isinstance(value, str):
+        raise InvalidRow(f"non-string {field}")
+    if required and not value.strip():
+        raise InvalidRow(f"empty {field}")
+    return value
+
+
+def to_alpaca(row: dict, cfg: IngestConfig) -> dict[str, str]:
+    cols = cfg.columns
+    out = {}
+    out["instruction"] = cfg.instruction if cfg.instruction is not None else _text(
+        row, cols.get("instruction", "instruction"), "instruction", required=False)
+    out["input"] = _text(row, cols.get("input", "input"), "input", required=False) if (
+        "input" in cols or "input" in row) else ""
+    if not (out["instruction"].strip() or out["input"].strip()):
+        raise InvalidRow("empty instruction and input")
+    out["output"] = _text(row, cols.get("output", "output"), "output", required=True)
+    system = cfg.system if cfg.system is not None else (
+        _text(row, cols["system"], "system", required=False) if "system" in cols else "")
+    if system:
+        out["system"] = system
+    return out
+
+
+def to_sharegpt(row: dict, cfg: IngestConfig) -> dict[str, Any]:
+    if "messages" not in cfg.columns and "messages" not in row:
+        a = to_alpaca(row, cfg)
+        user = "\n".join(t for t in (a["instruction"], a["input"]) if t)
+        out: dict[str, Any] = {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": a["output"]}]}
+        if "system" in a:
+            out["system"] = a["system"]
+        return out
+    messages = row.get(cfg.columns.get("messages", "messages"))
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRow("messages not a non-empty list")
+    clean = []
+    for m in messages:
+        if not isinstance(m, dict):
+            raise InvalidRow("message not an object")
+        role = m.get("role", m.get("from"))
+        content = m.get("content", m.get("value"))
+        role = {"human": "user", "gpt": "assistant"}.get(role, role)
+        if role not in ROLES:
+            raise InvalidRow("unknown message role")
+        if not isinstance(content, str):
+            raise InvalidRow("non-string message content")
+        if not content.strip():
+            raise InvalidRow("empty message content")
+        clean.append({"role": role, "content": content})
+    out = {}
+    if clean[0]["role"] == "system":
+        out["system"] = clean.pop(0)["content"]
+    elif cfg.system is not None:
+        out["system"] = cfg.system
+    roles = [m["role"] for m in clean]
+    if not roles or roles[-1] != "assistant" or any(r != ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(roles)):
+        raise InvalidRow("messages not alternating user/assistant ending with assistant")
+    out["messages"] = clean
+    return out
+
+
+def check_columns(rows: list[dict], cfg: IngestConfig, where: str) -> None:
+    """A column the mapping names but the file lacks is a file-level error, not a dropped row."""
+    present = set().union(*(r.keys() for r in rows[:100]))
+    needed = dict(cfg.columns)
+    if cfg.format == "alpaca" or "messages" not in needed:
+        needed.setdefault("output", "output")
+        if cfg.instruction is None and "instruction" not in needed and "input" not in needed:
+            needed["instruction"] = "instruction"
+    for field, column in needed.items():
+        if field in ("instruction",) and cfg.instruction is not None:
+            continue
+        if column not in present:
+            raise WorkflowError(f"{where}: missing column {column!r} (mapped to {field}); the file has {sorted(present)}",
+                                hint=f"set ingest.columns.{field} to one of its columns")
+
+
+def convert(rows: list[dict], cfg: IngestConfig, where: str) -> tuple[list[dict], Counter]:
+    check_columns(rows, cfg, where)
+    mapper = to_alpaca if cfg.format == "alpaca" else to_sharegpt
+    kept, dropped = [], Counter()
+    for i, row in enumerate(rows, 1):
+        try:
+            kept.append(mapper(row, cfg))
+        except InvalidRow as reason:
+            if cfg.on_invalid == "fail":
+                raise WorkflowError(f"{where}: row {i}: {reason}",
+                                    hint="fix the row, or set ingest.on_invalid: drop to skip such rows") from None
+            dropped[str(reason)] += 1
+    return kept, dropped
+
+
+# ---------------------------------------------------------------- splits
+
+def split_sources(cfg: IngestConfig) -> dict[str, str]:
+    """Split name -> source URI (only when the recipe names a file per split)."""
+    if cfg.splits is None:
+        return {}
+    return {name: storage.join(cfg.source, rel) for name, rel in cfg.splits.items()}
+
+
+def load_splits(cfg: IngestConfig) -> tuple[dict[str, list[dict]], dict[str, Any]]:
+    rng = random.Random(cfg.seed)
+    stats: dict[str, Any] = {}
+    splits: dict[str, list[dict]] = {}
+    if cfg.splits is not None:
+        for name, uri in split_sources(cfg).items():
+            raw = read_records(uri, cfg.file_format)
+            rows, dropped = convert(raw, cfg, uri)
+            if cfg.shuffle:
+                rng.shuffle(rows)
+            splits[name] = rows
+            stats[name] = {"source": uri, "read": len(raw), "dropped": dict(dropped)}
+    else:
+        raw = read_records(cfg.source, cfg.file_format)
+        rows, dropped = convert(raw, cfg, cfg.source)
+        if cfg.shuffle:
+            rng.shuffle(rows)
+        start = 0
+        names = list(cfg.split_ratios)
+        for i, name in enumerate(names):
+            end = len(rows) if i == len(names) - 1 else start + round(cfg.split_ratios[name] * len(rows))
+            splits[name] = rows[start:end]
+            stats[name] = {"source": cfg.source, "read": end - start, "dropped": {}}
+            start = end
+        stats["dropped_before_split"] = dict(dropped)
+    for name, rows in splits.items():
+        limit = cfg.max_samples.get(name) if isinstance(cfg.max_samples, dict) else cfg.max_samples
+        if limit is not None:
+            splits[name] = rows[:limit]
+        stats[name]["kept"] = len(splits[name])
+        if not splits[name]:
+            raise WorkflowError(f"ingest: split {name!r} has no valid rows left", hint="see the dropped counts above")
+    return splits, stats
+
+
+def dataset_info(cfg: IngestConfig, split_names: list[str], has_system: dict[str, bool]) -> dict[str, Any]:
+    """LLaMA-Factory's ``dataset_info.json``: one dataset per split, named after it."""
+    info = {}
+    for name in split_names:
+        if cfg.format == "alpaca":
+            columns = {"prompt": "instruction", "query": "input", "response": "output"}
+            entry: dict[str, Any] = {"file_name": f"{name}.jsonl", "formatting": "alpaca", "columns": columns}
+        else:
+            columns = {"messages": "messages"}
+            entry = {"file_name": f"{name}.jsonl", "formatting": "sharegpt", "columns": columns,
+                     "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                              "assistant_tag": "assistant", "system_tag": "system"}}
+        if has_system[name]:
+            columns["system"] = "system"
+        info[name] = entry
+    return info
+
+
+# ---------------------------------------------------------------- stage
+
+def config(ctx: StageContext) -> dict:
+    return ctx.recipe.ingest.model_dump(mode="json")
+
+
+def _source_fingerprint(uri: str) -> str:
+    if storage.is_local(uri):
+        return manifest.hash_file(uri) if Path(storage.local_path(uri)).is_file() else "missing"
+    fs, path = storage.filesystem(uri)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return "missing"
+    return manifest.config_hash({k: info.get(k) for k in ("size", "ETag", "etag", "LastModified", "mtime", "md5Hash")})
+
+
+def inputs(ctx: StageContext) -> dict[str, str]:
+    cfg = ctx.recipe.ingest
+    sources = split_sources(cfg) or {"source": cfg.source}
+    return {f"source:{name}": _source_fingerprint(uri) for name, uri in sources.items()}
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg = ctx.recipe.ingest
+    splits, stats = load_splits(cfg)
+    with tempfile.TemporaryDirectory(prefix="workflow-ingest-") as tmp:
+        out = Path(tmp)
+        for name, rows in splits.items():
+            with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        has_system = {name: any("system" in r for r in rows) for name, rows in splits.items()}
+        (out / "dataset_info.json").write_text(json.dumps(dataset_info(cfg, list(splits), has_system), indent=2) + "\n")
+        (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        storage.upload_dir(out, ctx.out_uri, last=["dataset_info.json"])
+    for name in splits:
+        s = stats[name]
+        dropped = ", ".join(f"{k}: {v}" for k, v in s["dropped"].items()) or "none"
+        print(f"[ingest] {name}: read {s['read']}, kept {s['kept']}, dropped {sum(s['dropped'].values())} ({dropped})")
+    outputs = {name: storage.join(ctx.out_uri, f"{name}.jsonl") for name in splits}
+    outputs["dataset_info"] = storage.join(ctx.out_uri, "dataset_info.json")
+    hashes = {name: manifest.hash_file(uri) for name, uri in outputs.items()}
+    return StageResult(outputs=outputs, summary={"rows": {n: len(r) for n, r in splits.items()}, "format": cfg.format,
+                                                 "sha256": hashes, "stats": stats})

@@ -1,0 +1,99 @@
+"""The runner: the one place that knows the stages, their order and their environments.
+
+Each stage runs as ``<env python> -m workflow.stage STAGE RECIPE`` in its own environment;
+the stage decides from its manifest whether it is up to date.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from types import ModuleType
+
+from . import envs
+from .config import Recipe
+from .errors import WorkflowError
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    module: str
+    env: str
+    section: str  # the recipe section that enables it
+    doc: str
+
+
+STAGES: dict[str, StageSpec] = {
+    "ingest": StageSpec("workflow.ingest", envs.SERVE, "ingest", "read, validate and write the dataset in LLaMA-Factory form"),
+    "model": StageSpec("workflow.model", envs.TRAIN, "model", "build or mirror the base model"),
+    "train": StageSpec("workflow.train", envs.TRAIN, "train", "LoRA SFT with LLaMA-Factory inside Ray Train"),
+    "evaluate": StageSpec("workflow.evaluate", envs.SERVE, "evaluate", "batch inference with vLLM on Ray Data, metrics, report"),
+    "serve": StageSpec("workflow.serve", envs.SERVE, "serve", "OpenAI-compatible Ray Serve LLM app (smoke check in a run)"),
+}
+ORDER = list(STAGES)
+# Commands that run one stage-like job outside the pipeline order.
+JOBS: dict[str, StageSpec] = {
+    "batch": StageSpec("workflow.batch", envs.SERVE, "evaluate", "batch inference over any dataset"),
+}
+
+
+def stage_module(name: str) -> ModuleType:
+    spec = STAGES.get(name) or JOBS.get(name)
+    if spec is None:
+        raise WorkflowError(f"unknown stage {name!r}; stages are {', '.join(ORDER)}")
+    try:
+        return importlib.import_module(spec.module)
+    except ModuleNotFoundError as err:
+        if err.name == spec.module:
+            raise WorkflowError(f"the {name} stage is not built yet ({spec.module} does not exist)") from None
+        raise
+
+
+def select_stages(recipe: Recipe, stages: list[str] | None = None, from_stage: str | None = None) -> list[str]:
+    for name in (stages or []) + ([from_stage] if from_stage else []):
+        if name not in STAGES:
+            raise WorkflowError(f"unknown stage {name!r}; stages are {', '.join(ORDER)}")
+    chosen = [s for s in ORDER if (stages is None or s in stages)]
+    if from_stage:
+        chosen = [s for s in chosen if ORDER.index(s) >= ORDER.index(from_stage)]
+    return [s for s in chosen if getattr(recipe, STAGES[s].section) is not None]
+
+
+def run_stage(name: str, recipe: Recipe, *, force: bool = False, options: dict | None = None, debug: bool = False,
+              job: bool = False) -> None:
+    """Run one stage (or job) in its environment; raise if it fails."""
+    spec = (JOBS if job else STAGES)[name]
+    cmd = [envs.python_for(spec.env), "-m", "workflow.stage", name, str(recipe.path)]
+    if force:
+        cmd.append("--force")
+    if options:
+        cmd += ["--options", json.dumps(options)]
+    if debug:
+        cmd.append("--debug")
+    started = time.monotonic()
+    proc = subprocess.run(cmd, env=envs.stage_environment(spec.env), check=False)
+    if proc.returncode != 0:
+        raise StageFailed(name, proc.returncode)
+    print(f"[{name}] finished in {time.monotonic() - started:.0f}s", flush=True)
+
+
+class StageFailed(Exception):
+    """A stage process exited non-zero; it has already printed why."""
+
+    def __init__(self, stage: str, code: int):
+        super().__init__(f"stage {stage} failed (exit {code})")
+        self.stage, self.code = stage, code
+
+
+def run_pipeline(recipe: Recipe, *, stages: list[str] | None = None, from_stage: str | None = None,
+                 force: bool = False, debug: bool = False, options: dict[str, dict] | None = None) -> list[str]:
+    chosen = select_stages(recipe, stages, from_stage)
+    if not chosen:
+        raise WorkflowError(f"{recipe.path}: no stage to run (the recipe has no section for the stages asked for)")
+    print(f"run {recipe.name}: {' -> '.join(chosen)}  (storage {recipe.run_uri})", flush=True)
+    for name in chosen:
+        run_stage(name, recipe, force=force, debug=debug, options=(options or {}).get(name))
+    return chosen

@@ -1,0 +1,203 @@
+"""Run storage: a local folder, ``s3://`` or ``gs://``, through fsspec.
+
+S3-compatible servers are reached through the standard ``AWS_ENDPOINT_URL`` variable, which
+boto3, s3fs, pyarrow and Ray's own downloaders all honour, so one setting serves every
+library that touches the bucket.
+
+Writes are atomic: a single file is written to a temporary name and renamed (one PUT on
+object stores), and a folder is published with its marker files last, so a reader that sees
+the marker sees the whole folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from .errors import WorkflowError
+
+T = TypeVar("T")
+
+# Errors that retrying will not fix.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def local_path(uri: str) -> Path:
+    return Path(uri.removeprefix("file://"))
+
+
+def join(base: str, *parts: str) -> str:
+    out = base.rstrip("/")
+    for part in parts:
+        out += "/" + part.strip("/")
+    return out
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        return url_to_fs(uri)
+    except ImportError as err:
+        scheme = uri.split("://", 1)[0]
+        pkg = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}.get(scheme, "an fsspec implementation")
+        raise WorkflowError(f"{uri}: no filesystem for {scheme}://", hint=f"install {pkg} ({err})") from None
+
+
+def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 5, base_delay: float = 0.5) -> T:
+    """Call ``fn``; on a transient error retry with exponential backoff and jitter."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except _PERMANENT:
+            raise
+        except Exception as err:  # noqa: BLE001 - storage clients raise many transient types
+            if attempt == attempts:
+                raise WorkflowError(f"{what}: failed after {attempts} attempts: {type(err).__name__}: {err}",
+                                    hint="check the storage endpoint and credentials") from err
+            delay = base_delay * 2 ** (attempt - 1) * (0.5 + random.random())
+            print(f"[storage] {what}: {type(err).__name__}; retry {attempt}/{attempts - 1} in {delay:.1f}s", flush=True)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return with_retries(lambda: fs.exists(path), what=f"check {uri}")
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return with_retries(lambda: fs.cat_file(path), what=f"read {uri}")
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_text(uri))
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file atomically: temp file + rename locally, one PUT on object stores."""
+    if is_local(uri):
+        dest = local_path(uri)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+        return
+    fs, path = filesystem(uri)
+    with_retries(lambda: fs.pipe_file(path, data), what=f"write {uri}")
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_text(uri, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def remove(uri: str) -> None:
+    """Remove a file or folder; nothing happens if it does not exist."""
+    if is_local(uri):
+        p = local_path(uri)
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+        return
+    fs, path = filesystem(uri)
+    if with_retries(lambda: fs.exists(path), what=f"check {uri}"):
+        with_retries(lambda: fs.rm(path, recursive=True), what=f"remove {uri}")
+
+
+def list_files(uri: str) -> list[str]:
+    """Paths of every file under ``uri``, relative to it, sorted."""
+    fs, path = filesystem(uri)
+    path = path.rstrip("/")
+    if not with_retries(lambda: fs.exists(path), what=f"list {uri}"):
+        return []
+    found = with_retries(lambda: fs.find(path), what=f"list {uri}")
+    return sorted(f[len(path) + 1:] for f in found if f != path)
+
+
+def upload_dir(local_dir: str | Path, uri: str, *, last: Iterable[str] = ()) -> None:
+    """Copy a local folder to ``uri`` (local or remote); files named in ``last`` go last.
+
+    Put a folder's marker files (a manifest, an adapter's ``adapter_config.json``) in ``last``:
+    a reader that finds them then finds everything else. Locally the folder is staged next
+    to its destination and renamed into place, so it appears whole or not at all.
+    """
+    src = Path(local_dir)
+    if not src.is_dir():
+        raise WorkflowError(f"{src}: not a folder")
+    files = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
+    last = [f for f in last if f in files]
+    ordered = [f for f in files if f not in last] + last
+    if is_local(uri):
+        dest = local_path(uri)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = dest.with_name(f".{dest.name}.staging-{uuid.uuid4().hex[:8]}")
+        shutil.copytree(src, staging)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(staging, dest)
+        return
+    fs, base = filesystem(uri)
+    for rel in ordered:
+        target = base.rstrip("/") + "/" + rel
+        with_retries(lambda rel=rel, target=target: fs.put_file(str(src / rel), target), what=f"upload {uri}/{rel}")
+
+
+def download_dir(uri: str, local_dir: str | Path) -> Path:
+    """Copy ``uri``'s files into ``local_dir`` (staged, then renamed into place)."""
+    dest = Path(local_dir)
+    files = list_files(uri)
+    if not files:
+        raise WorkflowError(f"{uri}: nothing there to download", hint="check the path and that the stage that writes it has run")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging-", dir=dest.parent))
+    fs, base = filesystem(uri)
+    for rel in files:
+        target = staging / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        src = base.rstrip("/") + "/" + rel
+        with_retries(lambda src=src, target=target: fs.get_file(src, str(target)), what=f"download {uri}/{rel}")
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(staging, dest)
+    return dest
+
+
+def copy_dir(src_uri: str, dest_uri: str, *, last: Iterable[str] = ()) -> None:
+    """Copy a folder between any two locations (local <-> remote, remote <-> remote)."""
+    if is_local(src_uri):
+        upload_dir(local_path(src_uri), dest_uri, last=last)
+        return
+    with tempfile.TemporaryDirectory(prefix="workflow-copy-") as tmp:
+        local = download_dir(src_uri, Path(tmp) / "data")
+        upload_dir(local, dest_uri, last=last)
+
+
+def materialize(uri: str, cache_dir: str | Path) -> Path:
+    """A local folder with ``uri``'s contents: the folder itself if local, else a download."""
+    if is_local(uri):
+        return local_path(uri)
+    name = uri.rstrip("/").split("://", 1)[1].replace("/", "_")
+    return download_dir(uri, Path(cache_dir) / name)
