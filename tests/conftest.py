@@ -1,0 +1,160 @@
+"""Shared fixtures: the tiny model, a tiny LoRA adapter, loopback HTTP and S3 servers.
+
+The suite runs twice, once in each environment (see the Makefile's ``test`` target):
+tests marked ``train_env`` run in the train environment, the rest in the serve
+environment. Test modules import heavy libraries (torch, vllm, ray, llamafactory) inside
+tests or fixtures, never at module level, so either environment can collect every module.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+VIGGO = REPO / "data" / "viggo"
+sys.path.insert(0, str(REPO))
+
+from workflow import envs  # noqa: E402
+
+INSTRUCTION = (
+    "Given a target sentence construct the underlying meaning representation of the input sentence as a single "
+    "function with attributes and attribute values. This function should describe the target string accurately and "
+    "the function must be one of the following ['inform', 'request', 'give_opinion', 'confirm', 'verify_attribute', "
+    "'suggest', 'request_explanation', 'recommend', 'request_attribute']. The attributes must be one of the "
+    "following: ['name', 'exp_release_date', 'release_year', 'developer', 'esrb', 'rating', 'genres', "
+    "'player_perspective', 'has_multiplayer', 'platforms', 'available_on_steam', 'has_linux_release', "
+    "'has_mac_release', 'specifier']"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def viggo_alpaca(tmp_path_factory) -> Path:
+    """The bundled ViGGO splits in Alpaca JSONL form (what the ingest stage writes), plus dataset_info.json."""
+    import csv
+
+    out = tmp_path_factory.mktemp("viggo-alpaca")
+    for split, name in (("train", "train.csv"), ("val", "valid.csv"), ("test", "test.csv")):
+        with open(VIGGO / name, newline="") as f, open(out / f"{split}.jsonl", "w") as g:
+            for row in csv.DictReader(f):
+                g.write(json.dumps({"instruction": INSTRUCTION, "input": row["ref"], "output": row["mr"]}) + "\n")
+    info = {s: {"file_name": f"{s}.jsonl", "formatting": "alpaca",
+                "columns": {"prompt": "instruction", "query": "input", "response": "output"}}
+            for s in ("train", "val", "test")}
+    (out / "dataset_info.json").write_text(json.dumps(info))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(viggo_alpaca, tmp_path_factory) -> Path:
+    """A tiny random-weight Qwen2 model with a tokenizer trained on ViGGO (built in this environment)."""
+    from workflow.config import TinyModelConfig
+    from workflow.tiny_model import build_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    return build_tiny_model([viggo_alpaca / "train.jsonl", viggo_alpaca / "val.jsonl"], out, TinyModelConfig())
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_model, viggo_alpaca, tmp_path_factory) -> Path:
+    """A rank-8 LoRA adapter on all linear layers, trained briefly by LLaMA-Factory in the train environment.
+
+    The tiny base has random weights, so the adapter learns little; it still changes the
+    model's answers, which is what loading tests need.
+    """
+    import yaml
+
+    out = tmp_path_factory.mktemp("tiny-adapter")
+    cfg = {
+        "model_name_or_path": str(tiny_model), "stage": "sft", "do_train": True, "finetuning_type": "lora",
+        "lora_rank": 8, "lora_target": "all", "dataset": "train", "dataset_dir": str(viggo_alpaca),
+        "template": "qwen", "cutoff_len": 512, "max_samples": 64, "output_dir": str(out / "adapter"),
+        "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 5e-3,
+        "num_train_epochs": 1, "logging_steps": 4, "save_strategy": "no", "report_to": "none",
+        "use_cpu": True, "overwrite_output_dir": True, "preprocessing_num_workers": 1,
+    }
+    cfg_path = out / "train.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    train_python = envs.python_for(envs.TRAIN)
+    cli = Path(train_python).parent / "llamafactory-cli"
+    env = envs.stage_environment(envs.TRAIN)
+    proc = subprocess.run([str(cli), "train", str(cfg_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    adapter = out / "adapter"
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    return adapter
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep pytest output readable
+        pass
+
+
+@pytest.fixture
+def http_server():
+    """``serve(dir) -> base_url``: serve a folder over HTTP on loopback for the test's duration."""
+    servers = []
+
+    def serve(directory: Path) -> str:
+        handler = functools.partial(_QuietHandler, directory=str(directory))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server (moto) on loopback; AWS_* variables point every client at it.
+
+    Yields the endpoint URL. Buckets are created with ``boto3.client("s3").create_bucket``.
+    Subprocesses inherit the variables, so stages and Ray workers reach the same server.
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing-key-id",
+                      AWS_SECRET_ACCESS_KEY="testing-secret-key", AWS_DEFAULT_REGION="us-east-1")
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket on the loopback S3 server; yields its ``s3://`` URI."""
+    import re
+
+    import boto3
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{free_port()}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"
