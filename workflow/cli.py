@@ -15,6 +15,7 @@ Errors print one line (``--debug`` adds the traceback) and exit non-zero.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from . import runner
@@ -87,9 +88,13 @@ def _cmd_show(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workflow", description=__doc__.split("\n\n")[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    # --debug is accepted after the command too; SUPPRESS keeps the top-level value otherwise.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = functools.partial(sub.add_parser, parents=[common])
 
-    p = sub.add_parser("run", help="run the recipe's stages in order")
+    p = add("run", help="run the recipe's stages in order")
     p.add_argument("recipe")
     p.add_argument("--stages", help="comma-separated subset, e.g. ingest,train")
     p.add_argument("--from", dest="from_stage", help="start at this stage")
@@ -97,12 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true", help="leave the served app running at the end")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("validate", help="check recipes without running anything")
+    p = add("validate", help="check recipes without running anything")
     p.add_argument("recipes", nargs="+")
     p.set_defaults(func=_cmd_validate)
 
     for name, spec in runner.STAGES.items():
-        p = sub.add_parser(name, help=spec.doc)
+        p = add(name, help=spec.doc)
         p.add_argument("recipe")
         p.add_argument("--force", action="store_true")
         if name == "serve":
@@ -111,28 +116,28 @@ def build_parser() -> argparse.ArgumentParser:
             group.add_argument("--stop", action="store_true", help="shut the app down")
         p.set_defaults(func=_cmd_stage)
 
-    p = sub.add_parser("stop", help="shut down the recipe's served app")
+    p = add("stop", help="shut down the recipe's served app")
     p.add_argument("recipe")
     p.set_defaults(func=_cmd_stage)
 
-    p = sub.add_parser("batch", help=runner.JOBS["batch"].doc)
+    p = add("batch", help=runner.JOBS["batch"].doc)
     p.add_argument("recipe")
     p.add_argument("--input", required=True, help="JSONL, Parquet or CSV (local, s3://, gs://)")
     p.add_argument("--output", required=True, help="where to write (.parquet or .jsonl)")
     p.add_argument("--adapter", action="append", help="a LoRA adapter folder; repeat for several")
     p.set_defaults(func=_cmd_batch)
 
-    p = sub.add_parser("sync", help="copy a folder between local disk and object storage")
+    p = add("sync", help="copy a folder between local disk and object storage")
     p.add_argument("src")
     p.add_argument("dest")
     p.set_defaults(func=_cmd_sync)
 
-    p = sub.add_parser("tiny-model", help="build a tiny Qwen2-architecture model with a tokenizer trained on data")
+    p = add("tiny-model", help="build a tiny Qwen2-architecture model with a tokenizer trained on data")
     p.add_argument("--data", nargs="+", required=True, help="JSONL/CSV files whose text trains the tokenizer")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_tiny_model)
 
-    p = sub.add_parser("show", help="show a run's stages, outputs and lineage")
+    p = add("show", help="show a run's stages, outputs and lineage")
     p.add_argument("target", help="a recipe file or a run's storage URI")
     p.set_defaults(func=_cmd_show)
     return parser
@@ -143,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except runner.StageFailed as err:
-        print(f"error: {err}", file=sys.stderr)
+        # The stage process has already printed its one-line error.
+        if args.command == "run":
+            print(f"[run] stopped: {err}", flush=True)
         return err.code
     except BaseException as err:  # noqa: BLE001 - the CLI reports every failure in one line
         if isinstance(err, SystemExit):

@@ -224,7 +224,9 @@ def load_splits(cfg: IngestConfig) -> tuple[dict[str, list[dict]], dict[str, Any
         if cfg.shuffle:
             rng.shuffle(rows)
         start = 0
-        names = list(cfg.split_ratios)
+        # Cut in a fixed order (train, val, test, then others) whatever the YAML's key order.
+        known = ("train", "val", "test")
+        names = sorted(cfg.split_ratios, key=lambda n: (known.index(n) if n in known else len(known), n))
         for i, name in enumerate(names):
             end = len(rows) if i == len(names) - 1 else start + round(cfg.split_ratios[name] * len(rows))
             splits[name] = rows[start:end]

@@ -1,19 +1,114 @@
 """`evaluate:` — batch inference with vLLM through ``ray.data.llm`` and the metrics to report.
 
 ``processor`` holds ``ray.data.llm.vLLMEngineProcessorConfig`` fields verbatim (the model
-and the LoRA settings are filled in from the run); ``sampling_params`` holds vLLM's.
+and the LoRA settings are filled in from the run); ``sampling_params`` holds vLLM's
+``SamplingParams`` fields; ``endpoint.processor`` holds ``HttpRequestProcessorConfig``
+fields. Our own keys are checked here; the library keys are checked against the libraries
+by :func:`check_library_fields`, which needs the serve environment and runs before any
+engine starts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+from pydantic import Field, field_validator
+
+from ..errors import WorkflowError
 from .base import Section
+
+# Filled in from the run; a recipe that sets them is refused.
+RUN_OWNED_PROCESSOR_KEYS = ("model_source",)
+RUN_OWNED_ENGINE_KEYS = ("model",)
+
+
+class ConstrainedDecoding(Section):
+    """Constrain generation to ``fn(attr[value], ...)`` with vLLM structured outputs.
+
+    The allowed names come from here, or, when left out, from the lists in each row's
+    instruction (ViGGO's prompt names them). The report shows metrics with and without.
+    """
+
+    functions: list[str] | None = None
+    attributes: list[str] | None = None
+
+
+class EndpointConfig(Section):
+    """Evaluate through an OpenAI-compatible chat completions URL instead of a local engine."""
+
+    # HttpRequestProcessorConfig fields, e.g. {url: http://host:8000/v1/chat/completions, qps: 20}.
+    processor: dict[str, Any]
+    # The model names to ask for; each is one variant in the report.
+    models: list[str] = Field(min_length=1)
 
 
 class EvaluateConfig(Section):
     split: str = "test"
-    metrics: list[str] = ["exact_match", "normalized_exact_match", "function_accuracy", "slot_f1", "parse_failure_rate"]
+    metrics: list[str] = ["exact_match", "normalized_exact_match", "function_accuracy", "slot_precision",
+                          "slot_recall", "slot_f1", "parse_failure_rate"]
+    # Evaluate the base model beside the adapters.
+    base: bool = True
+    # Adapter names under the train stage's adapters folder; None = every one of them.
+    adapters: list[str] | None = None
     processor: dict[str, Any] = {}
     sampling_params: dict[str, Any] = {"temperature": 0.0, "max_tokens": 128}
-    max_rows: int | None = None
+    constrained_decoding: ConstrainedDecoding | None = None
+    endpoint: EndpointConfig | None = None
+    max_rows: int | None = Field(default=None, ge=1)
+    # How many wrong predictions per variant the report lists.
+    worst_errors: int = Field(default=10, ge=0)
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, v: list[str]) -> list[str]:
+        from ..metrics import METRICS
+
+        unknown = [m for m in v if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; known: {sorted(METRICS)}")
+        return v
+
+    @field_validator("processor")
+    @classmethod
+    def _no_run_owned_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        owned = [k for k in RUN_OWNED_PROCESSOR_KEYS if k in v]
+        owned += [f"engine_kwargs.{k}" for k in RUN_OWNED_ENGINE_KEYS if k in (v.get("engine_kwargs") or {})]
+        if owned:
+            raise ValueError(f"{owned} come from the run's model stage; remove them")
+        return v
+
+
+def check_library_fields(cfg: EvaluateConfig, where: str = "evaluate") -> None:
+    """Check the pass-through sections against ray.data.llm and vLLM (serve env only).
+
+    Raises a one-line WorkflowError naming the key. Imports Ray and vLLM, so call it in
+    the stage process, before starting any worker.
+    """
+    from pydantic import ValidationError
+    from ray.data.llm import HttpRequestProcessorConfig, vLLMEngineProcessorConfig
+    from vllm import AsyncEngineArgs, SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    from .recipe import format_validation_error
+
+    try:
+        vLLMEngineProcessorConfig(model_source="validation", **cfg.processor)
+    except ValidationError as err:
+        raise WorkflowError(format_validation_error(err, f"{where}.processor")) from None
+    engine_fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    unknown = sorted(set(cfg.processor.get("engine_kwargs") or {}) - engine_fields - {"task_type"})
+    if unknown:
+        raise WorkflowError(f"{where}.processor.engine_kwargs: unknown vLLM engine argument(s) {unknown}",
+                            hint="see vllm.AsyncEngineArgs for the names")
+    params = dict(cfg.sampling_params)
+    structured = params.pop("structured_outputs", None)
+    try:
+        SamplingParams(**params, structured_outputs=StructuredOutputsParams(**structured) if structured else None)
+    except (TypeError, ValueError) as err:
+        raise WorkflowError(f"{where}.sampling_params: {err}", hint="use vllm.SamplingParams field names") from None
+    if cfg.endpoint is not None:
+        try:
+            HttpRequestProcessorConfig(**cfg.endpoint.processor)
+        except ValidationError as err:
+            raise WorkflowError(format_validation_error(err, f"{where}.endpoint.processor")) from None

@@ -1,17 +1,74 @@
-"""`serve:` — an OpenAI-compatible Ray Serve LLM app.
+"""`serve:` — an OpenAI-compatible Ray Serve LLM app, with a smoke check in a recipe run.
 
-``llm_config`` holds ``ray.serve.llm.LLMConfig`` fields verbatim (the model source and the
-adapters' location are filled in from the run).
+``llm_config`` holds ``ray.serve.llm.LLMConfig`` fields verbatim. The run fills in what it
+owns: ``model_loading_config.model_source`` (the model stage's output), ``model_id`` (the
+recipe's name unless given) and ``lora_config.dynamic_lora_loading_path`` (the train
+stage's adapters folder). The checks here need no Ray; the serve stage validates the
+whole ``llm_config`` against ``ray.serve.llm.LLMConfig`` before any replica starts
+(``workflow.serving.validate_llm_config``).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from pydantic import Field, field_validator, model_validator
+
 from .base import Section
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class SmokeConfig(Section):
+    """What the serve stage checks before it reports the app as good."""
+
+    # Training rows sent to the base model and to each adapter: the adapter must reproduce
+    # the training targets more closely than the base does.
+    rows: int = Field(4, ge=1)
+    max_tokens: int = Field(96, ge=1)
 
 
 class ServeConfig(Section):
     llm_config: dict[str, Any] = {}
+    # Ray Serve deployment options of the OpenAI ingress (e.g. {num_replicas: 1}); Ray's
+    # default is 2 to 1000 autoscaled replicas per model replica.
+    ingress_deployment_config: dict[str, Any] = {}
     host: str = "127.0.0.1"
-    port: int = 8000
+    # None: pick a free port (printed, and recorded in <run>/serve/endpoint.json).
+    port: int | None = Field(None, ge=1, le=65535)
+    # Name of the environment variable that holds the API key (a bearer token). Only the
+    # name is kept in recipes, manifests and logs; without it the endpoint is open.
+    api_key_env: str | None = None
+    # Logical CPUs the local Ray cluster advertises: Ray Serve needs more than a 2-core
+    # machine's real count or the ingress and proxy replicas never get scheduled.
+    num_cpus: int = Field(8, ge=1)
+    smoke: SmokeConfig = Field(default_factory=SmokeConfig)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not _ENV_NAME.match(v):
+            raise ValueError("must be the NAME of an environment variable (e.g. WORKFLOW_API_KEY), not the key itself")
+        return v
+
+    @model_validator(mode="after")
+    def _check_llm_config(self) -> ServeConfig:
+        loading = self.llm_config.get("model_loading_config") or {}
+        model_id = loading.get("model_id") if isinstance(loading, dict) else None
+        if model_id is not None and ":" in str(model_id):
+            raise ValueError("llm_config.model_loading_config.model_id: must not contain ':' "
+                             "(clients ask for an adapter as '<model_id>:<adapter>')")
+        lora = self.llm_config.get("lora_config")
+        if isinstance(lora, dict):
+            engine_kwargs = self.llm_config.get("engine_kwargs") or {}
+            per_replica = lora.get("max_num_adapters_per_replica")
+            max_loras = engine_kwargs.get("max_loras")
+            if per_replica is not None and max_loras is not None and per_replica != max_loras:
+                raise ValueError(f"llm_config.lora_config.max_num_adapters_per_replica ({per_replica}) must equal "
+                                 f"llm_config.engine_kwargs.max_loras ({max_loras})")
+        return self
+
+    @property
+    def model_id(self) -> str | None:
+        return (self.llm_config.get("model_loading_config") or {}).get("model_id")

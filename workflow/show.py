@@ -1,0 +1,51 @@
+"""``workflow show``: a run's stages, their outputs, and how each links to its inputs."""
+
+from __future__ import annotations
+
+import os
+
+from . import manifest, storage
+from .config import load_recipe
+from .runner import ORDER
+
+
+def run_uri_of(target: str) -> str:
+    """A recipe file names its run; anything else is taken as the run's storage URI."""
+    if target.endswith((".yaml", ".yml")) and os.path.isfile(target):
+        return load_recipe(target).run_uri
+    return target.rstrip("/")
+
+
+def lineage(run_uri: str) -> dict[str, dict]:
+    """Each completed stage's manifest, keyed by stage, in pipeline order."""
+    found = {}
+    for stage in ORDER:
+        m = manifest.read(storage.join(run_uri, stage))
+        if m is not None:
+            found[stage] = m
+    return found
+
+
+def show(target: str) -> None:
+    run_uri = run_uri_of(target)
+    stages = lineage(run_uri)
+    print(f"run {run_uri}")
+    if not stages:
+        print("  no completed stage (no manifest.json under this run)")
+        return
+    by_fp = {m["fingerprint"]: s for s, m in stages.items()}
+    for stage in ORDER:
+        m = stages.get(stage)
+        if m is None:
+            print(f"\n{stage}: not completed")
+            continue
+        print(f"\n{stage}: done {m['finished_at']}  fingerprint {m['fingerprint'][:12]}")
+        for name, value in m["inputs"].items():
+            source = by_fp.get(value)
+            link = f"<- {source} stage" if source else ""
+            print(f"  input  {name}: {str(value)[:12]} {link}".rstrip())
+        for name, uri in m["outputs"].items():
+            print(f"  output {name}: {uri}")
+        for key in ("rows", "adapter_name", "lora_rank", "final_loss", "metrics", "model_ids", "base_url"):
+            if key in m.get("summary", {}):
+                print(f"  {key}: {m['summary'][key]}")

@@ -1,0 +1,334 @@
+"""LLaMA-Factory inside Ray Train: the code the model stage (pre-training) and the train stage share.
+
+- ``llamafactory_args`` builds the exact argument dict handed to ``run_exp`` (pure; a GPU
+  benchmark calls it to reproduce the train stage's arguments without Ray).
+- ``check_llamafactory_keys`` rejects keys LLaMA-Factory does not know, before any worker
+  starts; ``check_recipe_in_train_env`` runs that check from the serve environment
+  (``workflow validate``) through the train environment's interpreter.
+- ``run_training`` runs ``llamafactory.train.tuner.run_exp`` as the ``train_loop_per_worker``
+  of a ``ray.train.torch.TorchTrainer``. Every Hugging Face checkpoint is reported to Ray Train,
+  which merges the workers' files into ``<storage_path>/<name>/checkpoint-<step>/`` in the
+  run's storage; a rerun with the same name (or a worker retry) resumes from the latest one.
+  Rank 0 publishes the final model folder (adapter or full weights) with its marker file last.
+
+Only the standard library is imported at module level: the CLI imports this in either
+environment. torch, ray and llamafactory are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fcntl
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from . import storage
+from .config.train import FILLED_IN
+from .errors import WorkflowError
+
+# Our defaults, which a recipe's keys override: progress as one line per log, TensorBoard
+# logs, and the loss curve (training_loss.png) saved with the model.
+DEFAULTS: dict[str, Any] = {
+    "do_train": True,
+    "report_to": "tensorboard",
+    "plot_loss": True,
+    "disable_tqdm": True,
+    "logging_steps": 10,
+}
+# Files of a finished run that are not part of the published model folder.
+NOT_PUBLISHED = re.compile(r"^(checkpoint-\d+|runs|tensorboard)(/|$)")
+CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+def llamafactory_args(llamafactory: dict, *, model: str, dataset_dir: str, output_dir: str,
+                      dataset: str = "train", eval_dataset: str | None = None) -> dict:
+    """The argument dict the train stage passes to ``run_exp``.
+
+    ``DEFAULTS``, then the recipe's LLaMA-Factory keys, then the paths from upstream stages.
+    Inside a Ray worker only two things change: a remote ``model``/``dataset_dir`` is
+    replaced by a copy on the worker's disk, and ``resume_from_checkpoint`` is added when
+    Ray Train holds a checkpoint.
+    """
+    taken = sorted(set(llamafactory) & set(FILLED_IN))
+    if taken:
+        raise WorkflowError(f"llamafactory.{taken[0]}: filled in by the pipeline from the upstream stages; remove it")
+    args = {**DEFAULTS, **llamafactory, "model_name_or_path": model, "dataset_dir": dataset_dir,
+            "dataset": dataset, "output_dir": output_dir}
+    if eval_dataset is not None:
+        args["eval_dataset"] = eval_dataset
+    return args
+
+
+# ---------------------------------------------------------------- validating keys
+
+def llamafactory_arg_names() -> set[str]:
+    """Every key LLaMA-Factory's training parser accepts (train environment only)."""
+    import dataclasses
+
+    from llamafactory.hparams import (DataArguments, FinetuningArguments, GeneratingArguments, ModelArguments,
+                                      TrainingArguments)
+
+    classes = (ModelArguments, DataArguments, TrainingArguments, FinetuningArguments, GeneratingArguments)
+    return {f.name for cls in classes for f in dataclasses.fields(cls) if f.init}
+
+
+def check_llamafactory_keys(llamafactory: dict, where: str) -> None:
+    """Raise naming the first key LLaMA-Factory does not know (with the closest known key)."""
+    known = llamafactory_arg_names()
+    for key in llamafactory:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "see LLaMA-Factory's argument reference"
+            raise WorkflowError(f"{where}.{key}: not a LLaMA-Factory argument", hint=hint)
+
+
+def check_recipe_keys(recipe) -> None:
+    """Check every LLaMA-Factory section of a recipe (train env)."""
+    where = str(recipe.path or recipe.name)
+    if recipe.model.pretrain:
+        check_llamafactory_keys(recipe.model.pretrain, f"{where}: model.pretrain")
+    if recipe.train is not None:
+        check_llamafactory_keys(recipe.train.llamafactory, f"{where}: train.llamafactory")
+
+
+def check_recipe_in_train_env(recipe) -> None:
+    """From any environment: check the recipe's LLaMA-Factory keys in the train environment."""
+    if not recipe.model.pretrain and recipe.train is None:
+        return
+    from . import envs
+
+    proc = subprocess.run([envs.python_for(envs.TRAIN), "-m", "workflow.training", "check", str(recipe.path)],
+                          env=envs.stage_environment(envs.TRAIN), capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        raise WorkflowError(lines[-1].removeprefix("error: ") if lines else proc.stderr.strip()[-500:])
+
+
+# ---------------------------------------------------------------- inside a Ray worker
+
+def _node_local_copy(uri: str, key: str) -> str:
+    """A copy of a remote folder on this node's disk, shared by the node's workers.
+
+    ``key`` identifies the content (e.g. the upstream manifest's fingerprint), so a rebuilt
+    model at the same URI is downloaded again. A file lock keeps two workers of one node
+    from downloading at once; the ``.complete`` marker makes a finished copy reusable.
+    """
+    if storage.is_local(uri):
+        return str(storage.local_path(uri))
+    root = Path(os.environ.get("WORKFLOW_CACHE", Path(tempfile.gettempdir()) / "workflow-cache")) / "downloads"
+    dest = root / (re.sub(r"[^A-Za-z0-9._-]", "_", uri.split("://", 1)[1]) + "-" + key[:12])
+    root.mkdir(parents=True, exist_ok=True)
+    with open(f"{dest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (dest / ".complete").exists():
+            print(f"[training] downloading {uri} -> {dest}", flush=True)
+            storage.download_dir(uri, dest)
+            (dest / ".complete").touch()
+    return str(dest)
+
+
+def _checkpoint_step(path: str) -> int:
+    state = json.loads((Path(path) / "trainer_state.json").read_text())
+    return int(state["global_step"])
+
+
+def _make_callbacks(rank: int, tensorboard_dir: Path, tensorboard_uri: str | None):
+    """Hugging Face callbacks: report checkpoints to Ray Train; print progress on rank 0."""
+    import ray.train
+    from transformers import TrainerCallback
+
+    class ReportCheckpointToRay(TrainerCallback):
+        """After each save, hand this worker's part of ``checkpoint-<step>`` to Ray Train.
+
+        Every worker reports (``ray.train.report`` is a barrier); Ray merges the parts
+        (rank 0's weights and optimizer, every rank's RNG state) into one checkpoint folder
+        in the run's storage, named after the step so that reruns can say where they resumed.
+        """
+
+        def on_save(self, args, state, control, **kwargs):
+            local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            checkpoint = ray.train.Checkpoint.from_directory(str(local)) if local.is_dir() else None
+            metrics = {"step": state.global_step, "epoch": state.epoch}
+            losses = [log["loss"] for log in state.log_history if "loss" in log]
+            if losses:
+                metrics["loss"] = losses[-1]
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{state.global_step:06d}")
+            if rank == 0 and tensorboard_uri and tensorboard_dir.is_dir():
+                storage.upload_dir(tensorboard_dir, tensorboard_uri)
+
+    class PrintProgress(TrainerCallback):
+        """One line per log on rank 0: step, loss, learning rate, speed, time left."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started, self.first_step = time.monotonic(), state.global_step
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if rank != 0 or not logs or "loss" not in logs:
+                return
+            done = state.global_step - self.first_step
+            elapsed = time.monotonic() - self.started
+            left = elapsed / done * (state.max_steps - state.global_step) if done else 0.0
+            print(f"[training] step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
+                  f"lr {logs.get('learning_rate', 0):.2e} epoch {logs.get('epoch', 0):.2f} "
+                  f"elapsed {elapsed:.0f}s left ~{left:.0f}s", flush=True)
+
+    return [ReportCheckpointToRay(), PrintProgress()]
+
+
+def train_loop_per_worker(config: dict) -> dict | None:
+    """Ray Train's worker function: run LLaMA-Factory, resume from Ray's checkpoint, publish the result."""
+    import ray.train
+    from llamafactory.train.tuner import run_exp
+
+    rank = ray.train.get_context().get_world_rank()
+    work = Path(tempfile.mkdtemp(prefix=f"workflow-train-rank{rank}-"))
+    try:
+        args = dict(config["args"])
+        args["output_dir"] = str(work / "output")
+        if not storage.is_local(args["model_name_or_path"]):  # s3:// or gs://; a hub id or a path stays
+            args["model_name_or_path"] = _node_local_copy(args["model_name_or_path"], config["model_key"])
+        args["dataset_dir"] = _node_local_copy(args["dataset_dir"], config["data_key"])
+        tensorboard_dir = work / "tensorboard"
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(tensorboard_dir)
+
+        resumed_from = 0
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            local = checkpoint.to_directory(str(work / "resume"))
+            resumed_from = _checkpoint_step(local)
+            args["resume_from_checkpoint"] = local
+            print(f"[training] rank {rank}: resuming from step {resumed_from} ({checkpoint.path})", flush=True)
+
+        run_exp(args=args, callbacks=_make_callbacks(rank, tensorboard_dir, config.get("tensorboard_uri")))
+
+        if rank != 0:
+            return None
+        output = Path(args["output_dir"])
+        publish = work / "publish"
+        for f in output.rglob("*"):
+            rel = f.relative_to(output).as_posix()
+            if f.is_file() and not NOT_PUBLISHED.match(rel):
+                (publish / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, publish / rel)
+        from .sync import publish_dir
+
+        publish_dir(publish, config["export_uri"], last=config["export_last"])
+        if config.get("tensorboard_uri") and tensorboard_dir.is_dir():
+            storage.upload_dir(tensorboard_dir, config["tensorboard_uri"])
+        return _summary(output, resumed_from)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _summary(output: Path, resumed_from: int) -> dict:
+    results = json.loads((output / "all_results.json").read_text()) if (output / "all_results.json").exists() else {}
+    state = json.loads((output / "trainer_state.json").read_text()) if (output / "trainer_state.json").exists() else {}
+    losses = [log["loss"] for log in state.get("log_history", []) if "loss" in log]
+    return {
+        "global_step": state.get("global_step"),
+        "resumed_from_step": resumed_from,
+        "epochs": results.get("epoch"),
+        "train_loss": results.get("train_loss"),
+        "final_loss": losses[-1] if losses else None,
+        "train_runtime_s": results.get("train_runtime"),
+        "train_samples_per_second": results.get("train_samples_per_second"),
+        "eval_loss": results.get("eval_loss"),
+    }
+
+
+# ---------------------------------------------------------------- the driver
+
+# Environment variables the workers need (storage endpoints and credentials, hub access).
+WORKER_ENV_PREFIXES = ("AWS_", "GOOGLE_", "HF_", "HUGGING_FACE_", "WORKFLOW_", "DISABLE_VERSION_CHECK")
+
+
+def run_training(args: dict, *, experiment: str, checkpoints_uri: str, export_uri: str, export_last: list[str],
+                 model_key: str, data_key: str, scaling_config: dict, failure_config: dict,
+                 checkpoint_config: dict, tensorboard_uri: str | None = None, fresh: bool = False) -> dict:
+    """Train with LLaMA-Factory in Ray Train; return rank 0's summary.
+
+    Checkpoints go to ``<checkpoints_uri>/<experiment>/``; a rerun with the same experiment
+    name resumes from the latest of them (``fresh=True`` deletes them first). ``model_key``
+    and ``data_key`` identify the model's and the dataset's content for the node-local
+    download cache. Uses the Ray cluster at ``RAY_ADDRESS`` or one already initialized,
+    else starts a private local one (and shuts it down at the end).
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if fresh:
+        storage.remove(storage.join(checkpoints_uri, experiment))
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(include_dashboard=False, log_to_driver=True)
+    env_vars = {k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV_PREFIXES)}
+    env_vars.setdefault("DISABLE_VERSION_CHECK", "1")
+    ddp_backend = args.get("ddp_backend")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"args": args, "model_key": model_key, "data_key": data_key, "export_uri": export_uri,
+                           "export_last": export_last, "tensorboard_uri": tensorboard_uri},
+        torch_config=TorchConfig(backend=ddp_backend) if ddp_backend else None,
+        scaling_config=ScalingConfig(**scaling_config),
+        run_config=RunConfig(
+            name=experiment,
+            storage_path=checkpoints_uri,
+            failure_config=FailureConfig(**failure_config),
+            checkpoint_config=CheckpointConfig(**checkpoint_config),
+            worker_runtime_env={"env_vars": env_vars},
+        ),
+    )
+    print(f"[training] {scaling_config.get('num_workers', 1)} worker(s); checkpoints in "
+          f"{storage.join(checkpoints_uri, experiment)}", flush=True)
+    try:
+        result = trainer.fit()
+    except Exception as err:  # noqa: BLE001 - Ray wraps the worker's error; report its last line
+        raise WorkflowError(f"training failed: {_root_cause(err)}", hint="the workers' log above has the details") from err
+    finally:
+        if started_ray:
+            ray.shutdown()
+    return dict(result.return_value or {})
+
+
+def _root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[-1] if lines else ''}"[:500]
+
+
+def latest_checkpoint_step(checkpoints_uri: str, experiment: str) -> int | None:
+    """The step of the newest checkpoint Ray Train holds for ``experiment``, if any."""
+    folder = storage.join(checkpoints_uri, experiment)
+    steps = {int(m.group(1)) for rel in storage.list_files(folder)
+             if (m := CHECKPOINT_DIR.match(rel.split("/", 1)[0]))}
+    return max(steps) if steps else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m workflow.training check RECIPE``: the LLaMA-Factory key check (train env)."""
+    from .config import load_recipe
+    from .stage import report_failure
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] != "check":
+        print("usage: python -m workflow.training check RECIPE", file=sys.stderr)
+        return 2
+    try:
+        check_recipe_keys(load_recipe(argv[1]))
+    except Exception as err:  # noqa: BLE001 - the process boundary reports every failure
+        return report_failure(err, debug=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
