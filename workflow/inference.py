@@ -132,6 +132,27 @@ def read_dataset(uri: str):
     return reader(path, filesystem=_pyarrow_filesystem(uri))
 
 
+def with_progress(batches: Iterator, *, total: int | None, what: str) -> Iterator:
+    """Pass batches through, printing rows done and rows/s at most every 5 s and at the end."""
+    rows, started, last_report = 0, time.monotonic(), 0.0
+    for batch in batches:
+        rows += batch.num_rows
+        now = time.monotonic()
+        if now - last_report >= 5 or (total and rows == total):
+            last_report = now
+            of = f"/{total}" if total else ""
+            print(f"[{what}] {rows}{of} rows, {rows / max(now - started, 1e-9):.1f} rows/s", flush=True)
+        yield batch
+
+
+def output_format(uri: str) -> str:
+    if uri.endswith((".parquet", ".pq")):
+        return "parquet"
+    if uri.endswith((".jsonl", ".json")):
+        return "jsonl"
+    raise WorkflowError(f"{uri}: the output must end in .parquet or .jsonl")
+
+
 def write_rows(batches: Iterator, uri: str, *, total: int | None = None, what: str = "batch") -> int:
     """Stream Arrow batches into one Parquet or JSONL file at ``uri`` (written atomically).
 
@@ -140,15 +161,13 @@ def write_rows(batches: Iterator, uri: str, *, total: int | None = None, what: s
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    fmt = "parquet" if uri.endswith((".parquet", ".pq")) else "jsonl" if uri.endswith((".jsonl", ".json")) else None
-    if fmt is None:
-        raise WorkflowError(f"{uri}: the output must end in .parquet or .jsonl")
-    rows, started, last_report = 0, time.monotonic(), 0.0
+    fmt = output_format(uri)
+    rows = 0
     with tempfile.TemporaryDirectory(prefix="workflow-out-") as tmp:
         local = Path(tmp) / ("out." + fmt)
         writer = None
         with open(local, "wb") as f:
-            for batch in batches:
+            for batch in with_progress(batches, total=total, what=what):
                 table = batch if isinstance(batch, pa.Table) else pa.Table.from_pandas(batch, preserve_index=False)
                 if fmt == "parquet":
                     if writer is None:
@@ -158,11 +177,6 @@ def write_rows(batches: Iterator, uri: str, *, total: int | None = None, what: s
                     for row in table.to_pylist():
                         f.write((json.dumps(row, ensure_ascii=False, default=str) + "\n").encode())
                 rows += table.num_rows
-                now = time.monotonic()
-                if now - last_report >= 5 or (total and rows == total):
-                    last_report = now
-                    of = f"/{total}" if total else ""
-                    print(f"[{what}] {rows}{of} rows, {rows / max(now - started, 1e-9):.1f} rows/s", flush=True)
             if writer is not None:
                 writer.close()
         if rows == 0:
@@ -224,12 +238,13 @@ def _http_preprocess(row: dict[str, Any], *, sampling_params: dict[str, Any], in
     return out
 
 
-def _select(batch, *, input_columns: list[str], http: bool):
+def _select(batch, *, input_columns: list[str], http: bool, extra_columns: tuple[str, ...] = ()):
     """The output table: the input columns as they came in, then the generation columns."""
     import pyarrow as pa
 
     names = batch.column_names
     cols = {c: batch.column(_SAVED + c if _SAVED + c in names else c) for c in input_columns}
+    cols.update({c: batch.column(c) for c in extra_columns})
     n = batch.num_rows
     if http:
         responses = batch.column("http_response").to_pylist()
@@ -286,8 +301,13 @@ def _stage_enabled(value: Any) -> bool:
     return value.get("enabled", True) if isinstance(value, dict) else bool(value)
 
 
-def run(ds, processor, input_columns: list[str], *, http: bool = False):
-    """Apply a processor and shape its output (a lazy Ray dataset)."""
+def run(ds, processor, input_columns: list[str], *, http: bool = False, extra_columns: tuple[str, ...] = ()):
+    """Apply a processor and shape its output (a lazy Ray dataset).
+
+    ``extra_columns`` keeps more of the engine's columns, e.g. ``metrics`` (per-request
+    timestamps) for the throughput benchmark.
+    """
     out = processor(ds)
-    return out.map_batches(functools.partial(_select, input_columns=input_columns, http=http),
+    return out.map_batches(functools.partial(_select, input_columns=input_columns, http=http,
+                                             extra_columns=extra_columns),
                            batch_format="pyarrow", batch_size=None, zero_copy_batch=True)

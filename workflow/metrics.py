@@ -167,9 +167,15 @@ def allowed_names(instruction: str) -> tuple[list[str], list[str]]:
     return lists[0], lists[1]
 
 
-def call_regex(functions: list[str], attributes: list[str]) -> str:
-    """A regex for ``fn(attr[value], ...)`` with the given names; values hold no brackets."""
+def call_regex(functions: list[str], attributes: list[str], *, max_value_chars: int = 80,
+               max_slots: int | None = None) -> str:
+    """A regex for ``fn(attr[value], ...)`` with the given names.
+
+    Values hold no brackets or newlines; the bounds on value length and slot count keep a
+    constrained answer finite (every output that matches parses with :func:`parse_call`).
+    """
     fn = "(" + "|".join(re.escape(f) for f in functions) + ")"
     attr = "(" + "|".join(re.escape(a) for a in attributes) + ")"
-    slot = attr + r"\[[^\[\]\n]*\]"
-    return fn + r"\(" + slot + "(, " + slot + r")*\)"
+    slot = attr + r"\[[^\[\]\n]{0,%d}\]" % max_value_chars
+    more = (max_slots or len(attributes)) - 1
+    return fn + r"\(" + slot + "(, " + slot + "){0,%d}" % more + r"\)"

@@ -4,6 +4,13 @@
   train/val text (tests, the CPU demo).
 - A local folder or an ``s3://``/``gs://`` mirror is used as it is; a Hugging Face id is
   recorded and loaded by each library from the hub (or its cache).
+- ``pretrain`` (LLaMA-Factory keys, ``stage: pt`` and ``finetuning_type: full`` unless set)
+  then trains the tiny base through the same Ray Train code as the train stage
+  (``workflow.training``), on plain-text documents made from the ingested rows
+  (``pretrain_text``: which splits and fields): it learns the data's text, not the task.
+  With ``stage: sft`` it trains on the ingested splits named in ``pretrain_text.splits`` as
+  they are. The base, the corpus and the checkpoints go to ``<run>/model/{base,pretrain,
+  checkpoints}``; the trained model to ``weights``.
 - ``mirror: true`` copies the base model into ``<storage>/<run>/model/weights`` (what the
   reference tutorial's ``upload_model`` does) so cluster nodes load it from the bucket.
 
@@ -12,7 +19,9 @@ The stage's manifest output ``model`` is what train, evaluate and serve load.
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import tempfile
 from pathlib import Path
 
@@ -26,8 +35,15 @@ ENV = TRAIN
 WEIGHTS = "weights"
 
 
+PRETRAIN_DEFAULTS = {"stage": "pt", "finetuning_type": "full"}
+CORPUS = "pretrain"  # the corpus's dataset name in <run>/model/pretrain/dataset_info.json
+
+
 def config(ctx: StageContext) -> dict:
-    return ctx.recipe.model.model_dump(mode="json")
+    out = ctx.recipe.model.model_dump(mode="json")
+    if ctx.recipe.model.pretrain and ctx.recipe.train is not None:
+        out["pretrain_scaling"] = ctx.recipe.train.scaling_config.model_dump(mode="json")
+    return out
 
 
 def inputs(ctx: StageContext) -> dict[str, str]:
@@ -68,7 +84,9 @@ def run(ctx: StageContext) -> StageResult:
             data = [_local_file(ingest[s], tmp) for s in ("train", "val") if s in ingest]
             built = build_tiny_model(data, Path(tmp) / "model", cfg.tiny)
             if cfg.pretrain:
-                raise WorkflowError("model.pretrain: pre-training the tiny base is not built yet")
+                pretrained = _pretrain(ctx, built, ingest, weights_uri)
+                return StageResult(outputs={"model": weights_uri},
+                                   summary={"kind": "tiny", **cfg.tiny.model_dump(), "pretrain": pretrained})
             storage.upload_dir(built, weights_uri, last=["config.json"])
         return StageResult(outputs={"model": weights_uri}, summary={"kind": "tiny", **cfg.tiny.model_dump()})
     source = cfg.source
@@ -88,3 +106,75 @@ def _local_file(uri: str, tmp: str) -> Path:
     dest = Path(tmp) / uri.rsplit("/", 1)[-1]
     dest.write_bytes(storage.read_bytes(uri))
     return dest
+
+
+def pretrain_documents(rows: list[dict], fields: list[str]) -> list[str]:
+    """Each non-empty value of ``fields`` (a message list gives its contents) as one document, deduplicated."""
+    docs: dict[str, None] = {}
+    for row in rows:
+        for name in fields:
+            value = row.get(name)
+            texts = [m.get("content", "") for m in value] if isinstance(value, list) else [value]
+            for text in texts:
+                if isinstance(text, str) and text.strip():
+                    docs.setdefault(text.strip())
+    return list(docs)
+
+
+def _write_corpus(ctx: StageContext, ingest: dict, uri: str) -> int:
+    """Write the plain-text pre-training corpus and its dataset_info.json to ``uri``."""
+    text = ctx.recipe.model.pretrain_text
+    rows = []
+    for split in text.splits:
+        if split not in ingest:
+            raise WorkflowError(f"model.pretrain_text.splits: the ingest stage wrote no {split!r} split "
+                                f"(it wrote {', '.join(k for k in ingest if k != 'dataset_info')})")
+        rows += [json.loads(line) for line in storage.read_text(ingest[split]).splitlines() if line.strip()]
+    docs = pretrain_documents(rows, text.fields)
+    if not docs:
+        raise WorkflowError(f"model.pretrain_text.fields: no text in fields {text.fields} of splits {text.splits}")
+    # Shuffled so that a row's sentence and its MR are not neighbours in a packed sequence.
+    random.Random(text.seed).shuffle(docs)
+    storage.write_text(storage.join(uri, f"{CORPUS}.jsonl"), "".join(json.dumps({"text": d}) + "\n" for d in docs))
+    storage.write_json(storage.join(uri, "dataset_info.json"),
+                       {CORPUS: {"file_name": f"{CORPUS}.jsonl", "columns": {"prompt": "text"}}})
+    return len(docs)
+
+
+def _pretrain(ctx: StageContext, built: Path, ingest: dict, weights_uri: str) -> dict:
+    """Train the freshly built tiny base with LLaMA-Factory in Ray Train; publish it at ``weights_uri``."""
+    from .training import WORKER_OUTPUT, check_llamafactory_keys, llamafactory_args, run_training
+
+    recipe = ctx.recipe
+    keys = {**PRETRAIN_DEFAULTS, **recipe.model.pretrain}
+    check_llamafactory_keys(keys, f"{recipe.path or recipe.name}: model.pretrain")
+    base_uri = ctx.stage_uri("model", "base")
+    storage.upload_dir(built, base_uri, last=["config.json"])
+    if keys["stage"] == "pt":
+        dataset_dir, dataset = ctx.stage_uri("model", CORPUS), CORPUS
+        documents = _write_corpus(ctx, ingest, dataset_dir)
+        print(f"[model] pre-training the tiny base on {documents} plain-text documents", flush=True)
+    else:
+        dataset_dir, dataset = ingest["dataset_info"].rsplit("/", 1)[0], ",".join(recipe.model.pretrain_text.splits)
+        documents = None
+    fingerprint = manifest.fingerprint(ctx.stage, config(ctx), inputs(ctx))
+    args = llamafactory_args(keys, model=base_uri, dataset_dir=dataset_dir, output_dir=WORKER_OUTPUT, dataset=dataset)
+    scaling = recipe.train.scaling_config.model_dump() if recipe.train is not None else {}
+    summary = run_training(
+        args,
+        experiment=f"pretrain-{fingerprint[:12]}",
+        checkpoints_uri=ctx.stage_uri("model", "checkpoints"),
+        export_uri=weights_uri,
+        export_last=["config.json"],
+        model_key=fingerprint,
+        data_key=fingerprint,
+        scaling_config=scaling,
+        failure_config=recipe.train.failure_config.model_dump() if recipe.train is not None else {},
+        checkpoint_config={"num_to_keep": 1},
+        tensorboard_uri=ctx.stage_uri("model", "tensorboard"),
+        fresh=ctx.force,
+    )
+    print(f"[model] pre-trained the base: {summary['global_step']} steps, final loss {summary['final_loss']}",
+          flush=True)
+    return {"stage": keys["stage"], "documents": documents, **summary}
+

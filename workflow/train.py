@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from . import manifest, storage
+from . import manifest
 from .envs import TRAIN
 from .stage import StageContext, StageResult
 
@@ -49,7 +49,7 @@ def _evaluates(llamafactory: dict) -> bool:
 
 
 def run(ctx: StageContext) -> StageResult:
-    from .training import check_llamafactory_keys, llamafactory_args, run_training
+    from .training import WORKER_OUTPUT, check_llamafactory_keys, llamafactory_args, run_training
 
     cfg = ctx.recipe.train
     check_llamafactory_keys(cfg.llamafactory, f"{ctx.recipe.path or ctx.recipe.name}: train.llamafactory")
@@ -58,7 +58,7 @@ def run(ctx: StageContext) -> StageResult:
     dataset_dir = ingest["outputs"]["dataset_info"].rsplit("/", 1)[0]
     name = adapter_name(ctx)
     adapter_uri = ctx.stage_uri("train", ADAPTERS, name)
-    args = llamafactory_args(cfg.llamafactory, model=base_model, dataset_dir=dataset_dir, output_dir="(per worker)",
+    args = llamafactory_args(cfg.llamafactory, model=base_model, dataset_dir=dataset_dir, output_dir=WORKER_OUTPUT,
                              eval_dataset="val" if "val" in ingest["outputs"] and _evaluates(cfg.llamafactory) else None)
     experiment = f"{name}-{manifest.fingerprint(ctx.stage, config(ctx), inputs(ctx))[:12]}"
     started = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -83,7 +83,3 @@ def run(ctx: StageContext) -> StageResult:
           f"adapter {adapter_uri}", flush=True)
     return StageResult(outputs={"adapter": adapter_uri, "adapters_dir": ctx.stage_uri("train", ADAPTERS)},
                        summary=summary)
-
-
-def checkpoints_uri(ctx: StageContext) -> str:
-    return storage.join(ctx.out_uri, CHECKPOINTS)

@@ -46,6 +46,8 @@ DEFAULTS: dict[str, Any] = {
 # Files of a finished run that are not part of the published model folder.
 NOT_PUBLISHED = re.compile(r"^(checkpoint-\d+|runs|tensorboard)(/|$)")
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+# The output_dir the stages pass: each Ray worker writes to a folder of its own local disk.
+WORKER_OUTPUT = "<each worker's local disk>"
 
 
 def llamafactory_args(llamafactory: dict, *, model: str, dataset_dir: str, output_dir: str,
@@ -73,8 +75,13 @@ def llamafactory_arg_names() -> set[str]:
     """Every key LLaMA-Factory's training parser accepts (train environment only)."""
     import dataclasses
 
-    from llamafactory.hparams import (DataArguments, FinetuningArguments, GeneratingArguments, ModelArguments,
-                                      TrainingArguments)
+    from llamafactory.hparams import (
+        DataArguments,
+        FinetuningArguments,
+        GeneratingArguments,
+        ModelArguments,
+        TrainingArguments,
+    )
 
     classes = (ModelArguments, DataArguments, TrainingArguments, FinetuningArguments, GeneratingArguments)
     return {f.name for cls in classes for f in dataclasses.fields(cls) if f.init}
@@ -247,7 +254,13 @@ def _summary(output: Path, resumed_from: int) -> dict:
 # ---------------------------------------------------------------- the driver
 
 # Environment variables the workers need (storage endpoints and credentials, hub access).
-WORKER_ENV_PREFIXES = ("AWS_", "GOOGLE_", "HF_", "HUGGING_FACE_", "WORKFLOW_", "DISABLE_VERSION_CHECK")
+WORKER_ENV_PREFIXES = ("AWS_", "GOOGLE_", "HF_", "HUGGING_FACE_", "WORKFLOW_", "LLAMAFACTORY_", "RAY_TRAIN_",
+                       "DISABLE_VERSION_CHECK")
+WORKER_ENV_DEFAULTS = {
+    "DISABLE_VERSION_CHECK": "1",  # the train lock file pins LLaMA-Factory's requirements
+    "LLAMAFACTORY_VERBOSITY": "WARN",  # keeps transformers' INFO dumps out of the log; progress still prints
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # Ray Train V2's print patch shows every printed line twice
+}
 
 
 def run_training(args: dict, *, experiment: str, checkpoints_uri: str, export_uri: str, export_last: list[str],
@@ -270,8 +283,8 @@ def run_training(args: dict, *, experiment: str, checkpoints_uri: str, export_ur
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(include_dashboard=False, log_to_driver=True)
-    env_vars = {k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV_PREFIXES)}
-    env_vars.setdefault("DISABLE_VERSION_CHECK", "1")
+    env_vars = {**WORKER_ENV_DEFAULTS,
+                **{k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV_PREFIXES)}}
     ddp_backend = args.get("ddp_backend")
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -32,6 +32,9 @@ class ConstrainedDecoding(Section):
 
     functions: list[str] | None = None
     attributes: list[str] | None = None
+    # Bounds that keep a constrained answer finite even when the model would ramble.
+    max_value_chars: int = Field(default=80, ge=1)
+    max_slots: int | None = Field(default=None, ge=1)  # None = the number of attributes
 
 
 class EndpointConfig(Section):

@@ -35,6 +35,16 @@ class TinyModelConfig(Section):
         return v
 
 
+class PretrainTextConfig(Section):
+    """Which ingested text the tiny base is pre-trained on (``stage: pt``): every value of
+    ``fields`` in the rows of ``splits`` becomes its own plain-text document (duplicates
+    dropped, seeded shuffle), so the base learns the vocabulary, not the task."""
+
+    splits: list[str] = ["train"]
+    fields: list[str] = ["input", "output"]
+    seed: int = 0
+
+
 class ModelConfig(Section):
     """The base model.
 
@@ -47,6 +57,7 @@ class ModelConfig(Section):
     # LLaMA-Factory keys for a short full-parameter training of a tiny base before the
     # LoRA stage (a random-weight base cannot be LoRA-tuned; real bases are pre-trained).
     pretrain: dict[str, Any] | None = None
+    pretrain_text: PretrainTextConfig = Field(default_factory=PretrainTextConfig)
     # Copy the base model into <storage>/<run>/model/ so cluster nodes load it from the bucket.
     mirror: bool = False
 

@@ -1,0 +1,51 @@
+# One target per stage; `make setup` once, then `make demo` or `make test`.
+RECIPE ?= recipes/viggo-cpu.yaml
+VENVS ?= .venvs
+TRAIN_PY := $(VENVS)/train/bin/python
+SERVE_PY := $(VENVS)/serve/bin/python
+WORKFLOW := $(SERVE_PY) -m workflow
+PYTEST_ARGS ?=
+
+.PHONY: setup lock demo test test-serve test-train lint validate ingest model train evaluate serve stop show \
+        bench-batch bench-serve bench-train
+
+setup:            ## build the train and serve environments from envs/*.lock
+	WORKFLOW_VENVS=$(VENVS) bash envs/setup.sh
+
+lock:             ## regenerate envs/*.lock from the environments
+	bash envs/lock.sh
+
+demo:             ## the whole pipeline on the CPU, offline, then a summary
+	$(WORKFLOW) run $(RECIPE)
+
+test: test-serve test-train   ## the whole suite, in both environments
+
+test-serve:
+	$(SERVE_PY) -m pytest -m "not train_env" $(PYTEST_ARGS)
+
+test-train:
+	$(TRAIN_PY) -m pytest -m train_env $(PYTEST_ARGS)
+
+lint:
+	$(SERVE_PY) -m ruff check workflow tests bench
+
+validate:
+	$(WORKFLOW) validate recipes/*.yaml
+
+ingest model train evaluate serve:
+	$(WORKFLOW) $@ $(RECIPE)
+
+stop:
+	$(WORKFLOW) stop $(RECIPE)
+
+show:
+	$(WORKFLOW) show $(RECIPE)
+
+bench-batch:
+	$(SERVE_PY) bench/batch_throughput.py
+
+bench-serve:
+	$(SERVE_PY) bench/serve_latency.py
+
+bench-train:      ## needs a GPU machine (see bench/README.md)
+	$(TRAIN_PY) bench/train_throughput.py

@@ -1,0 +1,193 @@
+"""Batch inference throughput: the evaluate/batch stage's code path vs plain vLLM.
+
+    .venvs/serve/bin/python bench/batch_throughput.py [--rows 1083] [--max-tokens 64]
+        [--model DIR] [--modes vllm,stage,bare] [--out bench/results]
+
+Every mode answers the same rows (ViGGO test sentences with the recipe's instruction, as
+chat messages; greedy; ``max_tokens`` new tokens) with the same model and engine settings,
+each in a fresh process, one after the other:
+
+- ``vllm``: plain ``vllm.LLM(...)`` then ``LLM.chat(all rows)``;
+- ``stage``: ``workflow.inference`` as the evaluate stage and ``workflow batch`` run it;
+- ``bare``: ``ray.data.llm`` with its defaults (chat-template, tokenize and detokenize
+  stages on), the "before" of the tuning.
+
+Start-up included = from the first line of the mode (before ``ray.init`` / ``LLM()``) to
+the last row. Start-up excluded = from the moment the engine received its first request
+(vLLM's per-request ``arrival_time``; for plain vLLM, when ``chat`` was called) to the last
+row. Prints a table and writes ``batch_throughput.json`` and ``batch_throughput.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+ENGINE_KWARGS = {"max_model_len": 512, "dtype": "bfloat16", "enforce_eager": True}
+CPU_PROCESSOR = {"placement_group_config": {"bundles": [{"CPU": 1}]},
+                 "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}}
+
+
+def load_rows(n: int) -> list[dict]:
+    from workflow.config import load_recipe
+
+    instruction = load_recipe(REPO / "recipes" / "viggo-cpu.yaml").ingest.instruction
+    with open(REPO / "data" / "viggo" / "test.csv", newline="") as f:
+        refs = [r["ref"] for r in csv.DictReader(f)]
+    refs = (refs * (n // len(refs) + 1))[:n]
+    return [{"instruction": instruction, "input": ref} for ref in refs]
+
+
+def default_model() -> str:
+    built = REPO / "runs" / "viggo-cpu" / "model" / "weights"
+    if (built / "config.json").exists():
+        return str(built)
+    from workflow.config import TinyModelConfig
+    from workflow.tiny_model import build_tiny_model
+
+    out = Path("/tmp/workflow-bench-tiny-model")
+    if not (out / "config.json").exists():
+        build_tiny_model([REPO / "data" / "viggo" / "train.csv"], out, TinyModelConfig())
+    return str(out)
+
+
+def mode_vllm(args) -> dict:
+    from vllm import LLM, SamplingParams
+
+    from workflow import prompts
+
+    rows = load_rows(args.rows)
+    t0 = time.time()
+    llm = LLM(model=args.model, gpu_memory_utilization=0.3, **ENGINE_KWARGS)
+    t1 = time.time()
+    outs = llm.chat([prompts.row_messages(r) for r in rows], SamplingParams(temperature=0.0, max_tokens=args.max_tokens),
+                    use_tqdm=False)
+    t2 = time.time()
+    return {"rows": len(outs), "generated_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
+            "startup_s": t1 - t0, "steady_s": t2 - t1, "total_s": t2 - t0}
+
+
+def mode_ray(args, processor_overrides: dict) -> dict:
+    import ray
+
+    from workflow import inference
+
+    rows = load_rows(args.rows)
+    t0 = time.time()
+    inference.init_ray()
+    ds = ray.data.from_items(rows)
+    columns = ["instruction", "input"]
+    processor = {**CPU_PROCESSOR, "batch_size": args.batch_size, "engine_kwargs": dict(ENGINE_KWARGS),
+                 **processor_overrides}
+    proc = inference.engine_processor(args.model, processor, {"temperature": 0.0, "max_tokens": args.max_tokens},
+                                      {}, columns)
+    out = inference.run(ds, proc, columns, extra_columns=("metrics",))
+    n = tokens = errors = 0
+    first_arrival = float("inf")
+    for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
+        n += batch.num_rows
+        tokens += sum(batch.column("num_generated_tokens").to_pylist())
+        errors += sum(1 for e in batch.column("error").to_pylist() if e)
+        arrivals = [m["arrival_time"] for m in batch.column("metrics").to_pylist() if m]
+        first_arrival = min([first_arrival, *arrivals])
+    t2 = time.time()
+    ray.shutdown()
+    return {"rows": n, "generated_tokens": tokens, "errors": errors, "startup_s": first_arrival - t0,
+            "steady_s": t2 - first_arrival, "total_s": t2 - t0}
+
+
+MODES = {
+    "vllm": mode_vllm,
+    "stage": lambda args: mode_ray(args, {}),
+    "bare": lambda args: mode_ray(args, {"chat_template_stage": True, "tokenize_stage": True,
+                                         "detokenize_stage": True}),
+}
+
+
+def run_child(mode: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, "--rows", str(args.rows), "--max-tokens", str(args.max_tokens),
+           "--model", args.model, "--batch-size", str(args.batch_size)]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    print(f"--- {mode}", flush=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    sys.stderr.write(proc.stderr[-4000:])
+    raise SystemExit(f"mode {mode} failed (exit {proc.returncode})")
+
+
+def report(results: dict[str, dict], args, out_dir: Path) -> None:
+    for r in results.values():
+        r["rows_per_s_steady"] = r["rows"] / r["steady_s"]
+        r["tokens_per_s_steady"] = r["generated_tokens"] / r["steady_s"]
+        r["rows_per_s_total"] = r["rows"] / r["total_s"]
+        r["tokens_per_s_total"] = r["generated_tokens"] / r["total_s"]
+    base = results.get("vllm")
+    header = (f"{'mode':8} {'rows':>5} {'gen tok':>8} {'start s':>8} {'steady s':>9} {'rows/s':>8} {'tok/s':>8} "
+              f"{'total s':>8} {'rows/s':>7} {'x vllm':>7} {'x vllm':>7}")
+    print(f"\n{'':50}-- start-up excluded --  -- start-up included --  steady / total")
+    print(header)
+    for mode, r in results.items():
+        ratio_steady = r["rows_per_s_steady"] / base["rows_per_s_steady"] if base else float("nan")
+        ratio_total = r["rows_per_s_total"] / base["rows_per_s_total"] if base else float("nan")
+        r["ratio_steady"], r["ratio_total"] = ratio_steady, ratio_total
+        print(f"{mode:8} {r['rows']:5d} {r['generated_tokens']:8d} {r['startup_s']:8.1f} {r['steady_s']:9.1f} "
+              f"{r['rows_per_s_steady']:8.1f} {r['tokens_per_s_steady']:8.0f} {r['total_s']:8.1f} "
+              f"{r['rows_per_s_total']:7.1f} {ratio_steady:7.2f} {ratio_total:7.2f}")
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.node(),
+            "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0], "rows": args.rows,
+            "max_tokens": args.max_tokens, "batch_size": args.batch_size, "model": args.model}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "batch_throughput.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    modes = list(results)
+    xs = range(len(modes))
+    ax.bar([x - 0.2 for x in xs], [results[m]["rows_per_s_steady"] for m in modes], 0.4, label="start-up excluded")
+    ax.bar([x + 0.2 for x in xs], [results[m]["rows_per_s_total"] for m in modes], 0.4, label="start-up included")
+    ax.set_xticks(list(xs), modes)
+    ax.set_ylabel("rows/s")
+    ax.set_title(f"Batch inference, {args.rows} rows, {args.max_tokens} max new tokens")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "batch_throughput.png", dpi=110)
+    print(f"\nwrote {out_dir / 'batch_throughput.json'} and .png  ({meta['date']}, {meta['cpus']} CPUs, "
+          f"load {meta['load_avg_1m']:.1f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1083)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--model")
+    parser.add_argument("--modes", default="vllm,stage,bare")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(MODES[args.child](args)), flush=True)
+        return
+    args.model = args.model or default_model()
+    results = {mode: run_child(mode, args) for mode in args.modes.split(",")}
+    report(results, args, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()

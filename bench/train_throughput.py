@@ -1,0 +1,378 @@
+"""LoRA training throughput on one GPU: the reference tutorial's settings against the fast recipe's.
+
+Both runs go through the train stage's own argument builder
+(``workflow.training.llamafactory_args``) over the ``train.llamafactory`` sections of
+``recipes/viggo-qwen2.5-7b.yaml`` (reference) and ``recipes/viggo-qwen2.5-7b-fast.yaml``
+(fast), and LLaMA-Factory's ``run_exp`` in one process per run, one after the other on the
+same GPU. Ray Train cannot be carried to the GPU machines, so the bench changes only what
+one process on one GPU without Ray and a hub needs (``BENCH_OVERRIDES``, printed with every
+run): the data, the model and output paths, one epoch over ``--rows`` rows, a loss logged at
+every step (the loss curve), no checkpoints, no TensorBoard, no evaluation, no DDP backend.
+
+The model has Qwen2.5-7B-Instruct's exact configuration (vocab 152064 included) and random
+weights, built on the GPU; the tokenizer is a byte-level BPE trained on the ViGGO rows
+(``workflow.tiny_model.train_tokenizer``), so every token count below is by that tokenizer.
+
+Measured per run, in steady state (the optimizer steps after the first ``--skip`` fraction,
+at least 2): rows/s, tokens/s (tokens the model saw, padding excluded), MFU; over the whole
+run: peak GPU memory (``torch.cuda.max_memory_allocated``), the loss at every step against the
+tokens seen so far.
+
+MFU = model FLOPs per second / 989e12 (H100 SXM dense bf16 peak). Model FLOPs of LoRA with a
+frozen base, per row of n tokens: ``4 * N * n`` (forward 2N, backward through the frozen
+weights 2N for the activation gradients, no weight gradients) with N the parameters of every
+matrix the tokens pass through (all linear layers of the 28 blocks and the LM head; the
+embedding lookup is no matmul), plus causal attention inside the row, ``6 * L * H * d * n^2``
+(QK^T and AV forward over the lower triangle, twice that backward). The LoRA matrices
+(0.3% of N), recomputation by gradient checkpointing and attention across rows in a pack are
+not model FLOPs: they count as waste.
+
+Usage, on a GPU machine with the wheels of bench/README.md on PYTHONPATH::
+
+    python bench/train_throughput.py --out OUT [--rows 800] [--variants reference,fast]
+        [--try 'NAME=BASE:key=value,key=value' ...]
+
+``--try`` adds a variant: a named variant's LLaMA-Factory keys with some keys changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import yaml  # noqa: E402
+
+from workflow.config import load_recipe  # noqa: E402
+from workflow.training import llamafactory_args  # noqa: E402
+
+RECIPES = {"reference": REPO / "recipes" / "viggo-qwen2.5-7b.yaml",
+           "fast": REPO / "recipes" / "viggo-qwen2.5-7b-fast.yaml"}
+VIGGO_TRAIN = REPO / "data" / "viggo" / "train.csv"
+PEAK_FLOPS = 989e12  # H100 SXM, dense bf16
+# What one process on one GPU, without Ray or a hub, has to change in the train stage's arguments.
+BENCH_OVERRIDES: dict[str, Any] = {
+    "num_train_epochs": 1,          # one pass over --rows rows
+    "logging_steps": 1,             # the loss curve, step by step
+    "save_strategy": "no",          # no checkpoints of a random model
+    "report_to": "none",            # no TensorBoard on the GPU machine
+    "plot_loss": False,
+    "eval_strategy": "no",          # training throughput only
+    "overwrite_output_dir": True,
+    "overwrite_cache": True,
+}
+DROPPED_KEYS = ("ddp_backend", "ddp_timeout", "eval_steps", "per_device_eval_batch_size", "max_samples",
+                "resume_from_checkpoint")  # one process, no evaluation; --rows sets the data
+TOKENIZER_VOCAB = 8000  # what BPE gets out of ViGGO's text: ~247 tokens per templated row
+
+
+def qwen25_7b_config(tokenizer):
+    """Qwen2.5-7B-Instruct's config.json, with the special-token ids of our tokenizer."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, hidden_act="silu", max_position_embeddings=32768,
+        max_window_layers=28, rms_norm_eps=1e-6, rope_theta=1000000.0, sliding_window=131072,
+        use_sliding_window=False, tie_word_embeddings=False, attention_dropout=0.0, initializer_range=0.02,
+        use_cache=True, torch_dtype="bfloat16",
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    )
+
+
+def prepare(work: Path, rows: int) -> tuple[Path, Path]:
+    """The first ``rows`` ViGGO training rows as Alpaca JSONL, a tokenizer, and the random 7B model."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from workflow.tiny_model import train_tokenizer
+
+    instruction = load_recipe(REPO / "recipes" / "viggo-cpu.yaml").ingest.instruction
+    data = work / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    with open(VIGGO_TRAIN, newline="") as f, open(data / "train.jsonl", "w") as g:
+        for i, row in enumerate(csv.DictReader(f)):
+            if i == rows:
+                break
+            g.write(json.dumps({"instruction": instruction, "input": row["ref"], "output": row["mr"]}) + "\n")
+    (data / "dataset_info.json").write_text(json.dumps({"train": {
+        "file_name": "train.jsonl", "formatting": "alpaca",
+        "columns": {"prompt": "instruction", "query": "input", "response": "output"}}}))
+
+    model = work / "qwen2.5-7b-random"
+    if not (model / "config.json").exists():
+        started = time.monotonic()
+        tokenizer = train_tokenizer([data / "train.jsonl"], TOKENIZER_VOCAB)
+        config = qwen25_7b_config(tokenizer)
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            net = Qwen2ForCausalLM._from_config(config, dtype=torch.bfloat16)
+        net.save_pretrained(model)
+        tokenizer.save_pretrained(model)
+        n = sum(p.numel() for p in net.parameters())
+        del net
+        torch.cuda.empty_cache()
+        print(f"[bench] built {model.name}: {n / 1e9:.2f} B parameters, tokenizer of {len(tokenizer)} tokens, "
+              f"{time.monotonic() - started:.0f} s", flush=True)
+    return data, model
+
+
+def matmul_params(config) -> int:
+    """N of the MFU formula: the parameters of every matrix a token is multiplied by."""
+    h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    per_layer = h * h + 2 * h * kv + h * h + 3 * h * i  # q, k, v, o, gate, up, down
+    return L * per_layer + h * config.vocab_size        # + LM head
+
+
+def model_flops(config, tokens: float, sum_sq: float) -> float:
+    """4·N·tokens + 6·L·H·d·Σn² (see the module docstring)."""
+    d = config.hidden_size // config.num_attention_heads
+    return 4 * matmul_params(config) * tokens + 6 * config.num_hidden_layers * config.num_attention_heads * d * sum_sq
+
+
+# ---------------------------------------------------------------- one run (a child process)
+
+def _meter():
+    """A Trainer callback that times every optimizer step and counts what the model saw in it.
+
+    A forward pre-hook adds up, on the GPU and without synchronizing, the tokens (padding
+    excluded), the rows (positions equal to 0) and Σn² over rows (Σ(2p+1) over positions p),
+    read once per optimizer step after a synchronize.
+    """
+    import torch
+    from transformers import TrainerCallback
+
+    class Meter(TrainerCallback):
+        def __init__(self):
+            self.steps: list[dict] = []
+            self.counts = None
+
+        def _count(self, module, args, kwargs):
+            ids = kwargs.get("input_ids")
+            if ids is None:
+                return
+            real = ids != self.pad_id
+            pos = kwargs.get("position_ids")
+            if pos is None or pos.shape != ids.shape:
+                pos = real.long().cumsum(-1) - 1
+            real_pos = torch.where(real, pos, -1)
+            self.counts += torch.stack([real.sum(), ((real_pos == 0)).sum(), (2 * real_pos + 1).clamp(min=0).sum()])
+
+        def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+            self.pad_id = processing_class.pad_token_id
+            self.counts = torch.zeros(3, dtype=torch.long, device="cuda")
+            model.register_forward_pre_hook(self._count, with_kwargs=True)
+            torch.cuda.synchronize()
+            self.last = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            torch.cuda.synchronize()
+            now = time.perf_counter()
+            tokens, rows, sum_sq = self.counts.tolist()
+            self.counts.zero_()
+            self.steps.append({"step": state.global_step, "seconds": now - self.last, "tokens": tokens,
+                               "rows": rows, "sum_sq": sum_sq})
+            self.last = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs and self.steps and self.steps[-1]["step"] == state.global_step:
+                self.steps[-1]["loss"] = logs["loss"]
+                self.steps[-1]["lr"] = logs.get("learning_rate")
+
+    return Meter()
+
+
+def run_one(spec: dict) -> dict:
+    """Train one variant with LLaMA-Factory in this process; return its measurements."""
+    import torch
+    from llamafactory.train.tuner import run_exp
+
+    meter = _meter()
+    started = time.monotonic()
+    run_exp(args=spec["args"], callbacks=[meter])
+    wall = time.monotonic() - started
+    return {"steps": meter.steps, "wall_s": wall, "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name()}
+
+
+# ---------------------------------------------------------------- the driver
+
+def parse_try(text: str) -> tuple[str, str, dict]:
+    """``NAME=BASE:key=value,key=value`` -> (name, base, changes); values are YAML scalars."""
+    name, _, rest = text.partition("=")
+    base, _, pairs = rest.partition(":")
+    changes = {}
+    for pair in filter(None, pairs.split(",")):
+        key, _, value = pair.partition("=")
+        changes[key.strip()] = yaml.safe_load(value)
+    return name.strip(), base.strip(), changes
+
+
+def variant_args(base: str, changes: dict, *, data: Path, model: Path, output: Path) -> tuple[dict, dict]:
+    """The train stage's arguments for a recipe (plus ``changes``), with the bench's overrides."""
+    recipe = load_recipe(RECIPES[base])
+    if recipe.train is None:
+        raise SystemExit(f"{RECIPES[base]}: no train section yet")
+    section = {**recipe.train.llamafactory, **changes}
+    args = llamafactory_args(section, model=str(model), dataset_dir=str(data), output_dir=str(output))
+    dropped = {k: args.pop(k) for k in DROPPED_KEYS if k in args}
+    args.update(BENCH_OVERRIDES)
+    return args, dropped
+
+
+def summarize(name: str, result: dict, config, skip: float) -> dict:
+    steps = result["steps"]
+    first = max(2, int(len(steps) * skip))
+    steady = steps[first:] or steps
+    seconds = sum(s["seconds"] for s in steady)
+    tokens = sum(s["tokens"] for s in steady)
+    rows = sum(s["rows"] for s in steady)
+    flops = model_flops(config, tokens, sum(s["sum_sq"] for s in steady))
+    all_tokens = sum(s["tokens"] for s in steps)
+    losses = [(s["tokens"], s["loss"]) for s in steps if "loss" in s]
+    # Mean loss over the last quarter of the tokens seen: the comparison at equal tokens.
+    seen, tail = 0, []
+    for tok, loss in losses:
+        seen += tok
+        if seen > 0.75 * all_tokens:
+            tail.append(loss)
+    return {
+        "variant": name, "optimizer_steps": len(steps), "steady_steps": len(steady),
+        "rows_per_s": rows / seconds, "tokens_per_s": tokens / seconds,
+        "mfu": flops / seconds / PEAK_FLOPS, "tokens_per_row": tokens / max(rows, 1),
+        "tokens_per_step": all_tokens / len(steps), "rows_total": sum(s["rows"] for s in steps),
+        "tokens_total": all_tokens, "run_wall_s": result["wall_s"],
+        "peak_allocated_gib": result["peak_allocated_gib"], "peak_reserved_gib": result["peak_reserved_gib"],
+        "final_loss": losses[-1][1] if losses else None,
+        "last_quarter_loss": sum(tail) / len(tail) if tail else None,
+    }
+
+
+def plot_losses(results: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, result in results.items():
+        seen, xs, ys = 0, [], []
+        for s in result["steps"]:
+            seen += s["tokens"]
+            if "loss" in s:
+                xs.append(seen)
+                ys.append(s["loss"])
+        ax.plot(xs, ys, label=name, marker="." if len(xs) < 40 else None)
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("training loss")
+    ax.set_title("LoRA SFT, Qwen2.5-7B shape (random weights), ViGGO rows")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, help="results.json, table.md, loss.png (required)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/train-throughput"), help="data, model, outputs")
+    parser.add_argument("--rows", type=int, default=800)
+    parser.add_argument("--variants", default="reference,fast")
+    parser.add_argument("--recipe", action="append", default=[], help="NAME=PATH: bench another recipe as NAME")
+    parser.add_argument("--try", dest="tries", action="append", default=[], help="NAME=BASE:key=value,...")
+    parser.add_argument("--skip", type=float, default=0.1, help="fraction of the optimizer steps left out as warm-up")
+    parser.add_argument("--timeout", type=int, default=560, help="seconds per run")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+
+    if opts.worker:  # a child process: one run
+        spec = json.loads(Path(opts.worker).read_text())
+        Path(spec["result"]).write_text(json.dumps(run_one(spec)))
+        return 0
+
+    if opts.out is None:
+        parser.error("--out is required")
+    from transformers import AutoConfig
+
+    for text in opts.recipe:
+        name, _, path = text.partition("=")
+        RECIPES[name] = Path(path).resolve()
+    opts.out.mkdir(parents=True, exist_ok=True)
+    data, model = prepare(opts.work, opts.rows)
+    config = AutoConfig.from_pretrained(model)
+    variants = {name: (name, {}) for name in opts.variants.split(",") if name}
+    for text in opts.tries:
+        name, base, changes = parse_try(text)
+        variants[name] = (base, changes)
+
+    results, summaries = {}, []
+    for name, (base, changes) in variants.items():
+        output = opts.work / "runs" / name
+        args, dropped = variant_args(base, changes, data=data, model=model, output=output)
+        spec = {"args": args, "result": str(opts.work / f"{name}.result.json")}
+        spec_path = opts.work / f"{name}.spec.json"
+        spec_path.write_text(json.dumps(spec))
+        print(f"[bench] {name}: {base} recipe, changed {changes or 'nothing'}; dropped {dropped}; "
+              f"bench overrides {BENCH_OVERRIDES}", flush=True)
+        print(f"[bench] {name} args: {json.dumps(args, sort_keys=True)}", flush=True)
+        env = {**os.environ, "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false"}
+        started = time.monotonic()
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_path)], env=env,
+                                  timeout=opts.timeout, check=False)
+            failed = proc.returncode != 0 and f"exit {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            failed = f"timed out after {opts.timeout} s"
+        if failed:
+            print(f"[bench] {name}: FAILED ({failed})", flush=True)
+            summaries.append({"variant": name, "failed": failed})
+            if not results:  # the first run failed: the harness or the wheels, not the settings
+                break
+            continue
+        results[name] = json.loads(Path(spec["result"]).read_text())
+        summary = summarize(name, results[name], config, opts.skip)
+        summary.update(base=base, changes=changes, process_wall_s=time.monotonic() - started)
+        summaries.append(summary)
+        print(f"[bench] {name}: {summary['rows_per_s']:.1f} rows/s, {summary['tokens_per_s']:.0f} tokens/s, "
+              f"MFU {summary['mfu']:.1%}, peak {summary['peak_allocated_gib']:.1f} GiB, "
+              f"last-quarter loss {summary['last_quarter_loss']}", flush=True)
+        (opts.out / "results.json").write_text(json.dumps({"summaries": summaries, "runs": results,
+                                                            "model_config": config.to_dict()}, indent=1))
+
+    ok = [s for s in summaries if "failed" not in s]
+    ref = next((s for s in ok if s["variant"] == "reference"), None)
+    gpu = next(iter(results.values()))["gpu"] if results else "?"
+    lines = [f"{gpu}, {opts.rows} ViGGO rows, 1 epoch, N = {matmul_params(config) / 1e9:.2f} B matmul params",
+             "| variant | changes | rows/s | tokens/s | MFU | x ref | peak GiB | steps | last-quarter loss |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        if "failed" in s:
+            lines.append(f"| {s['variant']} | | failed: {s['failed']} | | | | | | |")
+            continue
+        speedup = f"{s['rows_per_s'] / ref['rows_per_s']:.1f}" if ref else "-"
+        changes = ", ".join(f"{k}={v}" for k, v in s["changes"].items()) or f"({s['base']} recipe)"
+        lines.append(f"| {s['variant']} | {changes} | {s['rows_per_s']:.1f} | {s['tokens_per_s']:.0f} | "
+                     f"{s['mfu']:.1%} | {speedup} | {s['peak_allocated_gib']:.1f} | {s['optimizer_steps']} | "
+                     f"{s['last_quarter_loss']:.4f} |")
+    table = "\n".join(lines)
+    (opts.out / "table.md").write_text(table + "\n")
+    if results:
+        plot_losses(results, opts.out / "loss.png")
+    print(table, flush=True)
+    return 0 if len(ok) == len(summaries) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
