@@ -158,3 +158,61 @@ def s3_bucket(s3_server, request):
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{free_port()}"
     boto3.client("s3").create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+# ---------------------------------------------------------------- evaluate / batch (issue 4)
+
+CPU_EVALUATE = {
+    "processor": {
+        "batch_size": 16,
+        "engine_kwargs": {"max_model_len": 512, "dtype": "bfloat16", "enforce_eager": True},
+        "placement_group_config": {"bundles": [{"CPU": 1}]},
+        "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def make_run(tmp_path_factory, viggo_alpaca, tiny_model):
+    """``make_run(name, evaluate={...}, rows=N, adapters={name: dir}) -> recipe path``.
+
+    A run folder whose ingest and model stages (and train, when adapters are given) look
+    completed: hand-written manifests pointing at the first N ViGGO test rows, the tiny
+    model and the given adapter folders. The recipe's evaluate section is CPU_EVALUATE
+    updated with ``evaluate``.
+    """
+    import shutil
+
+    import yaml
+
+    from workflow import manifest
+
+    def make(name: str, evaluate: dict | None = None, rows: int = 12, adapters: dict | None = None) -> Path:
+        tmp_path = tmp_path_factory.mktemp(name)
+        storage = tmp_path / "runs"
+        run = storage / name
+        (run / "ingest").mkdir(parents=True)
+        lines = (viggo_alpaca / "test.jsonl").read_text().splitlines()[:rows]
+        (run / "ingest" / "test.jsonl").write_text("\n".join(lines) + "\n")
+        common = dict(run=name, config={}, inputs={}, started_at=manifest.now())
+        manifest.write(str(run / "ingest"), stage="ingest", outputs={"test": str(run / "ingest" / "test.jsonl")},
+                       **common)
+        manifest.write(str(run / "model"), stage="model", outputs={"model": str(tiny_model)}, **common)
+        recipe = {"name": name, "storage": str(storage), "model": {"source": "tiny"},
+                  "ingest": {"source": str(VIGGO), "splits": {"test": "test.csv"}, "columns": {"input": "ref",
+                                                                                              "output": "mr"}},
+                  "evaluate": {**CPU_EVALUATE, **(evaluate or {})}}
+        if adapters:
+            adapters_dir = run / "train" / "adapters"
+            for adapter_name, src in adapters.items():
+                shutil.copytree(src, adapters_dir / adapter_name)
+            first = next(iter(adapters))
+            manifest.write(str(run / "train"), stage="train",
+                           outputs={"adapter": str(adapters_dir / first), "adapters_dir": str(adapters_dir)},
+                           summary={"adapter_name": first, "lora_rank": 8, "base_model": str(tiny_model)}, **common)
+            recipe["train"] = {"llamafactory": {"stage": "sft", "finetuning_type": "lora"}}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        return path
+
+    return make

@@ -7,7 +7,7 @@ import pytest
 from workflow import metrics, prompts
 from workflow.errors import WorkflowError
 
-from .conftest import INSTRUCTION
+from conftest import INSTRUCTION
 
 REF = "inform(name[Tom Clancy's The Division], genres[role-playing, shooter], rating[average])"
 REORDERED = "inform(rating[average], name[Tom Clancy's The Division], genres[role-playing, shooter])"

@@ -60,6 +60,7 @@ def run(ctx: StageContext) -> StageResult:
 
     model_source = model_for_engine(ctx)
     local = inference.local_adapters(adapters, ctx.scratch("adapters"))
+    inference.lora_engine_kwargs(cfg.processor.get("engine_kwargs") or {}, local, "evaluate.processor")  # refuse early
     inference.init_ray()
     ds = inference.read_dataset(source)
     columns = ds.columns()

@@ -112,6 +112,7 @@ def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]]):
     else:
         model_source = model_for_engine(ctx)
         adapters = inference.local_adapters(run_adapters(ctx, cfg), ctx.scratch("adapters"))
+        inference.lora_engine_kwargs(cfg.processor.get("engine_kwargs") or {}, adapters, "evaluate.processor")
         variants = ([("base", {"__adapter": ""})] if cfg.base else []) + [
             (name, {"__adapter": path}) for name, path in adapters.items()]
         if not variants:

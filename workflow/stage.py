@@ -17,7 +17,6 @@ own environment.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys

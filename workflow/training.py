@@ -168,6 +168,8 @@ def _make_callbacks(rank: int, tensorboard_dir: Path, tensorboard_uri: str | Non
             if losses:
                 metrics["loss"] = losses[-1]
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{state.global_step:06d}")
+            if rank == 0:
+                print(f"[training] checkpoint at step {state.global_step} is in storage", flush=True)
             if rank == 0 and tensorboard_uri and tensorboard_dir.is_dir():
                 storage.upload_dir(tensorboard_dir, tensorboard_uri)
 
@@ -214,6 +216,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
             args["resume_from_checkpoint"] = local
             print(f"[training] rank {rank}: resuming from step {resumed_from} ({checkpoint.path})", flush=True)
 
+        nodes = _count_nodes()
         run_exp(args=args, callbacks=_make_callbacks(rank, tensorboard_dir, config.get("tensorboard_uri")))
 
         if rank != 0:
@@ -230,9 +233,22 @@ def train_loop_per_worker(config: dict) -> dict | None:
         publish_dir(publish, config["export_uri"], last=config["export_last"])
         if config.get("tensorboard_uri") and tensorboard_dir.is_dir():
             storage.upload_dir(tensorboard_dir, config["tensorboard_uri"])
-        return _summary(output, resumed_from)
+        return {**_summary(output, resumed_from), "workers": ray.train.get_context().get_world_size(), "nodes": nodes}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _count_nodes() -> int:
+    """How many Ray nodes the worker group spans (gathered over the group's process group)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if not dist.is_initialized():
+        return 1
+    nodes = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return len(set(nodes))
 
 
 def _summary(output: Path, resumed_from: int) -> dict:
