@@ -22,6 +22,7 @@ from . import runner
 from .config import load_recipe
 from .errors import WorkflowError
 from .stage import report_failure
+from .training import check_recipe_in_train_env
 
 
 def _cmd_validate(args) -> int:
@@ -30,6 +31,7 @@ def _cmd_validate(args) -> int:
         try:
             recipe = load_recipe(path)
             stages = runner.select_stages(recipe)
+            check_recipe_in_train_env(recipe)  # LLaMA-Factory keys, against LLaMA-Factory itself
             print(f"ok  {path}  ({recipe.name}: {' -> '.join(stages)}; storage {recipe.run_uri})")
         except WorkflowError as err:
             failed += 1

@@ -152,9 +152,13 @@ def _auth_env(state: dict[str, Any]) -> dict[str, str]:
 def connect(state: dict[str, Any]) -> None:
     import ray
 
-    os.environ.update(_auth_env(state))
-    os.environ.pop("RAY_AUTH_TOKEN", None)
     if not ray.is_initialized():
+        from ray._raylet import Config
+
+        # Ray reads its auth mode into a process-wide config when first imported; reload it.
+        os.environ.update(_auth_env(state))
+        os.environ.pop("RAY_AUTH_TOKEN", None)
+        Config.initialize("")
         ray.init(address=state["address"], include_dashboard=False, logging_level="ERROR",
                  log_to_driver=False, namespace="workflow")
 
