@@ -72,6 +72,7 @@ BENCH_OVERRIDES: dict[str, Any] = {
 }
 DROPPED_KEYS = ("ddp_backend", "ddp_timeout", "eval_steps", "per_device_eval_batch_size", "max_samples",
                 "resume_from_checkpoint")  # one process, no evaluation; --rows sets the data
+PROFILE_STEPS = (5, 7)  # --profile: the optimizer steps 6 and 7, by kernel
 TOKENIZER_VOCAB = 8000  # what BPE gets out of ViGGO's text: ~247 tokens per templated row
 
 
@@ -144,7 +145,7 @@ def model_flops(config, tokens: float, sum_sq: float) -> float:
 
 # ---------------------------------------------------------------- one run (a child process)
 
-def _meter():
+def _meter(profile_to: str | None = None):
     """A Trainer callback that times every optimizer step and counts what the model saw in it.
 
     A forward pre-hook adds up, on the GPU and without synchronizing, the tokens (padding
@@ -158,6 +159,13 @@ def _meter():
         def __init__(self):
             self.steps: list[dict] = []
             self.counts = None
+            self.profiler = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if profile_to and state.global_step == PROFILE_STEPS[0]:
+                self.profiler = torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+                self.profiler.__enter__()
 
         def _count(self, module, args, kwargs):
             ids = kwargs.get("input_ids")
@@ -184,6 +192,11 @@ def _meter():
             self.counts.zero_()
             self.steps.append({"step": state.global_step, "seconds": now - self.last, "tokens": tokens,
                                "rows": rows, "sum_sq": sum_sq})
+            if self.profiler is not None and state.global_step == PROFILE_STEPS[1]:
+                self.profiler.__exit__(None, None, None)
+                table = self.profiler.key_averages().table(sort_by="self_device_time_total", row_limit=45)
+                Path(profile_to).write_text(table)
+                self.profiler = None
             self.last = time.perf_counter()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -199,7 +212,7 @@ def run_one(spec: dict) -> dict:
     import torch
     from llamafactory.train.tuner import run_exp
 
-    meter = _meter()
+    meter = _meter(spec.get("profile_to"))
     started = time.monotonic()
     run_exp(args=spec["args"], callbacks=[meter])
     wall = time.monotonic() - started
@@ -217,7 +230,13 @@ def parse_try(text: str) -> tuple[str, str, dict]:
     changes = {}
     for pair in filter(None, pairs.split(",")):
         key, _, value = pair.partition("=")
-        changes[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML reads 4e-4 (no dot) as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        changes[key.strip()] = parsed
     return name.strip(), base.strip(), changes
 
 
@@ -294,6 +313,7 @@ def main() -> int:
     parser.add_argument("--try", dest="tries", action="append", default=[], help="NAME=BASE:key=value,...")
     parser.add_argument("--skip", type=float, default=0.1, help="fraction of the optimizer steps left out as warm-up")
     parser.add_argument("--timeout", type=int, default=560, help="seconds per run")
+    parser.add_argument("--profile", action="store_true", help="write <variant>.profile.txt: GPU time by kernel")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     opts = parser.parse_args()
 
@@ -321,7 +341,8 @@ def main() -> int:
     for name, (base, changes) in variants.items():
         output = opts.work / "runs" / name
         args, dropped = variant_args(base, changes, data=data, model=model, output=output)
-        spec = {"args": args, "result": str(opts.work / f"{name}.result.json")}
+        spec = {"args": args, "result": str(opts.work / f"{name}.result.json"),
+                "profile_to": str(opts.out / f"{name}.profile.txt") if opts.profile else None}
         spec_path = opts.work / f"{name}.spec.json"
         spec_path.write_text(json.dumps(spec))
         print(f"[bench] {name}: {base} recipe, changed {changes or 'nothing'}; dropped {dropped}; "

@@ -216,3 +216,64 @@ def make_run(tmp_path_factory, viggo_alpaca, tiny_model):
         return path
 
     return make
+
+
+# ---------------------------------------------------------------- train / sync (issue 3)
+
+TINY_TRAIN = {
+    "scaling_config": {"num_workers": 2, "resources_per_worker": {"CPU": 1}},
+    "llamafactory": {
+        "stage": "sft", "finetuning_type": "lora", "lora_rank": 8, "lora_target": "all", "template": "qwen",
+        "cutoff_len": 512, "max_samples": 32, "per_device_train_batch_size": 4, "learning_rate": 5.0e-3,
+        "max_steps": 6, "logging_steps": 1, "save_steps": 3, "use_cpu": True, "ddp_backend": "gloo",
+        "preprocessing_num_workers": 1,
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def train_recipe(tmp_path_factory):
+    """``train_recipe(name, storage=None, **train_overrides) -> recipe path``: a tiny ingest + model + train recipe.
+
+    64 ViGGO rows, the tiny random base, and TINY_TRAIN (2 CPU workers, 6 LoRA steps with a
+    checkpoint every 3), with ``llamafactory`` keys updated from ``train_overrides["llamafactory"]``.
+    """
+    import yaml
+
+    def make(name: str, storage: str | None = None, **train_overrides) -> Path:
+        tmp_path = tmp_path_factory.mktemp(name)
+        train = {**TINY_TRAIN, **{k: v for k, v in train_overrides.items() if k != "llamafactory"}}
+        train["llamafactory"] = {**TINY_TRAIN["llamafactory"], **train_overrides.get("llamafactory", {})}
+        recipe = {
+            "name": name, "storage": storage or str(tmp_path / "runs"), "model": {"source": "tiny"},
+            "ingest": {"source": str(VIGGO), "splits": {"train": "train.csv", "val": "valid.csv", "test": "test.csv"},
+                       "columns": {"input": "ref", "output": "mr"}, "instruction": INSTRUCTION,
+                       "max_samples": {"train": 64, "val": 8, "test": 8}},
+            "train": train,
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        return path
+
+    return make
+
+
+def run_workflow(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``workflow ARGS...`` through the serve environment's CLI (which starts each stage in its own env)."""
+    env = envs.stage_environment(envs.SERVE)
+    return subprocess.run([envs.python_for(envs.SERVE), "-m", "workflow.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def trained_run(train_recipe) -> dict:
+    """A run whose ingest, model and train stages ran through the runner: {"recipe", "manifest", "adapter"}."""
+    from workflow import manifest
+    from workflow.config import load_recipe
+
+    path = train_recipe("trained")
+    proc = run_workflow("run", str(path), "--stages", "ingest,model,train")
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    recipe = load_recipe(path)
+    found = manifest.read(recipe.run_uri + "/train")
+    return {"recipe": path, "manifest": found, "adapter": Path(found["outputs"]["adapter"]), "log": proc.stdout}

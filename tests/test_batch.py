@@ -5,8 +5,8 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import INSTRUCTION
+
 from workflow import envs, inference
 from workflow.errors import WorkflowError
 

@@ -13,8 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import INSTRUCTION, free_port
+
 from workflow import envs, metrics
 
 ROWS = 12

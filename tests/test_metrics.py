@@ -3,11 +3,10 @@
 import re
 
 import pytest
+from conftest import INSTRUCTION
 
 from workflow import metrics, prompts
 from workflow.errors import WorkflowError
-
-from conftest import INSTRUCTION
 
 REF = "inform(name[Tom Clancy's The Division], genres[role-playing, shooter], rating[average])"
 REORDERED = "inform(rating[average], name[Tom Clancy's The Division], genres[role-playing, shooter])"

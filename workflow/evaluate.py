@@ -104,7 +104,6 @@ def metrics_reference(row: dict[str, Any]) -> str:
 def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]]):
     """All variants' predictions for the rows, as one Arrow table."""
     import pyarrow as pa
-    import ray.data
 
     if cfg.endpoint is not None:
         variants = [(m, {"__endpoint_model": m}) for m in cfg.endpoint.models]
@@ -126,16 +125,24 @@ def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]]):
             del r["system"]
     columns = [c for c in items[0] if not c.startswith("__")]
     inference.init_ray()
-    ds = ray.data.from_items(items)
-    if cfg.endpoint is not None:
-        processor = inference.http_processor(cfg.endpoint.processor, cfg.sampling_params, columns)
-    else:
-        processor = inference.engine_processor(model_source, cfg.processor, cfg.sampling_params, adapters, columns)
     print(f"[evaluate] {len(rows)} rows x {len(items) // len(rows)} variants "
           f"({', '.join(sorted({r['variant'] for r in items}))})", flush=True)
-    out = inference.run(ds, processor, columns, http=cfg.endpoint is not None)
-    batches = list(inference.with_progress(out.iter_batches(batch_format="pyarrow", batch_size=None),
-                                           total=len(items), what="evaluate"))
+    if cfg.endpoint is not None:
+        # One pass per request shape: Ray Data cannot merge blocks whose payload structs differ
+        # (with and without structured_outputs). Passes are cheap here: no engine to start.
+        passes = [[r for r in items if r["constrained"] == c] for c in (False, True)]
+        batches = []
+        for part in (p for p in passes if p):
+            processor = inference.http_processor(cfg.endpoint.processor, cfg.sampling_params, columns)
+            batch_size = cfg.endpoint.processor.get("batch_size", 64)
+            out = inference.run(inference.from_rows(part, batch_size), processor, columns, http=True)
+            batches += inference.with_progress(out.iter_batches(batch_format="pyarrow", batch_size=None),
+                                               total=len(part), what="evaluate")
+    else:
+        processor = inference.engine_processor(model_source, cfg.processor, cfg.sampling_params, adapters, columns)
+        out = inference.run(inference.from_rows(items, cfg.processor.get("batch_size", 32)), processor, columns)
+        batches = list(inference.with_progress(out.iter_batches(batch_format="pyarrow", batch_size=None),
+                                               total=len(items), what="evaluate"))
     n = sum(b.num_rows for b in batches)
     if n != len(items):
         raise WorkflowError(f"evaluate: {len(items)} rows went in but {n} came out")

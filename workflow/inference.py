@@ -45,6 +45,9 @@ PROCESSOR_DEFAULTS: dict[str, Any] = {
     "tokenize_stage": False,
     "detokenize_stage": False,
     "should_continue_on_error": True,
+    # Exporting vLLM's per-step stats to Ray's Prometheus endpoint costs CPU in the engine's
+    # frontend process, which shares its core with everything else here.
+    "log_engine_metrics": False,
 }
 
 
@@ -194,6 +197,17 @@ def write_rows(batches: Iterator, uri: str, *, total: int | None = None, what: s
 
 # ---------------------------------------------------------------- the processors
 
+def from_rows(rows: list[dict[str, Any]], batch_size: int):
+    """A Ray dataset of in-memory rows in a few blocks of several engine batches each.
+
+    ``ray.data.from_items`` alone makes up to 200 one-row-ish blocks, i.e. 200 preprocess
+    tasks whose scheduling competes with the engine for the same cores.
+    """
+    import ray.data
+
+    return ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // (4 * batch_size))))
+
+
 def init_ray() -> None:
     """Join the cluster in RAY_ADDRESS, else start a private local one (no dashboard)."""
     import ray
@@ -247,18 +261,11 @@ def _select(batch, *, input_columns: list[str], http: bool, extra_columns: tuple
     cols.update({c: batch.column(c) for c in extra_columns})
     n = batch.num_rows
     if http:
-        responses = batch.column("http_response").to_pylist()
-        texts, n_in, n_out, errors = [], [], [], []
-        for r in responses:
-            choice = (r or {}).get("choices") or [{}]
-            usage = (r or {}).get("usage") or {}
-            texts.append(((choice[0].get("message") or {}).get("content")) or "")
-            n_in.append(int(usage.get("prompt_tokens") or 0))
-            n_out.append(int(usage.get("completion_tokens") or 0))
-            err = (r or {}).get("error") or (r or {}).get("message") if not (r or {}).get("choices") else ""
-            errors.append(json.dumps(err)[:500] if err and not isinstance(err, str) else (err or ""))
-        cols.update(generated_text=pa.array(texts, pa.string()), num_input_tokens=pa.array(n_in, pa.int64()),
-                    num_generated_tokens=pa.array(n_out, pa.int64()), error=pa.array(errors, pa.string()))
+        results = [_http_result(r) for r in batch.column("http_response").to_pylist()]
+        cols.update(generated_text=pa.array([r[0] for r in results], pa.string()),
+                    num_input_tokens=pa.array([r[1] for r in results], pa.int64()),
+                    num_generated_tokens=pa.array([r[2] for r in results], pa.int64()),
+                    error=pa.array([r[3] for r in results], pa.string()))
     else:
         error = batch.column("__inference_error__") if "__inference_error__" in names else pa.array([""] * n)
         cols.update(generated_text=batch.column("generated_text").cast(pa.string()),
@@ -266,6 +273,18 @@ def _select(batch, *, input_columns: list[str], http: bool, extra_columns: tuple
                     num_generated_tokens=batch.column("num_generated_tokens").cast(pa.int64()),
                     error=error.cast(pa.string()))
     return pa.table(cols)
+
+
+def _http_result(response: dict | None) -> tuple[str, int, int, str]:
+    """(text, prompt tokens, completion tokens, error) from one chat completions response."""
+    response = response or {}
+    choices = response.get("choices")
+    if not choices:
+        error = response.get("error") or response.get("message") or response.get("detail") or "no choices in the response"
+        return "", 0, 0, (error if isinstance(error, str) else json.dumps(error))[:500]
+    usage = response.get("usage") or {}
+    text = (choices[0].get("message") or {}).get("content") or ""
+    return text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), ""
 
 
 def check_input_columns(columns: list[str], where: str) -> None:

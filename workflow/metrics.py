@@ -176,6 +176,6 @@ def call_regex(functions: list[str], attributes: list[str], *, max_value_chars: 
     """
     fn = "(" + "|".join(re.escape(f) for f in functions) + ")"
     attr = "(" + "|".join(re.escape(a) for a in attributes) + ")"
-    slot = attr + r"\[[^\[\]\n]{0,%d}\]" % max_value_chars
+    slot = attr + r"\[[^\[\]\n]{0," + str(max_value_chars) + r"}\]"
     more = (max_slots or len(attributes)) - 1
-    return fn + r"\(" + slot + "(, " + slot + "){0,%d}" % more + r"\)"
+    return fn + r"\(" + slot + "(, " + slot + "){0," + str(more) + r"}\)"

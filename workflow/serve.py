@@ -27,6 +27,9 @@ CACHEABLE = False
 
 
 def config(ctx: StageContext) -> dict:
+    if ctx.recipe.serve is None:
+        raise WorkflowError(f"{ctx.recipe.path}: the recipe has no serve: section",
+                            hint="add one (see recipes/viggo-cpu.yaml)")
     return ctx.recipe.serve.model_dump(mode="json")
 
 

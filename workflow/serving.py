@@ -318,7 +318,7 @@ def wait_until_answering(base_url: str, model_id: str, api_key: str | None, *, t
 # ---------------------------------------------------------------- smoke check
 
 def similarity(a: str, b: str) -> float:
-    return difflib.SequenceMatcher(None, a.strip(), b.strip()).ratio()
+    return difflib.SequenceMatcher(None, a.strip(), b.strip(), autojunk=False).ratio()
 
 
 def smoke_check(base_url: str, *, model_id: str, adapters: list[str], rows: list[dict], api_key: str | None,

@@ -37,6 +37,10 @@ def adapter_name(ctx: StageContext) -> str:
 
 
 def config(ctx: StageContext) -> dict:
+    from .training import check_llamafactory_keys
+
+    # Before anything else runs: a misspelt LLaMA-Factory key fails here, naming the key.
+    check_llamafactory_keys(ctx.recipe.train.llamafactory, f"{ctx.recipe.path or ctx.recipe.name}: train.llamafactory")
     return {**ctx.recipe.train.model_dump(mode="json"), "adapter_name": adapter_name(ctx)}
 
 
@@ -49,10 +53,9 @@ def _evaluates(llamafactory: dict) -> bool:
 
 
 def run(ctx: StageContext) -> StageResult:
-    from .training import WORKER_OUTPUT, check_llamafactory_keys, llamafactory_args, run_training
+    from .training import WORKER_OUTPUT, llamafactory_args, run_training
 
     cfg = ctx.recipe.train
-    check_llamafactory_keys(cfg.llamafactory, f"{ctx.recipe.path or ctx.recipe.name}: train.llamafactory")
     ingest, model = ctx.upstream("ingest"), ctx.upstream("model")
     base_model = model["outputs"]["model"]
     dataset_dir = ingest["outputs"]["dataset_info"].rsplit("/", 1)[0]

@@ -3,8 +3,8 @@
 - ``llamafactory_args`` builds the exact argument dict handed to ``run_exp`` (pure; a GPU
   benchmark calls it to reproduce the train stage's arguments without Ray).
 - ``check_llamafactory_keys`` rejects keys LLaMA-Factory does not know, before any worker
-  starts; ``check_recipe_in_train_env`` runs that check from the serve environment
-  (``workflow validate``) through the train environment's interpreter.
+  starts; ``check_recipe_in_train_env`` does it for a whole recipe from either environment
+  (``workflow validate`` runs in the serve environment).
 - ``run_training`` runs ``llamafactory.train.tuner.run_exp`` as the ``train_loop_per_worker``
   of a ``ray.train.torch.TorchTrainer``. Every Hugging Face checkpoint is reported to Ray Train,
   which merges the workers' files into ``<storage_path>/<name>/checkpoint-<step>/`` in the
@@ -87,9 +87,12 @@ def llamafactory_arg_names() -> set[str]:
     return {f.name for cls in classes for f in dataclasses.fields(cls) if f.init}
 
 
-def check_llamafactory_keys(llamafactory: dict, where: str) -> None:
-    """Raise naming the first key LLaMA-Factory does not know (with the closest known key)."""
-    known = llamafactory_arg_names()
+def check_llamafactory_keys(llamafactory: dict, where: str, known: set[str] | None = None) -> None:
+    """Raise naming the first key LLaMA-Factory does not know (with the closest known key).
+
+    ``known`` defaults to ``llamafactory_arg_names()``, which needs the train environment.
+    """
+    known = llamafactory_arg_names() if known is None else known
     for key in llamafactory:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
@@ -97,26 +100,46 @@ def check_llamafactory_keys(llamafactory: dict, where: str) -> None:
             raise WorkflowError(f"{where}.{key}: not a LLaMA-Factory argument", hint=hint)
 
 
-def check_recipe_keys(recipe) -> None:
-    """Check every LLaMA-Factory section of a recipe (train env)."""
-    where = str(recipe.path or recipe.name)
-    if recipe.model.pretrain:
-        check_llamafactory_keys(recipe.model.pretrain, f"{where}: model.pretrain")
-    if recipe.train is not None:
-        check_llamafactory_keys(recipe.train.llamafactory, f"{where}: train.llamafactory")
-
-
 def check_recipe_in_train_env(recipe) -> None:
-    """From any environment: check the recipe's LLaMA-Factory keys in the train environment."""
-    if not recipe.model.pretrain and recipe.train is None:
-        return
-    from . import envs
+    """Check every LLaMA-Factory section of a recipe, from either environment.
 
-    proc = subprocess.run([envs.python_for(envs.TRAIN), "-m", "workflow.training", "check", str(recipe.path)],
-                          env=envs.stage_environment(envs.TRAIN), capture_output=True, text=True, check=False)
+    Outside the train environment the key names come from a ``python -m workflow.training
+    keys`` run there (importing LLaMA-Factory costs ~15 s of CPU), cached per installed
+    llamafactory/transformers version.
+    """
+    sections = {"model.pretrain": recipe.model.pretrain or {}}
+    if recipe.train is not None:
+        sections["train.llamafactory"] = recipe.train.llamafactory
+    if not any(sections.values()):
+        return
+    import importlib.util
+
+    known = llamafactory_arg_names() if importlib.util.find_spec("llamafactory") else _train_env_arg_names()
+    for section, keys in sections.items():
+        check_llamafactory_keys(keys, f"{recipe.path or recipe.name}: {section}", known)
+
+
+def _train_env_arg_names() -> set[str]:
+    from . import envs
+    from .manifest import sha256_text
+
+    python = envs.python_for(envs.TRAIN)
+    venv = Path(python).parent.parent
+    versions = sorted(p.name for p in venv.glob("lib/python*/site-packages/*.dist-info")
+                      if p.name.startswith(("llamafactory-", "transformers-")))
+    cache = (Path(os.environ.get("WORKFLOW_CACHE", Path(tempfile.gettempdir()) / "workflow-cache"))
+             / f"llamafactory-keys-{sha256_text(python + ' '.join(versions))[:16]}.json")
+    if versions and cache.is_file():
+        return set(json.loads(cache.read_text()))
+    proc = subprocess.run([python, "-m", "workflow.training", "keys"], env=envs.stage_environment(envs.TRAIN),
+                          capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-        raise WorkflowError(lines[-1].removeprefix("error: ") if lines else proc.stderr.strip()[-500:])
+        raise WorkflowError(f"cannot list LLaMA-Factory's arguments in the train environment ({python})",
+                            hint=proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "run it with --debug")
+    names = json.loads(proc.stdout.strip().splitlines()[-1])
+    if versions:
+        storage.write_json(str(cache), names)
+    return set(names)
 
 
 # ---------------------------------------------------------------- inside a Ray worker
@@ -174,7 +197,7 @@ def _make_callbacks(rank: int, tensorboard_dir: Path, tensorboard_uri: str | Non
                 storage.upload_dir(tensorboard_dir, tensorboard_uri)
 
     class PrintProgress(TrainerCallback):
-        """One line per log on rank 0: step, loss, learning rate, speed, time left."""
+        """One line per log on rank 0: step, loss, learning rate, epoch, time spent and left."""
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.started, self.first_step = time.monotonic(), state.global_step
@@ -344,18 +367,12 @@ def latest_checkpoint_step(checkpoints_uri: str, experiment: str) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m workflow.training check RECIPE``: the LLaMA-Factory key check (train env)."""
-    from .config import load_recipe
-    from .stage import report_failure
-
+    """``python -m workflow.training keys``: print LLaMA-Factory's argument names as JSON (train env)."""
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] != "check":
-        print("usage: python -m workflow.training check RECIPE", file=sys.stderr)
+    if argv != ["keys"]:
+        print("usage: python -m workflow.training keys", file=sys.stderr)
         return 2
-    try:
-        check_recipe_keys(load_recipe(argv[1]))
-    except Exception as err:  # noqa: BLE001 - the process boundary reports every failure
-        return report_failure(err, debug=False)
+    print(json.dumps(sorted(llamafactory_arg_names())))
     return 0
 
 

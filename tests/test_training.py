@@ -1,0 +1,86 @@
+"""workflow.training: the run_exp arguments, the key check, and Ray Train over two nodes with S3 storage."""
+
+from __future__ import annotations
+
+import pytest
+
+from workflow.errors import WorkflowError
+from workflow.training import DEFAULTS, llamafactory_args
+
+
+def test_llamafactory_args_fill_in_paths_over_recipe_keys_over_defaults():
+    recipe = {"stage": "sft", "lora_rank": 8, "logging_steps": 1, "report_to": "none"}
+    args = llamafactory_args(recipe, model="/m", dataset_dir="/d", output_dir="/o", eval_dataset="val")
+    assert args == {**DEFAULTS, **recipe, "model_name_or_path": "/m", "dataset_dir": "/d", "dataset": "train",
+                    "eval_dataset": "val", "output_dir": "/o"}
+    assert "eval_dataset" not in llamafactory_args({}, model="m", dataset_dir="d", output_dir="o")
+    assert recipe == {"stage": "sft", "lora_rank": 8, "logging_steps": 1, "report_to": "none"}  # not mutated
+
+
+def test_llamafactory_args_refuse_keys_the_pipeline_fills_in():
+    with pytest.raises(WorkflowError, match=r"llamafactory\.dataset_dir: filled in by the pipeline"):
+        llamafactory_args({"dataset_dir": "/x"}, model="m", dataset_dir="d", output_dir="o")
+
+
+@pytest.mark.train_env
+def test_unknown_key_is_named_with_the_closest_known_one():
+    from workflow.training import check_llamafactory_keys, llamafactory_arg_names
+
+    known = llamafactory_arg_names()
+    assert {"lora_rank", "cutoff_len", "learning_rate", "template", "enable_liger_kernel", "packing"} <= known
+    check_llamafactory_keys({"lora_rank": 8, "bf16": True}, "r.yaml: train.llamafactory")
+    with pytest.raises(WorkflowError) as err:
+        check_llamafactory_keys({"lora_rank": 8, "learning_rat": 1e-4}, "r.yaml: train.llamafactory")
+    assert str(err.value) == ("r.yaml: train.llamafactory.learning_rat: not a LLaMA-Factory argument "
+                              "(did you mean 'learning_rate'?)")
+
+
+@pytest.mark.train_env
+def test_two_nodes_strict_spread_with_checkpoints_on_s3(tiny_model, viggo_alpaca, s3_bucket):
+    """Workers on two Ray nodes read the model and data from the bucket and write checkpoints there."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from workflow import storage
+    from workflow.training import latest_checkpoint_step, run_training
+
+    storage.upload_dir(tiny_model, f"{s3_bucket}/model", last=["config.json"])
+    storage.upload_dir(viggo_alpaca, f"{s3_bucket}/ingest")
+    args = llamafactory_args(
+        {"stage": "sft", "finetuning_type": "lora", "lora_rank": 8, "lora_target": "all", "template": "qwen",
+         "cutoff_len": 512, "max_samples": 16, "per_device_train_batch_size": 4, "max_steps": 4, "save_steps": 2,
+         "logging_steps": 1, "use_cpu": True, "ddp_backend": "gloo", "preprocessing_num_workers": 1},
+        model=f"{s3_bucket}/model", dataset_dir=f"{s3_bucket}/ingest", output_dir="unused")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address)
+        summary = run_training(
+            args, experiment="two-nodes", checkpoints_uri=f"{s3_bucket}/checkpoints",
+            export_uri=f"{s3_bucket}/adapters/viggo", export_last=["adapter_config.json"],
+            model_key="m1", data_key="d1",
+            scaling_config={"num_workers": 2, "resources_per_worker": {"CPU": 1}, "placement_strategy": "STRICT_SPREAD"},
+            failure_config={"max_failures": 0}, checkpoint_config={"num_to_keep": 1},
+            tensorboard_uri=f"{s3_bucket}/tensorboard")
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert summary["nodes"] == 2 and summary["workers"] == 2 and summary["global_step"] == 4
+    assert latest_checkpoint_step(f"{s3_bucket}/checkpoints", "two-nodes") == 4
+    ckpt = storage.list_files(f"{s3_bucket}/checkpoints/two-nodes/checkpoint-000004")
+    assert {"adapter_model.safetensors", "optimizer.pt", "rng_state_0.pth", "rng_state_1.pth"} <= set(ckpt)
+    adapter = storage.list_files(f"{s3_bucket}/adapters/viggo")
+    assert {"adapter_config.json", "adapter_model.safetensors", "training_loss.png", "tokenizer.json"} <= set(adapter)
+    assert not any(f.startswith("checkpoint-") for f in adapter)
+    assert any("events.out.tfevents" in f for f in storage.list_files(f"{s3_bucket}/tensorboard"))
+
+
+def test_pretrain_corpus_is_plain_text_documents_not_the_task():
+    from workflow.model import pretrain_documents
+
+    rows = [{"instruction": "Given a target sentence ...", "input": "Halo is a shooter.", "output": "inform(name[Halo])"},
+            {"instruction": "Given a target sentence ...", "input": "Halo is a shooter.", "output": "verify(name[Halo])"},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}]
+    assert pretrain_documents(rows, ["input", "output"]) == ["Halo is a shooter.", "inform(name[Halo])",
+                                                             "verify(name[Halo])"]
+    assert pretrain_documents(rows, ["messages"]) == ["hi"]
