@@ -79,15 +79,17 @@ def mode_vllm(args) -> dict:
             "startup_s": t1 - t0, "steady_s": t2 - t1, "total_s": t2 - t0}
 
 
-def mode_ray(args, processor_overrides: dict) -> dict:
+def mode_ray(args, processor_overrides: dict, num_cpus: int | None = None) -> dict:
     import ray
 
     from workflow import inference
 
     rows = load_rows(args.rows)
     t0 = time.time()
+    if num_cpus:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
     inference.init_ray()
-    ds = ray.data.from_items(rows)
+    ds = inference.from_rows(rows, args.batch_size)
     columns = ["instruction", "input"]
     processor = {**CPU_PROCESSOR, "batch_size": args.batch_size, "engine_kwargs": dict(ENGINE_KWARGS),
                  **processor_overrides}
@@ -113,7 +115,9 @@ MODES = {
     "vllm": mode_vllm,
     "stage": lambda args: mode_ray(args, {}),
     # The steps from ray.data.llm's defaults to the stage's, one at a time.
-    "bare": lambda args: mode_ray(args, BARE),
+    # Its three CPU stages are actor pools of 1 CPU each: with the 2 logical CPUs of this
+    # machine the engine actor never gets scheduled, so it runs with 8 logical CPUs.
+    "bare": lambda args: mode_ray(args, BARE, num_cpus=8),
     "stages-off": lambda args: mode_ray(args, {"log_engine_metrics": True}),
 }
 

@@ -198,7 +198,7 @@ def run_ray_app(name: str, settings: dict, args) -> list[dict]:
         serving.deploy(serving.validate_llm_config(llm, name), host="127.0.0.1", port=port, api_key_env=None,
                        ingress_deployment_config=cfg.ingress_deployment_config)
         serving.wait_until_answering(base_url, MODEL_ID, None)
-        return measure(name, base_url, args, f"RAY_AUTH_TOKEN_PATH={state['auth_token_path']}".encode())
+        return measure(name, base_url, args, f"{serving.CLUSTER_MARKER}={state['address']}".encode())
     finally:
         serving.stop_cluster(state)
 

@@ -303,6 +303,30 @@ def plot_losses(results: dict[str, dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def write_report(out: Path, summaries: list[dict], results: dict, config, rows: int) -> str:
+    """table.md and loss.png in ``out`` (rewritten after every run, so a cut-off bench leaves them too)."""
+    ok = [s for s in summaries if "failed" not in s]
+    ref = next((s for s in ok if s["variant"] == "reference"), None)
+    gpu = next(iter(results.values()))["gpu"] if results else "?"
+    lines = [f"{gpu}, {rows} ViGGO rows, 1 epoch, N = {matmul_params(config) / 1e9:.2f} B matmul params",
+             "| variant | changes | rows/s | tokens/s | MFU | x ref | peak GiB | steps | last-quarter loss |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        if "failed" in s:
+            lines.append(f"| {s['variant']} | | failed: {s['failed']} | | | | | | |")
+            continue
+        speedup = f"{s['rows_per_s'] / ref['rows_per_s']:.1f}" if ref else "-"
+        changes = ", ".join(f"{k}={v}" for k, v in s["changes"].items()) or f"({s['base']} recipe)"
+        lines.append(f"| {s['variant']} | {changes} | {s['rows_per_s']:.1f} | {s['tokens_per_s']:.0f} | "
+                     f"{s['mfu']:.1%} | {speedup} | {s['peak_allocated_gib']:.1f} | {s['optimizer_steps']} | "
+                     f"{s['last_quarter_loss']:.4f} |")
+    table = "\n".join(lines)
+    (out / "table.md").write_text(table + "\n")
+    if results:
+        plot_losses(results, out / "loss.png")
+    return table
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="results.json, table.md, loss.png (required)")
@@ -371,28 +395,10 @@ def main() -> int:
               f"last-quarter loss {summary['last_quarter_loss']}", flush=True)
         (opts.out / "results.json").write_text(json.dumps({"summaries": summaries, "runs": results,
                                                             "model_config": config.to_dict()}, indent=1))
+        write_report(opts.out, summaries, results, config, opts.rows)
 
-    ok = [s for s in summaries if "failed" not in s]
-    ref = next((s for s in ok if s["variant"] == "reference"), None)
-    gpu = next(iter(results.values()))["gpu"] if results else "?"
-    lines = [f"{gpu}, {opts.rows} ViGGO rows, 1 epoch, N = {matmul_params(config) / 1e9:.2f} B matmul params",
-             "| variant | changes | rows/s | tokens/s | MFU | x ref | peak GiB | steps | last-quarter loss |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for s in summaries:
-        if "failed" in s:
-            lines.append(f"| {s['variant']} | | failed: {s['failed']} | | | | | | |")
-            continue
-        speedup = f"{s['rows_per_s'] / ref['rows_per_s']:.1f}" if ref else "-"
-        changes = ", ".join(f"{k}={v}" for k, v in s["changes"].items()) or f"({s['base']} recipe)"
-        lines.append(f"| {s['variant']} | {changes} | {s['rows_per_s']:.1f} | {s['tokens_per_s']:.0f} | "
-                     f"{s['mfu']:.1%} | {speedup} | {s['peak_allocated_gib']:.1f} | {s['optimizer_steps']} | "
-                     f"{s['last_quarter_loss']:.4f} |")
-    table = "\n".join(lines)
-    (opts.out / "table.md").write_text(table + "\n")
-    if results:
-        plot_losses(results, opts.out / "loss.png")
-    print(table, flush=True)
-    return 0 if len(ok) == len(summaries) else 1
+    print(write_report(opts.out, summaries, results, config, opts.rows), flush=True)
+    return 0 if all("failed" not in s for s in summaries) else 1
 
 
 if __name__ == "__main__":

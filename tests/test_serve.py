@@ -111,10 +111,10 @@ def test_smoke_similarity_counts_every_character():
 
 # ---------------------------------------------------------------- one detached deploy
 
-def _cluster_pids(token_path: str) -> dict[int, str]:
-    """Processes of the app's cluster (they inherit its RAY_AUTH_TOKEN_PATH), with their titles."""
+def _cluster_pids(address: str) -> dict[int, str]:
+    """Processes of the app's cluster (they inherit its marker variable), with their titles."""
     found = {}
-    marker = f"RAY_AUTH_TOKEN_PATH={token_path}".encode()
+    marker = f"{serving.CLUSTER_MARKER}={address}".encode()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -250,7 +250,7 @@ def test_stop_leaves_no_application_or_replica_behind(served):
     import httpx
 
     state = json.loads(served["state_file"].read_text())
-    before = _cluster_pids(state["auth_token_path"])
+    before = _cluster_pids(state["address"])
     titles = " ".join(before.values())
     assert "ServeReplica:workflow:OpenAiIngress" in titles or "ServeReplica:workflow:ApiKeyIngress" in titles
     assert "ServeReplica:workflow:LLMServer" in titles and "ServeController" in titles
@@ -259,9 +259,9 @@ def test_stop_leaves_no_application_or_replica_behind(served):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "stopping the app" in proc.stdout
     deadline = time.monotonic() + 60
-    while _cluster_pids(state["auth_token_path"]) and time.monotonic() < deadline:
+    while _cluster_pids(state["address"]) and time.monotonic() < deadline:
         time.sleep(1)
-    assert _cluster_pids(state["auth_token_path"]) == {}
+    assert _cluster_pids(state["address"]) == {}
     assert not served["state_file"].exists()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{served['base_url']}/models", headers=_auth(), timeout=10)

@@ -117,3 +117,15 @@ def test_run_through_the_cli_in_the_stage_environment(tmp_path):
     assert "up to date" in again.stdout
     shown = subprocess.run([sys.executable, "-m", "workflow", "show", str(p)], capture_output=True, text=True, env=env)
     assert "ingest: done" in shown.stdout and "model: not completed" in shown.stdout
+
+
+def test_stage_output_is_relayed_with_secrets_masked(monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", "hf_plantedsecret987")
+    code = runner._run_relaying_output(
+        [sys.executable, "-c", "import os, sys; print('token=' + os.environ['HF_TOKEN']); "
+                               "print('progress 50%', end='\\r'); print('err ' + os.environ['HF_TOKEN'], file=sys.stderr)"],
+        dict(os.environ))
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert "hf_plantedsecret987" not in out + err
+    assert "token=***" in out and "progress 50%\r" in out and "err ***" in err

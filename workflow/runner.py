@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import re
+import signal
 import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from types import ModuleType
@@ -16,6 +21,7 @@ from types import ModuleType
 from . import envs
 from .config import Recipe
 from .errors import WorkflowError
+from .secrets import redact
 
 
 @dataclass(frozen=True)
@@ -74,10 +80,45 @@ def run_stage(name: str, recipe: Recipe, *, force: bool = False, options: dict |
     if debug:
         cmd.append("--debug")
     started = time.monotonic()
-    proc = subprocess.run(cmd, env=envs.stage_environment(spec.env), check=False)
-    if proc.returncode != 0:
-        raise StageFailed(name, proc.returncode)
+    code = _run_relaying_output(cmd, envs.stage_environment(spec.env))
+    if code != 0:
+        raise StageFailed(name, code)
     print(f"[{name}] finished in {time.monotonic() - started:.0f}s", flush=True)
+
+
+def _relay(pipe, out) -> None:
+    """Copy a child's output line by line (``\r`` ends a line too, for progress bars), secrets masked."""
+    pending = b""
+    for chunk in iter(lambda: os.read(pipe.fileno(), 65536), b""):
+        pending += chunk
+        *lines, pending = re.split(rb"(?<=[\r\n])", pending)
+        for line in lines:
+            out.write(redact(line.decode("utf-8", errors="replace")))
+        out.flush()
+    if pending:
+        out.write(redact(pending.decode("utf-8", errors="replace")))
+        out.flush()
+
+
+def _run_relaying_output(cmd: list[str], env: dict[str, str]) -> int:
+    """Run a stage process, relaying its stdout/stderr through this process.
+
+    Relaying (rather than inheriting the file descriptors) lets notebooks show a stage's
+    progress and keeps tokens and keys that a library prints out of the console.
+    """
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    threads = [threading.Thread(target=_relay, args=(proc.stdout, sys.stdout), daemon=True),
+               threading.Thread(target=_relay, args=(proc.stderr, sys.stderr), daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait()
+    for t in threads:
+        t.join()
+    return code
 
 
 class StageFailed(Exception):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import secrets
 import json
 import os
 import signal
@@ -41,6 +40,8 @@ from .secrets import redact
 APP_NAME = "workflow"
 LOOPBACK_BUCKET = "workflow-adapters"
 LOOPBACK_S3_ACTOR = "workflow-loopback-s3"
+# Set in the environment of every process of a serving cluster, to its address.
+CLUSTER_MARKER = "WORKFLOW_SERVE_CLUSTER"
 # vLLM accepts these LoRA ranks (vllm.config.lora.MaxLoRARanks).
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -110,10 +111,6 @@ def start_cluster(state_dir: Path, *, num_cpus: int, env_vars: dict[str, str]) -
     gcs_port = free_port()
     # Ray puts unix sockets under the temp dir; keep its path short (108-byte limit).
     temp_dir = Path("/tmp") / f"wf-ray-{gcs_port}"
-    # Token authentication (Ray's default for `ray start`) with a token of this cluster's own.
-    token_path = state_dir / "auth_token"
-    token_path.touch(mode=0o600)
-    token_path.write_text(secrets.token_hex(32))
     log = open(state_dir / "ray-head.log", "w")  # noqa: SIM115 - the cluster writes to it after we exit
     cmd = [_ray_executable(), "start", "--head", "--block", "--disable-usage-stats",
            "--node-ip-address=127.0.0.1", f"--port={gcs_port}", f"--num-cpus={num_cpus}",
@@ -122,10 +119,13 @@ def start_cluster(state_dir: Path, *, num_cpus: int, env_vars: dict[str, str]) -
            f"--ray-client-server-port={free_port()}", f"--metrics-export-port={free_port()}",
            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
            f"--runtime-env-agent-port={free_port()}"]
-    state = {"address": f"127.0.0.1:{gcs_port}", "temp_dir": str(temp_dir), "log": str(state_dir / "ray-head.log"),
-             "auth_token_path": str(token_path)}
-    env = {**os.environ, **env_vars, **_auth_env(state), "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
+    state = {"address": f"127.0.0.1:{gcs_port}", "temp_dir": str(temp_dir), "log": str(state_dir / "ray-head.log")}
+    # Token authentication, with Ray's per-user token (~/.ray/auth_token, made if missing);
+    # CLUSTER_MARKER tags every process of this cluster (workers inherit the environment).
+    env = {**os.environ, **env_vars, "RAY_AUTH_MODE": "token", CLUSTER_MARKER: state["address"],
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     state["pid"] = proc.pid
     deadline = time.monotonic() + 120
@@ -145,10 +145,6 @@ def _gcs_ready(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _auth_env(state: dict[str, Any]) -> dict[str, str]:
-    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": state["auth_token_path"]}
-
-
 def connect(state: dict[str, Any]) -> None:
     import ray
 
@@ -156,8 +152,7 @@ def connect(state: dict[str, Any]) -> None:
         from ray._raylet import Config
 
         # Ray reads its auth mode into a process-wide config when first imported; reload it.
-        os.environ.update(_auth_env(state))
-        os.environ.pop("RAY_AUTH_TOKEN", None)
+        os.environ["RAY_AUTH_MODE"] = "token"
         Config.initialize("")
         ray.init(address=state["address"], include_dashboard=False, logging_level="ERROR",
                  log_to_driver=False, namespace="workflow")
