@@ -128,21 +128,35 @@ async def load(base_url: str, clients: int, duration: float, max_tokens: int) ->
 
 
 def process_cpu_seconds(marker: bytes) -> dict[str, float]:
-    """CPU seconds used so far by each process whose environment holds ``marker``, by process title."""
+    """CPU seconds used so far by the server's processes, by process title.
+
+    The server's processes are those whose environment holds ``marker`` and their
+    descendants (vLLM's engine core, spawned with a fresh environment).
+    """
     ticks = os.sysconf("SC_CLK_TCK")
-    found: dict[str, float] = {}
+    procs = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if marker not in (proc / "environ").read_bytes().split(b"\0"):
-                continue
-            title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
             stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            marked = marker in (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        name = os.path.basename(title.split()[0]) if title else proc.name
-        found[name] = found.get(name, 0.0) + (int(stat[11]) + int(stat[12])) / ticks
+        procs[int(proc.name)] = (int(stat[1]), marked, title, (int(stat[11]) + int(stat[12])) / ticks)
+    ours = {pid for pid, (_, marked, _, _) in procs.items() if marked}
+    grew = True
+    while grew:
+        children = {pid for pid, (ppid, *_) in procs.items() if ppid in ours} - ours
+        ours |= children
+        grew = bool(children)
+    found: dict[str, float] = {}
+    for pid in ours:
+        _, _, title, cpu = procs[pid]
+        # Serve replicas are titled "ray::SERVE_REPLICA::<app>#<deployment>#<id>:..."
+        name = title.split("#")[1] if "SERVE_REPLICA::" in title else os.path.basename(title.split(" ")[0])
+        found[name or str(pid)] = found.get(name or str(pid), 0.0) + cpu
     return found
 
 

@@ -9,7 +9,6 @@ starts each stage with its environment's interpreter, so nobody activates one by
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from .errors import WorkflowError
@@ -46,13 +45,3 @@ def stage_environment(env: str) -> dict[str, str]:
     out.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     return out
 
-
-def current_env() -> str | None:
-    """Which of the two environments this interpreter is, if either."""
-    for env in (TRAIN, SERVE):
-        try:
-            if Path(python_for(env)).resolve().parent == Path(sys.executable).resolve().parent:
-                return env
-        except WorkflowError:
-            continue
-    return None

@@ -240,9 +240,23 @@ def _engine_preprocess(row: dict[str, Any], *, model_source: str, sampling_param
         out["prompt"] = prompts.render(_tokenizer(model_source), messages)
     else:
         out["messages"] = messages
-    out["sampling_params"] = {**sampling_params, **_structured(row.get("__regex"))}
+    out["sampling_params"] = {**sampling_params, "output_kind": _final_only(), **_structured(row.get("__regex"))}
     out["model"] = row.get("__adapter") or model_source
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def _final_only():
+    """vLLM's ``RequestOutputKind.FINAL_ONLY``: one output per request instead of one per token.
+
+    ``vllm.LLM`` sets it for offline use; ray.data.llm's engine stage leaves the async
+    engine's default (CUMULATIVE), which builds a cumulative output object for every request
+    at every decoding step in the engine's frontend process. The value is an Enum, so Ray
+    Data carries this column pickled rather than as Arrow.
+    """
+    from vllm.sampling_params import RequestOutputKind
+
+    return RequestOutputKind.FINAL_ONLY
 
 
 def _http_preprocess(row: dict[str, Any], *, sampling_params: dict[str, Any], input_columns: list[str]) -> dict:
