@@ -277,3 +277,36 @@ def trained_run(train_recipe) -> dict:
     recipe = load_recipe(path)
     found = manifest.read(recipe.run_uri + "/train")
     return {"recipe": path, "manifest": found, "adapter": Path(found["outputs"]["adapter"]), "log": proc.stdout}
+
+
+# ---------------------------------------------------------------- end to end (issue 6)
+
+# The CPU demo recipe, shrunk for CI: fewer rows and steps, the same stages and code path.
+CI_OVERRIDES = {
+    "ingest": {"max_samples": {"train": 400, "val": 16, "test": 40}},
+    "model": {"pretrain": {"max_steps": 8, "save_steps": 4, "logging_steps": 2}},
+    "train": {"llamafactory": {"max_samples": 64, "max_steps": 8, "save_steps": 4, "logging_steps": 2}},
+    "serve": {"smoke": {"rows": 2}, "api_key_env": "WORKFLOW_API_KEY"},
+}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, dict) and isinstance(out.get(k), dict | None) else v
+    return out
+
+
+@pytest.fixture(scope="session")
+def ci_recipe(tmp_path_factory) -> Path:
+    """recipes/viggo-cpu.yaml with CI_OVERRIDES, storage in a temp folder, data paths made absolute."""
+    import yaml
+
+    data = yaml.safe_load((REPO / "recipes" / "viggo-cpu.yaml").read_text())
+    data = _merge(data, CI_OVERRIDES)
+    tmp = tmp_path_factory.mktemp("ci-run")
+    data["storage"] = str(tmp / "runs")
+    data["ingest"]["source"] = str(VIGGO)
+    path = tmp / "viggo-cpu-ci.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path

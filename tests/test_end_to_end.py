@@ -1,0 +1,80 @@
+"""The CPU recipe end to end through `workflow run` (shrunk for CI by CI_OVERRIDES in conftest.py).
+
+The same code path as `make demo`: every stage in its environment, outputs in storage, a
+manifest chain from the dataset's hash to the served model ids, and no planted secret in
+any output.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from workflow import envs, manifest
+from workflow.config import load_recipe
+
+SECRETS = {"HF_TOKEN": "hf_e2eplantedtoken0001", "OPENAI_API_KEY": "sk-e2eplantedopenai0002",
+           "AWS_SECRET_ACCESS_KEY": "e2eplantedawssecret0003", "WORKFLOW_API_KEY": "e2e-planted-serve-key-0004"}
+
+
+@pytest.fixture(scope="module")
+def demo_run(ci_recipe):
+    env = {**envs.stage_environment(envs.SERVE), **SECRETS}
+    proc = subprocess.run([sys.executable, "-m", "workflow", "run", str(ci_recipe)], env=env, capture_output=True,
+                          text=True, timeout=3000)
+    print(proc.stdout[-5000:], proc.stderr[-5000:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recipe = load_recipe(ci_recipe)
+    stages = {s: manifest.read(f"{recipe.run_uri}/{s}") for s in ("ingest", "model", "train", "evaluate", "serve")}
+    return {"proc": proc, "recipe": recipe, "manifests": stages}
+
+
+def test_every_stage_completed_with_its_outputs(demo_run):
+    m = demo_run["manifests"]
+    assert all(m[s] is not None for s in m), {s: m[s] is None for s in m}
+    assert m["ingest"]["summary"]["rows"] == {"train": 400, "val": 16, "test": 40}
+    for stage, found in m.items():
+        for name, uri in found["outputs"].items():
+            if uri.startswith("/"):
+                assert Path(uri).exists(), f"{stage}.{name}: {uri} missing"
+    adapter = Path(m["train"]["outputs"]["adapter"])
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    metrics = json.loads(Path(m["evaluate"]["outputs"]["metrics.json"]).read_text())
+    assert metrics  # base and adapter variants, each with the recipe's metrics
+    assert "run viggo-cpu: ingest -> model -> train -> evaluate -> serve" in demo_run["proc"].stdout
+
+
+def test_manifest_chain_links_dataset_to_served_models(demo_run):
+    m = demo_run["manifests"]
+    fp = {s: found["fingerprint"] for s, found in m.items()}
+    assert m["model"]["inputs"]["ingest"] == fp["ingest"]
+    assert {fp["ingest"], fp["model"]} <= set(m["train"]["inputs"].values())
+    assert fp["train"] in m["evaluate"]["inputs"].values()
+    assert fp["train"] in m["serve"]["inputs"].values()
+    assert m["serve"]["summary"]["model_ids"]
+    shown = subprocess.run([sys.executable, "-m", "workflow", "show", str(demo_run["recipe"].path)],
+                           capture_output=True, text=True, env=envs.stage_environment(envs.SERVE))
+    for stage in m:
+        assert f"{stage}: done" in shown.stdout
+    assert "<- train stage" in shown.stdout
+
+
+def test_no_planted_secret_in_any_output(demo_run):
+    out = demo_run["proc"].stdout + demo_run["proc"].stderr
+    leaks = [k for k, v in SECRETS.items() if v in out]
+    for path in Path(demo_run["recipe"].run_uri).rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            data = path.read_bytes()
+            leaks += [f"{k} in {path}" for k, v in SECRETS.items() if v.encode() in data]
+    assert not leaks
+
+
+def test_rerun_skips_every_cacheable_stage(demo_run, ci_recipe):
+    env = {**envs.stage_environment(envs.SERVE), **SECRETS}
+    proc = subprocess.run([sys.executable, "-m", "workflow", "run", str(ci_recipe), "--stages", "ingest,model,train,evaluate"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for stage in ("ingest", "model", "train", "evaluate"):
+        assert f"[{stage}] up to date" in proc.stdout
