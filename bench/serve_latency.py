@@ -53,20 +53,19 @@ BARE = {
                    "runtime_env": {"env_vars": ENV_VARS}, "engine_kwargs": ENGINE_KWARGS},
 }
 # What bench/README.md's "Serving" section found to matter on a 2-core machine.
+_QUIET = {"enable_access_log": False, "log_level": "WARNING"}
 TUNED = {
     "llm_config": {
         "accelerator_config": {"kind": "cpu"},
-        # The engine's bundle holds the machine's cores: Ray sets OMP_NUM_THREADS to the
-        # bundle's CPUs, so {CPU: 1} runs the engine's kernels on one thread.
-        "placement_group_config": {"bundles": [{"CPU": 2}]},
-        "runtime_env": {"env_vars": {**ENV_VARS, "OMP_NUM_THREADS": "2", "RAYLLM_ENABLE_REQUEST_PROMPT_LOGS": "0"}},
+        "placement_group_config": {"bundles": [{"CPU": 1}]},
+        "runtime_env": {"env_vars": {**ENV_VARS, "RAYLLM_ENABLE_REQUEST_PROMPT_LOGS": "0"}},
         "engine_kwargs": {**ENGINE_KWARGS, "disable_log_stats": True},
         "log_engine_metrics": False,
-        "deployment_config": {"logging_config": {"enable_access_log": False, "log_level": "WARNING"}},
-        "experimental_configs": {"stream_batching_interval_ms": 15},
+        # A fixed replica count: without an autoscaling_config the Serve controller does
+        # not process autoscaling metrics for every request (its largest CPU cost here).
+        "deployment_config": {"num_replicas": 1, "logging_config": _QUIET},
     },
-    "ingress_deployment_config": {"num_replicas": 1,
-                                  "logging_config": {"enable_access_log": False, "log_level": "WARNING"}},
+    "ingress_deployment_config": {"num_replicas": 1, "logging_config": _QUIET},
 }
 
 

@@ -310,3 +310,39 @@ def ci_recipe(tmp_path_factory) -> Path:
     path = tmp / "viggo-cpu-ci.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+# ---------------------------------------------------------------- reliability sweep (issue 8)
+
+@pytest.fixture(scope="session")
+def s3_auth_server(tmp_path_factory):
+    """An S3-compatible server (moto, its own process) that enforces credentials; yields its endpoint URL.
+
+    ``INITIAL_NO_AUTH_ACTION_COUNT=0`` makes moto check every request's access key against
+    its IAM users (there are none), so every request gets 403 ``InvalidAccessKeyId``: what a
+    real bucket answers to wrong credentials. Its own process, because the setting is global
+    to moto and the shared ``s3_server`` must stay open.
+    """
+    import time
+    import urllib.error
+    import urllib.request
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("s3-auth") / "moto.log"
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                                  stdout=out, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/some-bucket", timeout=2)
+        except urllib.error.HTTPError:  # up (and refusing an unsigned request)
+            break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.3)
+    yield endpoint
+    server.terminate()
+    server.wait(timeout=30)

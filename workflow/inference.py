@@ -40,6 +40,12 @@ _SAVED = "__input_"
 # vLLM's allowed values for max_lora_rank (vllm.config.lora.MaxLoRARanks).
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # What the engine path does unless the recipe's `processor` says otherwise (see the module doc).
+# Logical CPUs that the row-shaping steps (prompt rendering before the engine, column selection
+# after it) reserve. They are light; at a whole CPU each they queue behind the engine actor's
+# reservation on a small machine (2 logical CPUs: the engine's 1 plus 1 for every other
+# task), which starved the engine of batches: 0.43x plain vLLM at steady state before, see
+# bench/README.md.
+LIGHT_TASK_CPUS = 0.25
 PROCESSOR_DEFAULTS: dict[str, Any] = {
     "chat_template_stage": False,
     "tokenize_stage": False,
@@ -319,7 +325,8 @@ def engine_processor(model_source: str, processor: dict[str, Any], sampling_para
     render = not _stage_enabled(fields["chat_template_stage"])
     preprocess = functools.partial(_engine_preprocess, model_source=model_source, sampling_params=sampling_params,
                                    input_columns=input_columns, render=render)
-    return build_processor(config, preprocess=preprocess)
+    return build_processor(config, preprocess=preprocess, preprocess_map_kwargs={"num_cpus": LIGHT_TASK_CPUS},
+                           postprocess_map_kwargs={"num_cpus": LIGHT_TASK_CPUS})
 
 
 def http_processor(processor: dict[str, Any], sampling_params: dict[str, Any], input_columns: list[str]):
@@ -327,7 +334,8 @@ def http_processor(processor: dict[str, Any], sampling_params: dict[str, Any], i
 
     config = HttpRequestProcessorConfig(**processor)
     preprocess = functools.partial(_http_preprocess, sampling_params=sampling_params, input_columns=input_columns)
-    return build_processor(config, preprocess=preprocess)
+    return build_processor(config, preprocess=preprocess, preprocess_map_kwargs={"num_cpus": LIGHT_TASK_CPUS},
+                           postprocess_map_kwargs={"num_cpus": LIGHT_TASK_CPUS})
 
 
 def _stage_enabled(value: Any) -> bool:
@@ -343,4 +351,4 @@ def run(ds, processor, input_columns: list[str], *, http: bool = False, extra_co
     out = processor(ds)
     return out.map_batches(functools.partial(_select, input_columns=input_columns, http=http,
                                              extra_columns=extra_columns),
-                           batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+                           batch_format="pyarrow", batch_size=None, zero_copy_batch=True, num_cpus=LIGHT_TASK_CPUS)

@@ -272,7 +272,7 @@ def _source_fingerprint(uri: str) -> str:
         return manifest.hash_file(uri) if Path(storage.local_path(uri)).is_file() else "missing"
     fs, path = storage.filesystem(uri)
     try:
-        info = fs.info(path)
+        info = storage.with_retries(lambda: fs.info(path), what=f"check {uri}")
     except FileNotFoundError:
         return "missing"
     return manifest.config_hash({k: info.get(k) for k in ("size", "ETag", "etag", "LastModified", "mtime", "md5Hash")})

@@ -40,11 +40,15 @@ def config_hash(config: Any) -> str:
 
 def hash_file(uri: str) -> str:
     fs, path = storage.filesystem(uri)
-    h = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+
+    def digest() -> str:  # a retry reads the whole file again
+        h = hashlib.sha256()
+        with fs.open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    return storage.with_retries(digest, what=f"hash {uri}")
 
 
 def hash_dir(uri: str, *, exclude: tuple[str, ...] = ()) -> str:

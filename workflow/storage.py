@@ -31,6 +31,12 @@ T = TypeVar("T")
 
 # Errors that retrying will not fix.
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)
+# Missing credentials (botocore's, google-auth's), matched by name: retrying only delays the message.
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError")
+_CREDENTIALS_HINT = {
+    "s3": "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and AWS_ENDPOINT_URL",
+    "gs": "check GOOGLE_APPLICATION_CREDENTIALS and the account's access to the bucket",
+}
 
 
 def is_local(uri: str) -> bool:
@@ -58,13 +64,21 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 5, base_delay: float = 0.5) -> T:
-    """Call ``fn``; on a transient error retry with exponential backoff and jitter."""
+    """Call ``fn``; on a transient error retry with exponential backoff and jitter.
+
+    ``what`` is "<verb> <uri>" and starts every message. Refused access and missing
+    credentials are not retried: they become one line that names the settings to check.
+    """
     for attempt in range(1, attempts + 1):
         try:
             return fn()
+        except PermissionError as err:
+            raise _access_error(what, err) from err
         except _PERMANENT:
             raise
         except Exception as err:  # noqa: BLE001 - storage clients raise many transient types
+            if type(err).__name__ in _NO_CREDENTIALS:
+                raise _access_error(what, err) from err
             if attempt == attempts:
                 raise WorkflowError(f"{what}: failed after {attempts} attempts: {type(err).__name__}: {err}",
                                     hint="check the storage endpoint and credentials") from err
@@ -72,6 +86,13 @@ def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 5, base_dela
             print(f"[storage] {what}: {type(err).__name__}; retry {attempt}/{attempts - 1} in {delay:.1f}s", flush=True)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _access_error(what: str, err: BaseException) -> WorkflowError:
+    """Refused access as one line: the object store's credentials, or a local folder's permissions."""
+    scheme = what.split("://", 1)[0].rsplit(" ", 1)[-1] if "://" in what else ""
+    hint = _CREDENTIALS_HINT.get("gs" if scheme == "gcs" else scheme, "check the permissions of the path")
+    return WorkflowError(f"{what}: access denied ({type(err).__name__}: {err})", hint=hint)
 
 
 def exists(uri: str) -> bool:
