@@ -111,14 +111,30 @@ def _run_relaying_output(cmd: list[str], env: dict[str, str]) -> int:
                threading.Thread(target=_relay, args=(proc.stderr, sys.stderr), daemon=True)]
     for t in threads:
         t.start()
+    restore = _forward_sigterm(proc)
     try:
         code = proc.wait()
     except KeyboardInterrupt:
         proc.send_signal(signal.SIGINT)
         code = proc.wait()
+    finally:
+        restore()
     for t in threads:
         t.join()
-    return code
+    return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell reports it
+
+
+def _forward_sigterm(proc: subprocess.Popen):
+    """While ``proc`` runs, a SIGTERM to the runner goes to the stage too; returns the undo.
+
+    Otherwise ``kill RUNNER`` (or a scheduler's stop) ends the runner alone and leaves the
+    stage, its Ray cluster and its workers running. The stage stops its Ray cluster on
+    SIGTERM (``ray.init`` installs that handler); the runner then reports the failed stage.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # signal handlers can only be set from the main thread
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 class StageFailed(Exception):

@@ -20,6 +20,11 @@ _SECRET_NAME = re.compile(r"(token|secret|password|api_key|apikey|access_key|cre
 REDACTED = "***"
 
 
+def is_secret_name(name: str) -> bool:
+    """Whether an environment variable's value is a secret (by its name)."""
+    return name in SECRET_ENV_VARS or bool(_SECRET_NAME.search(name))
+
+
 def secret_values() -> list[str]:
     values = {os.environ.get(name, "") for name in SECRET_ENV_VARS}
     values |= {v for k, v in os.environ.items() if _SECRET_NAME.search(k)}

@@ -18,7 +18,7 @@ import inspect
 import os
 
 from fastapi import Request
-from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
+from fastapi.responses import JSONResponse
 from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, OpenAiIngress
 
 
@@ -30,11 +30,14 @@ class ApiKeyIngress(OpenAiIngress):
             raise RuntimeError(f"{api_key_env} is not set in the ingress replica's environment")
         self._api_key = key.encode()
 
-    def _check_api_key(self, request: Request) -> None:
+    def _refusal(self, request: Request) -> JSONResponse | None:
+        """OpenAI's 401 answer unless the request carries ``Authorization: Bearer <key>``."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._api_key):
-            raise OpenAIHTTPException(status_code=401, type="invalid_api_key",
-                                      message="Invalid or missing API key: send 'Authorization: Bearer <key>'.")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._api_key):
+            return None
+        return JSONResponse(status_code=401, content={"error": {
+            "message": "Invalid or missing API key: send 'Authorization: Bearer <key>'.",
+            "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
 
 
 def _requiring_api_key(method):
@@ -45,8 +48,7 @@ def _requiring_api_key(method):
     @functools.wraps(method)
     async def guarded(self, *args, **kwargs):
         request = kwargs.pop("request") if adds_request else kwargs["request"]
-        self._check_api_key(request)
-        return await method(self, *args, **kwargs)
+        return self._refusal(request) or await method(self, *args, **kwargs)
 
     if adds_request:
         extra = inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request)

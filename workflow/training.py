@@ -33,6 +33,7 @@ from typing import Any
 from . import storage
 from .config.train import FILLED_IN
 from .errors import WorkflowError
+from .secrets import is_secret_name
 
 # Our defaults, which a recipe's keys override: progress as one line per log, TensorBoard
 # logs, and the loss curve (training_loss.png) saved with the model.
@@ -223,6 +224,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     rank = ray.train.get_context().get_world_rank()
     work = Path(tempfile.mkdtemp(prefix=f"workflow-train-rank{rank}-"))
     try:
+        os.environ.update(config["secret_env"])  # kept out of the runtime_env: see run_training
         args = dict(config["args"])
         args["output_dir"] = str(work / "output")
         if not storage.is_local(args["model_name_or_path"]):  # s3:// or gs://; a hub id or a path stays
@@ -322,13 +324,17 @@ def run_training(args: dict, *, experiment: str, checkpoints_uri: str, export_ur
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(include_dashboard=False, log_to_driver=True)
-    env_vars = {**WORKER_ENV_DEFAULTS,
-                **{k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV_PREFIXES)}}
+    worker_env = {**WORKER_ENV_DEFAULTS,
+                  **{k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV_PREFIXES)}}
+    # Tokens and keys travel in the loop's config, not the runtime_env: Ray's runtime_env
+    # agent logs every runtime_env it creates, env_vars included, in the session's logs.
+    secret_env = {k: v for k, v in worker_env.items() if is_secret_name(k)}
+    env_vars = {k: v for k, v in worker_env.items() if k not in secret_env}
     ddp_backend = args.get("ddp_backend")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"args": args, "model_key": model_key, "data_key": data_key, "export_uri": export_uri,
-                           "export_last": export_last, "tensorboard_uri": tensorboard_uri},
+                           "export_last": export_last, "tensorboard_uri": tensorboard_uri, "secret_env": secret_env},
         torch_config=TorchConfig(backend=ddp_backend) if ddp_backend else None,
         scaling_config=ScalingConfig(**scaling_config),
         run_config=RunConfig(

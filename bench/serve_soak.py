@@ -1,0 +1,222 @@
+"""Sustained load on the workflow's serve app: failures, memory after warm-up, clean shutdown.
+
+Starts the app the way the serve stage does (its own one-node Ray cluster on loopback, the
+recipes' tuned Ray Serve LLM settings, the API-key ingress), warms it up, then drives it
+with N concurrent closed-loop streaming chat clients for T seconds while sampling the
+resident memory (RSS) of every process of the cluster. Then it shuts the app and the
+cluster down and checks that none of their processes is left and the port is closed.
+
+    .venvs/serve/bin/python bench/serve_soak.py --model DIR [--clients 32] [--duration 60]
+
+Prints the figures and writes JSON and a PNG (memory and requests over time) next to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH.parent), str(BENCH)]
+
+from serve_latency import MODEL_ID, TUNED, one_request  # noqa: E402
+
+from workflow import serving  # noqa: E402
+from workflow.config import ServeConfig  # noqa: E402
+
+API_KEY_ENV = "WORKFLOW_API_KEY"
+
+
+def cluster_processes(marker: bytes) -> dict[int, tuple[str, int]]:
+    """pid -> (title, RSS bytes) of the cluster's processes: those whose environment holds
+    ``marker``, and their descendants (vLLM's engine core starts with a fresh environment)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    procs = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            rss = int((proc / "statm").read_text().split()[1]) * page
+            title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            marked = marker in (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        procs[int(proc.name)] = (ppid, marked, title, rss)
+    ours = {pid for pid, (_, marked, _, _) in procs.items() if marked}
+    while children := {pid for pid, (ppid, *_) in procs.items() if ppid in ours} - ours:
+        ours |= children
+    return {pid: (procs[pid][2], procs[pid][3]) for pid in ours if procs[pid][3] > 0}
+
+
+async def soak(base_url: str, api_key: str, clients: int, duration: float, max_tokens: int, marker: bytes,
+               sample_every: float) -> dict:
+    """Closed-loop streaming clients; per-interval requests/errors and the cluster's RSS."""
+    import httpx
+
+    url = f"{base_url}/chat/completions"
+    headers = {"Authorization": f"Bearer {api_key}"}
+    ttfts, errors, tokens, timeline = [], [], 0, []
+    done_in_interval = 0
+    started = time.perf_counter()
+    deadline = started + duration
+
+    async def client_loop(client):
+        nonlocal tokens, done_in_interval
+        while time.perf_counter() < deadline:
+            try:
+                ttft, n = await one_request(client, url, max_tokens, headers)
+                ttfts.append(ttft)
+                tokens += n
+                done_in_interval += 1
+            except Exception as err:  # noqa: BLE001 - every failure is counted, not fatal
+                errors.append(f"{type(err).__name__}: {err}"[:200])
+
+    async def sampler():
+        nonlocal done_in_interval
+        while time.perf_counter() < deadline:
+            await asyncio.sleep(sample_every)
+            procs = await asyncio.to_thread(cluster_processes, marker)
+            timeline.append({"t_s": round(time.perf_counter() - started, 1),
+                             "rss_mb": round(sum(rss for _, rss in procs.values()) / 2**20, 1),
+                             "processes": len(procs), "requests": done_in_interval, "errors": len(errors)})
+            done_in_interval = 0
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        await asyncio.gather(sampler(), *(client_loop(client) for _ in range(clients)))
+    elapsed = time.perf_counter() - started
+    ttfts.sort()
+
+    def pct(p):
+        return round(1000 * ttfts[min(len(ttfts) - 1, int(p * len(ttfts)))], 1) if ttfts else None
+
+    return {"clients": clients, "duration_s": round(elapsed, 1), "requests": len(ttfts), "failed": len(errors),
+            "first_errors": errors[:5], "req_per_s": round(len(ttfts) / elapsed, 2),
+            "tokens_per_s": round(tokens / elapsed, 1), "ttft_p50_ms": pct(0.5), "ttft_p99_ms": pct(0.99),
+            "timeline": timeline}
+
+
+def memory_growth(timeline: list[dict]) -> dict:
+    """RSS at the start and end of the soak (mean of the first/last quarter of samples) and
+    the least-squares slope in MB per minute."""
+    rss = [s["rss_mb"] for s in timeline]
+    ts = [s["t_s"] for s in timeline]
+    q = max(1, len(rss) // 4)
+    first, last = sum(rss[:q]) / q, sum(rss[-q:]) / q
+    mean_t, mean_r = sum(ts) / len(ts), sum(rss) / len(rss)
+    var = sum((t - mean_t) ** 2 for t in ts)
+    slope = sum((t - mean_t) * (r - mean_r) for t, r in zip(ts, rss)) / var * 60 if var else 0.0
+    return {"rss_first_quarter_mb": round(first, 1), "rss_last_quarter_mb": round(last, 1),
+            "rss_growth_mb": round(last - first, 1), "rss_growth_pct": round(100 * (last - first) / first, 2),
+            "rss_slope_mb_per_min": round(slope, 2), "rss_min_mb": min(rss), "rss_max_mb": max(rss)}
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def shutdown(state: dict, marker: bytes, port: int) -> dict:
+    """Stop the app and the cluster; then wait for their processes to go and the port to close."""
+    started = time.monotonic()
+    serving.stop_cluster(state)
+    stopped_s = time.monotonic() - started
+    deadline = time.monotonic() + 60
+    while (left := cluster_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return {"stop_s": round(stopped_s, 1), "all_gone_s": round(time.monotonic() - started, 1),
+            "processes_left": sorted(title for title, _ in left.values()), "port_open_after": port_open(port)}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timeline = result["soak"]["timeline"]
+    ts = [s["t_s"] for s in timeline]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(ts, [s["rss_mb"] for s in timeline], marker=".")
+    axes[0].set_title("RSS of the serve cluster's processes, MB")
+    axes[0].set_xlabel("seconds into the soak (after warm-up)")
+    interval = [b["t_s"] - a["t_s"] for a, b in zip([{"t_s": 0}] + timeline, timeline)]
+    axes[1].plot(ts, [s["requests"] / dt if dt else 0 for s, dt in zip(timeline, interval)], marker=".",
+                 label="completed requests/s")
+    axes[1].plot(ts, [s["errors"] for s in timeline], marker="x", label="failed requests (cumulative)")
+    axes[1].set_title(f"{result['soak']['clients']} streaming clients")
+    axes[1].set_xlabel("seconds into the soak (after warm-up)")
+    axes[1].legend()
+    for ax in axes:
+        ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="model folder (e.g. the tiny model of a CPU run)")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--duration", type=float, default=60, help="seconds of sustained load")
+    parser.add_argument("--warmup", type=float, default=20, help="seconds of the same load before measuring")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--sample-every", type=float, default=2.0, help="seconds between memory samples")
+    parser.add_argument("--out", default=str(BENCH / "serve_soak_results.json"))
+    args = parser.parse_args()
+
+    api_key = os.environ.setdefault(API_KEY_ENV, "soak-" + os.urandom(12).hex())
+    cfg = ServeConfig(**TUNED, num_cpus=8)
+    llm = serving.build_llm_config(cfg, model_source=args.model, default_model_id=MODEL_ID, adapters_uri=None,
+                                   lora_rank=None)
+    state = serving.start_cluster(Path(tempfile.mkdtemp(prefix="bench-soak-")), num_cpus=cfg.num_cpus,
+                                  env_vars={})  # the key reaches the replicas as the serve stage passes it: inherited
+    marker = f"{serving.CLUSTER_MARKER}={state['address']}".encode()
+    port = serving.free_port()
+    base_url = f"http://127.0.0.1:{port}/v1"
+    result: dict = {"model": args.model, "max_tokens": args.max_tokens, "load_before": os.getloadavg()[0]}
+    try:
+        serving.connect(state)
+        serving.deploy(serving.validate_llm_config(llm, "soak"), host="127.0.0.1", port=port, api_key_env=API_KEY_ENV,
+                       ingress_deployment_config=cfg.ingress_deployment_config)
+        serving.wait_until_answering(base_url, MODEL_ID, api_key)
+        print(f"[soak] warm-up: {args.clients} clients for {args.warmup:.0f} s", flush=True)
+        warm = asyncio.run(soak(base_url, api_key, args.clients, args.warmup, args.max_tokens, marker,
+                                args.sample_every))
+        result["warmup"] = {k: v for k, v in warm.items() if k != "timeline"}
+        print(f"[soak] {args.clients} concurrent streaming clients for {args.duration:.0f} s", flush=True)
+        result["soak"] = asyncio.run(soak(base_url, api_key, args.clients, args.duration, args.max_tokens, marker,
+                                          args.sample_every))
+        result["memory"] = memory_growth(result["soak"]["timeline"])
+    finally:
+        print("[soak] shutting down", flush=True)
+        result["shutdown"] = shutdown(state, marker, port)
+    result["load_after"] = os.getloadavg()[0]
+
+    out = Path(args.out)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out.with_suffix(".png"))
+    s, m, d = result["soak"], result["memory"], result["shutdown"]
+    print(f"[soak] {s['clients']} clients x {s['duration_s']} s: {s['requests']} requests, {s['failed']} failed, "
+          f"{s['req_per_s']} req/s, {s['tokens_per_s']} tokens/s, TTFT p50 {s['ttft_p50_ms']} ms "
+          f"p99 {s['ttft_p99_ms']} ms", flush=True)
+    print(f"[soak] RSS after warm-up {m['rss_first_quarter_mb']} MB -> end {m['rss_last_quarter_mb']} MB "
+          f"({m['rss_growth_mb']:+} MB, {m['rss_growth_pct']:+}%, slope {m['rss_slope_mb_per_min']:+} MB/min)",
+          flush=True)
+    print(f"[soak] shutdown: {d['stop_s']} s, all processes gone after {d['all_gone_s']} s, left "
+          f"{d['processes_left'] or 'none'}, port open after: {d['port_open_after']}", flush=True)
+    print(f"[soak] wrote {out} and {out.with_suffix('.png')}", flush=True)
+    clean = not d["processes_left"] and not d["port_open_after"]
+    return 0 if s["failed"] == 0 and clean else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
