@@ -208,8 +208,10 @@ def run_ray_app(name: str, settings: dict, args) -> list[dict]:
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
         serving.connect(state)
-        serving.deploy(serving.validate_llm_config(llm, name), host="127.0.0.1", port=port, api_key_env=None,
-                       ingress_deployment_config=cfg.ingress_deployment_config)
+        # The baseline keeps Ray's OpenAiIngress; the tuned app runs the stage's own ingress.
+        ingress = None if name == "bare" else serving.ingress_cls_config(None)
+        serving.deploy(serving.validate_llm_config(llm, name), host="127.0.0.1", port=port,
+                       ingress_cls_config=ingress, ingress_deployment_config=cfg.ingress_deployment_config)
         serving.wait_until_answering(base_url, MODEL_ID, None)
         return measure(name, base_url, args, f"{serving.CLUSTER_MARKER}={state['address']}".encode())
     finally:

@@ -41,10 +41,13 @@ def leaks_in(root: Path) -> list[str]:
 
 
 def test_no_planted_secret_in_console_storage_scratch_or_ray_logs(train_recipe):
-    # A short folder: Ray's socket paths must stay under 108 characters.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="wfsec-", dir="/tmp"))
-    cache = Path(tempfile.mkdtemp(prefix="wfsec-cache-", dir="/tmp"))
-    path = train_recipe("secrets", llamafactory={"max_steps": 2, "save_steps": 1})
+    # Short folders: Ray's socket paths must stay under 108 characters.
+    with tempfile.TemporaryDirectory(prefix="wfsec-", dir="/tmp") as ray_tmp, \
+            tempfile.TemporaryDirectory(prefix="wfsec-cache-", dir="/tmp") as cache:
+        check_run(train_recipe("secrets", llamafactory={"max_steps": 2, "save_steps": 1}), Path(ray_tmp), Path(cache))
+
+
+def check_run(path: Path, ray_tmp: Path, cache: Path) -> None:
     env = {**envs.stage_environment(envs.SERVE), **SECRETS, "RAY_TMPDIR": str(ray_tmp), "WORKFLOW_CACHE": str(cache)}
     proc = subprocess.run([sys.executable, "-m", "workflow", "run", str(path), "--stages", "ingest,model,train"],
                           env=env, capture_output=True, text=True, timeout=1800)

@@ -221,7 +221,7 @@ def test_unknown_adapter_is_an_error_not_a_hang(served):
     resp = httpx.post(f"{served['base_url']}/chat/completions", headers=_auth(), timeout=120,
                       json={"model": f"{RUN}:nope", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
     assert 400 <= resp.status_code < 500 and time.monotonic() - started < 90, resp.text
-    assert "nope" in resp.json()["error"]["message"], resp.text
+    assert "nope" in resp.json().get("error", {}).get("message", ""), resp.text
 
 
 def test_bad_request_gets_an_openai_error(served):
@@ -252,7 +252,7 @@ def test_stop_leaves_no_application_or_replica_behind(served):
     state = json.loads(served["state_file"].read_text())
     before = _cluster_pids(state["address"])
     titles = " ".join(before.values())
-    assert "ServeReplica:workflow:OpenAiIngress" in titles or "ServeReplica:workflow:ApiKeyIngress" in titles
+    assert "ServeReplica:workflow:WorkflowIngress" in titles
     assert "ServeReplica:workflow:LLMServer" in titles and "ServeController" in titles
 
     proc = _workflow("stop", str(served["recipe"]), env=served["env"], timeout=300)

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import inference, manifest, metrics, storage
+from . import inference, manifest, metrics, prompt_format, storage
 from .config.evaluate import EvaluateConfig, check_library_fields
 from .envs import SERVE
 from .errors import WorkflowError
@@ -111,6 +111,8 @@ def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]]):
     else:
         model_source = model_for_engine(ctx)
         adapters = inference.local_adapters(run_adapters(ctx, cfg), ctx.scratch("adapters"))
+        for path in adapters.values():
+            prompt_format.check_adapter(path, model_source, where="evaluate", allow_mismatch=cfg.allow_prompt_mismatch)
         inference.lora_engine_kwargs(cfg.processor.get("engine_kwargs") or {}, adapters, "evaluate.processor")
         variants = ([("base", {"__adapter": ""})] if cfg.base else []) + [
             (name, {"__adapter": path}) for name, path in adapters.items()]

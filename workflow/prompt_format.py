@@ -10,6 +10,8 @@ user proceed anyway.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from .errors import WorkflowError
@@ -23,6 +25,18 @@ def alpaca_messages(row: dict[str, Any]) -> list[dict[str, str]]:
     messages = [{"role": "user", "content": user}]
     if row.get("system"):
         messages.insert(0, {"role": "system", "content": row["system"]})
+    return messages
+
+
+def sample_messages(row: dict[str, Any]) -> list[dict[str, str]]:
+    """The prompt of a dataset row in either form: Alpaca, or ShareGPT up to its first assistant turn."""
+    if not row.get("messages"):
+        return alpaca_messages(row)
+    messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    for m in row["messages"]:
+        if m["role"] == "assistant":
+            break
+        messages.append({"role": m["role"], "content": m["content"]})
     return messages
 
 
@@ -45,7 +59,7 @@ def chat_template_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[
 
 
 def record(tokenizer, template_name: str, sample_row: dict[str, Any]) -> dict[str, Any]:
-    messages = alpaca_messages(sample_row)
+    messages = sample_messages(sample_row)
     ids = llamafactory_prompt_ids(tokenizer, template_name, messages)
     return {"template": template_name, "chat_template": tokenizer.chat_template, "messages": messages,
             "prompt_ids": ids, "prompt_text": tokenizer.decode(ids)}
@@ -78,3 +92,31 @@ def check(recorded: dict[str, Any], tokenizer, *, where: str, allow_mismatch: bo
         return False
     raise WorkflowError(message, hint="use the model's own tokenizer/chat template, or the matching "
                                       "train.llamafactory.template; set allow_prompt_mismatch: true to proceed anyway")
+
+
+def write_record(model_dir: str | Path, dataset_dir: str | Path, dataset: str, template_name: str,
+                 dest: str | Path) -> None:
+    """Record how training rendered the first row of ``dataset`` into ``dest/prompt_format.json`` (train env)."""
+    from transformers import AutoTokenizer
+
+    info = json.loads((Path(dataset_dir) / "dataset_info.json").read_text())
+    file_name = info[dataset.split(",")[0].strip()]["file_name"]
+    with open(Path(dataset_dir) / file_name, encoding="utf-8") as f:
+        row = json.loads(next(line for line in f if line.strip()))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    (Path(dest) / FILE).write_text(json.dumps(record(tokenizer, template_name, row), indent=1) + "\n")
+
+
+def check_adapter(adapter_dir: str | Path, tokenizer_source: str, *, where: str, allow_mismatch: bool = False) -> None:
+    """Check an adapter's recorded prompt against the tokenizer that will serve it (no record: nothing to check)."""
+    recorded = Path(adapter_dir) / FILE
+    if not recorded.exists():
+        print(f"[{where}] {adapter_dir}: no {FILE}; the prompt format cannot be checked", flush=True)
+        return
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    if check(json.loads(recorded.read_text()), tokenizer, where=f"{where}: adapter {Path(adapter_dir).name}",
+             allow_mismatch=allow_mismatch):
+        print(f"[{where}] adapter {Path(adapter_dir).name}: prompt format matches training "
+              f"(template {json.loads(recorded.read_text())['template']!r})", flush=True)

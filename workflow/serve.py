@@ -121,7 +121,8 @@ def run(ctx: StageContext) -> StageResult:
                 adapters_dir, s3_port, ctx.recipe.name)
         print(f"[serve] deploying build_openai_app on {base_url} (takes a minute or two on a CPU)", flush=True)
         serving.deploy(serving.validate_llm_config(llm, f"{ctx.recipe.path}: serve.llm_config"), host=cfg.host,
-                       port=port, api_key_env=cfg.api_key_env, ingress_deployment_config=cfg.ingress_deployment_config)
+                       port=port, ingress_cls_config=serving.ingress_cls_config(cfg.api_key_env),
+                       ingress_deployment_config=cfg.ingress_deployment_config)
         serving.wait_until_answering(base_url, model_id, api_key)
         model_ids = [model_id] + [f"{model_id}:{a}" for a in adapter_names]
         print(serving.usage_text(base_url, model_ids, cfg.api_key_env), flush=True)

@@ -1,7 +1,9 @@
-"""Ray Serve LLM's OpenAI ingress with an API key on every route.
+"""Ray Serve LLM's OpenAI ingress, with an optional API key and OpenAI-format errors on every route.
 
 ``build_openai_app`` takes the ingress class by name (``ingress_cls_config``); this one is
-``OpenAiIngress`` whose routes first check ``Authorization: Bearer <key>``. The key is
+``OpenAiIngress`` whose routes first check ``Authorization: Bearer <key>`` (when
+``api_key_env`` is given) and turn the ``HTTPException``s that Ray raises for an unknown
+model or adapter (FastAPI would answer ``{"detail": ...}``) into OpenAI's error body. The key is
 read in the replica from the environment variable named by ``api_key_env`` (the Ray
 cluster inherits it from the serve stage), so it never appears in Ray's deployment
 config, the recipe or a manifest. Serve's own health check ``/-/healthz`` is answered by
@@ -17,30 +19,36 @@ import hmac
 import inspect
 import os
 
-from fastapi import Request
+from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, OpenAiIngress
 
 
-class ApiKeyIngress(OpenAiIngress):
-    def __init__(self, *args, api_key_env: str, **kwargs):
+def openai_error(status_code: int, message: str, code: str | int | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status_code < 500 else "server_error"
+    return JSONResponse(status_code=status_code,
+                        content={"error": {"message": message, "type": kind, "param": None, "code": code}})
+
+
+class WorkflowIngress(OpenAiIngress):
+    def __init__(self, *args, api_key_env: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        key = os.environ.get(api_key_env, "")
-        if not key:
+        key = os.environ.get(api_key_env, "") if api_key_env else None
+        if api_key_env and not key:
             raise RuntimeError(f"{api_key_env} is not set in the ingress replica's environment")
-        self._api_key = key.encode()
+        self._api_key = key.encode() if key else None
 
     def _refusal(self, request: Request) -> JSONResponse | None:
-        """OpenAI's 401 answer unless the request carries ``Authorization: Bearer <key>``."""
+        """OpenAI's 401 answer unless the key is off or the request carries ``Authorization: Bearer <key>``."""
+        if self._api_key is None:
+            return None
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._api_key):
             return None
-        return JSONResponse(status_code=401, content={"error": {
-            "message": "Invalid or missing API key: send 'Authorization: Bearer <key>'.",
-            "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
+        return openai_error(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'.", "invalid_api_key")
 
 
-def _requiring_api_key(method):
+def _guarded(method):
     """``method`` behind the key check, with a ``request`` parameter FastAPI fills in."""
     sig = inspect.signature(method, eval_str=True)
     adds_request = "request" not in sig.parameters
@@ -48,7 +56,13 @@ def _requiring_api_key(method):
     @functools.wraps(method)
     async def guarded(self, *args, **kwargs):
         request = kwargs.pop("request") if adds_request else kwargs["request"]
-        return self._refusal(request) or await method(self, *args, **kwargs)
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return refusal
+        try:
+            return await method(self, *args, **kwargs)
+        except HTTPException as err:
+            return openai_error(err.status_code, str(err.detail), err.status_code)
 
     if adds_request:
         extra = inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request)
@@ -58,4 +72,4 @@ def _requiring_api_key(method):
 
 
 for _name in DEFAULT_ENDPOINTS:
-    setattr(ApiKeyIngress, _name, _requiring_api_key(getattr(OpenAiIngress, _name)))
+    setattr(WorkflowIngress, _name, _guarded(getattr(OpenAiIngress, _name)))

@@ -232,17 +232,25 @@ def publish_adapters_on_loopback(adapters_uri: str, port: int, run_name: str) ->
 
 # ---------------------------------------------------------------- deploy
 
-def deploy(llm_config, *, host: str, port: int, api_key_env: str | None,
+def ingress_cls_config(api_key_env: str | None) -> dict[str, Any]:
+    """The workflow's ingress (workflow/serve_ingress.py): optional API key, OpenAI-format errors."""
+    return {"ingress_cls": "workflow.serve_ingress:WorkflowIngress",
+            "ingress_extra_kwargs": {"api_key_env": api_key_env} if api_key_env else {}}
+
+
+def deploy(llm_config, *, host: str, port: int, ingress_cls_config: dict[str, Any] | None,
            ingress_deployment_config: dict[str, Any]) -> None:
-    """Run the OpenAI app on the connected cluster and wait until it is RUNNING."""
+    """Run the OpenAI app on the connected cluster and wait until it is RUNNING.
+
+    ``ingress_cls_config`` None keeps Ray's own ``OpenAiIngress`` (the benchmark's baseline).
+    """
     from ray import serve
     from ray.serve.llm import build_openai_app
 
     serve.start(http_options={"host": host, "port": port})
     args: dict[str, Any] = {"llm_configs": [llm_config], "ingress_deployment_config": ingress_deployment_config}
-    if api_key_env:
-        args["ingress_cls_config"] = {"ingress_cls": "workflow.serve_ingress:ApiKeyIngress",
-                                      "ingress_extra_kwargs": {"api_key_env": api_key_env}}
+    if ingress_cls_config is not None:
+        args["ingress_cls_config"] = ingress_cls_config
     serve.run(build_openai_app(args), name=APP_NAME, route_prefix="/", blocking=False)
 
 

@@ -221,6 +221,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     import ray.train
     from llamafactory.train.tuner import run_exp
 
+    from .prompt_format import write_record
+
     rank = ray.train.get_context().get_world_rank()
     work = Path(tempfile.mkdtemp(prefix=f"workflow-train-rank{rank}-"))
     try:
@@ -253,6 +255,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
             if f.is_file() and not NOT_PUBLISHED.match(rel):
                 (publish / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(f, publish / rel)
+        if args.get("stage", "sft") == "sft" and args.get("finetuning_type", "lora") == "lora" and args.get("template"):
+            # Evaluate and serve compare their rendering of this sample with training's.
+            write_record(output, args["dataset_dir"], args["dataset"], args["template"], publish)
         from .sync import publish_dir
 
         publish_dir(publish, config["export_uri"], last=config["export_last"])

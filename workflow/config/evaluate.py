@@ -61,6 +61,8 @@ class EvaluateConfig(Section):
     max_rows: int | None = Field(default=None, ge=1)
     # How many wrong predictions per variant the report lists.
     worst_errors: int = Field(default=10, ge=0)
+    # Run even when the engine's tokenizer renders prompts differently from training (see prompt_format.py).
+    allow_prompt_mismatch: bool = False
 
     @field_validator("metrics")
     @classmethod
