@@ -62,7 +62,8 @@ class Runner:
         for proc in Path("/proc").iterdir():
             try:
                 if f"{MARKER}={self.marker}".encode() in (proc / "environ").read_bytes().split(b"\0"):
-                    found.append(f"{proc.name}: {(proc / 'cmdline').read_bytes().replace(b'\0', b' ')[:150]!r}")
+                    cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")[:150]
+                    found.append(f"{proc.name}: {cmdline!r}")
             except OSError:  # not a process, gone already, or not ours to read
                 continue
         return found

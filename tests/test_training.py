@@ -76,11 +76,21 @@ def test_two_nodes_strict_spread_with_checkpoints_on_s3(tiny_model, viggo_alpaca
 
 
 def test_pretrain_corpus_is_plain_text_documents_not_the_task():
-    from workflow.model import pretrain_documents
+    from workflow.model import pretrain_corpus
 
     rows = [{"instruction": "Given a target sentence ...", "input": "Halo is a shooter.", "output": "inform(name[Halo])"},
             {"instruction": "Given a target sentence ...", "input": "Halo is a shooter.", "output": "verify(name[Halo])"},
             {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}]
-    assert pretrain_documents(rows, ["input", "output"]) == ["Halo is a shooter.", "inform(name[Halo])",
-                                                             "verify(name[Halo])"]
-    assert pretrain_documents(rows, ["messages"]) == ["hi"]
+    docs = pretrain_corpus(rows, ["input", "output"], order="documents", seed=0)
+    assert sorted(docs) == ["Halo is a shooter.", "inform(name[Halo])", "verify(name[Halo])"]  # deduplicated
+    assert pretrain_corpus(rows, ["messages"], order="documents", seed=0) == ["hi"]
+    assert not any("Given a target" in d for d in docs)
+
+
+def test_pretrain_corpus_in_row_order_keeps_each_sentence_before_its_mr():
+    from workflow.model import pretrain_corpus
+
+    rows = [{"input": f"sentence {i}", "output": f"inform(name[g{i}])"} for i in range(50)]
+    docs = pretrain_corpus(rows, ["input", "output"], order="rows", seed=3)
+    assert len(docs) == 100 and [d[-1] for d in docs[0::2]] == [d[-3] for d in docs[1::2]]
+    assert docs[0::2] != [r["input"] for r in rows]  # rows are shuffled as units

@@ -108,17 +108,26 @@ def _local_file(uri: str, tmp: str) -> Path:
     return dest
 
 
-def pretrain_documents(rows: list[dict], fields: list[str]) -> list[str]:
-    """Each non-empty value of ``fields`` (a message list gives its contents) as one document, deduplicated."""
-    docs: dict[str, None] = {}
-    for row in rows:
-        for name in fields:
-            value = row.get(name)
-            texts = [m.get("content", "") for m in value] if isinstance(value, list) else [value]
-            for text in texts:
-                if isinstance(text, str) and text.strip():
-                    docs.setdefault(text.strip())
-    return list(docs)
+def row_documents(row: dict, fields: list[str]) -> list[str]:
+    """The non-empty values of ``fields`` in one row (a message list gives its contents), in order."""
+    docs = []
+    for name in fields:
+        value = row.get(name)
+        texts = [m.get("content", "") for m in value] if isinstance(value, list) else [value]
+        docs += [t.strip() for t in texts if isinstance(t, str) and t.strip()]
+    return docs
+
+
+def pretrain_corpus(rows: list[dict], fields: list[str], *, order: str, seed: int) -> list[str]:
+    """The pre-training documents, in training order (see ``PretrainTextConfig``)."""
+    rng = random.Random(seed)
+    if order == "rows":
+        rows = list(rows)
+        rng.shuffle(rows)  # whole rows: a row's documents stay neighbours
+        return [d for row in rows for d in row_documents(row, fields)]
+    docs = list(dict.fromkeys(d for row in rows for d in row_documents(row, fields)))
+    rng.shuffle(docs)  # a row's sentence and its MR are not neighbours in a packed sequence
+    return docs
 
 
 def _write_corpus(ctx: StageContext, ingest: dict, uri: str) -> int:
@@ -130,11 +139,9 @@ def _write_corpus(ctx: StageContext, ingest: dict, uri: str) -> int:
             raise WorkflowError(f"model.pretrain_text.splits: the ingest stage wrote no {split!r} split "
                                 f"(it wrote {', '.join(k for k in ingest if k != 'dataset_info')})")
         rows += [json.loads(line) for line in storage.read_text(ingest[split]).splitlines() if line.strip()]
-    docs = pretrain_documents(rows, text.fields)
+    docs = pretrain_corpus(rows, text.fields, order=text.order, seed=text.seed)
     if not docs:
         raise WorkflowError(f"model.pretrain_text.fields: no text in fields {text.fields} of splits {text.splits}")
-    # Shuffled so that a row's sentence and its MR are not neighbours in a packed sequence.
-    random.Random(text.seed).shuffle(docs)
     storage.write_text(storage.join(uri, f"{CORPUS}.jsonl"), "".join(json.dumps({"text": d}) + "\n" for d in docs))
     storage.write_json(storage.join(uri, "dataset_info.json"),
                        {CORPUS: {"file_name": f"{CORPUS}.jsonl", "columns": {"prompt": "text"}}})

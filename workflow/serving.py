@@ -14,7 +14,7 @@ S3-compatible server on loopback (moto, run as a detached actor inside the same 
 that it lives and dies with the app), and the cluster's ``AWS_ENDPOINT_URL`` points Ray's
 downloader at it. Adapters trained after the deploy appear on the next deploy.
 
-Heavy imports (ray, httpx's clients are light) stay inside the functions.
+Ray, boto3, moto and httpx are imported inside the functions that use them.
 """
 
 from __future__ import annotations
@@ -252,16 +252,6 @@ def deploy(llm_config, *, host: str, port: int, ingress_cls_config: dict[str, An
     if ingress_cls_config is not None:
         args["ingress_cls_config"] = ingress_cls_config
     serve.run(build_openai_app(args), name=APP_NAME, route_prefix="/", blocking=False)
-
-
-def serve_status() -> dict[str, Any]:
-    """Applications and their deployments' replica counts on the connected cluster."""
-    from ray import serve
-
-    status = serve.status()
-    return {name: {"status": str(app.status),
-                   "deployments": {d: dict(dep.replica_states) for d, dep in app.deployments.items()}}
-            for name, app in status.applications.items()}
 
 
 # ---------------------------------------------------------------- clients

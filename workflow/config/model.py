@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -36,12 +36,19 @@ class TinyModelConfig(Section):
 
 
 class PretrainTextConfig(Section):
-    """Which ingested text the tiny base is pre-trained on (``stage: pt``): every value of
-    ``fields`` in the rows of ``splits`` becomes its own plain-text document (duplicates
-    dropped, seeded shuffle), so the base learns the vocabulary, not the task."""
+    """Which ingested text the tiny base is pre-trained on (``stage: pt``).
+
+    Every value of ``fields`` in the rows of ``splits`` becomes its own plain-text document,
+    never in the instruction or chat form. ``order: documents`` drops duplicates and shuffles
+    the documents one by one (the base learns the vocabulary only); ``order: rows`` keeps each
+    row's documents next to each other and shuffles whole rows (the base also sees a sentence
+    followed by its meaning representation, as a real base has seen related text, but never
+    the prompt format the adapter learns).
+    """
 
     splits: list[str] = ["train"]
     fields: list[str] = ["input", "output"]
+    order: Literal["documents", "rows"] = "documents"
     seed: int = 0
 
 
