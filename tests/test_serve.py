@@ -8,7 +8,6 @@ and checks that nothing of the app's Ray cluster is left.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path

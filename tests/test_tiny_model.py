@@ -47,3 +47,24 @@ def test_vllm_generates_in_the_serve_env(tiny_model, tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "TOKENS 8" in proc.stdout
+
+
+def test_both_environments_tokenize_prompts_identically(tiny_model, viggo_alpaca):
+    """transformers 5.19 (serve env) rebuilds a qwen2 tokenizer with Qwen's pre-tokenizer while 5.6 (train env)
+    reads tokenizer.json as is: the tiny tokenizer must be Qwen-shaped for both to give the same ids."""
+    import json
+
+    from workflow import envs
+
+    row = json.loads((viggo_alpaca / "test.jsonl").read_text().splitlines()[0])
+    code = ("import json, sys\nfrom transformers import AutoTokenizer\n"
+            "t = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+            "text = t.apply_chat_template([{'role': 'user', 'content': sys.argv[2]}], add_generation_prompt=True, tokenize=False)\n"
+            "print('IDS', json.dumps(t(text)['input_ids']))\n")
+    ids = {}
+    for env in (envs.TRAIN, envs.SERVE):
+        proc = subprocess.run([envs.python_for(env), "-c", code, str(tiny_model), row["instruction"] + "\n" + row["input"]],
+                              capture_output=True, text=True, env=envs.stage_environment(env), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        ids[env] = json.loads(proc.stdout.split("IDS ", 1)[1])
+    assert ids[envs.TRAIN] == ids[envs.SERVE] and len(ids[envs.TRAIN]) > 150
