@@ -44,6 +44,8 @@ class ServeConfig(Section):
     # machine's real count or the ingress and proxy replicas never get scheduled.
     num_cpus: int = Field(8, ge=1)
     smoke: SmokeConfig = Field(default_factory=SmokeConfig)
+    # Serve even when the base model's tokenizer renders prompts differently from training (see prompt_format.py).
+    allow_prompt_mismatch: bool = False
 
     @field_validator("api_key_env")
     @classmethod
