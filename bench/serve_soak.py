@@ -156,8 +156,9 @@ def plot(result: dict, path: Path) -> None:
     axes[1].set_title(f"{result['soak']['clients']} streaming clients")
     axes[1].set_xlabel("seconds into the soak (after warm-up)")
     axes[1].legend()
-    for ax in axes:
-        ax.set_ylim(bottom=0)
+    rss = [s["rss_mb"] for s in timeline]
+    axes[0].set_ylim(min(rss) - 100, max(rss) + 100)  # zoomed: growth of a few MB must show
+    axes[1].set_ylim(bottom=0)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -170,7 +171,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=20, help="seconds of the same load before measuring")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--sample-every", type=float, default=2.0, help="seconds between memory samples")
-    parser.add_argument("--out", default=str(BENCH / "serve_soak_results.json"))
+    parser.add_argument("--out", default=str(BENCH / "results" / "serve_soak.json"))
     args = parser.parse_args()
 
     api_key = os.environ.setdefault(API_KEY_ENV, "soak-" + os.urandom(12).hex())
@@ -185,7 +186,8 @@ def main() -> int:
     result: dict = {"model": args.model, "max_tokens": args.max_tokens, "load_before": os.getloadavg()[0]}
     try:
         serving.connect(state)
-        serving.deploy(serving.validate_llm_config(llm, "soak"), host="127.0.0.1", port=port, api_key_env=API_KEY_ENV,
+        serving.deploy(serving.validate_llm_config(llm, "soak"), host="127.0.0.1", port=port,
+                       ingress_cls_config=serving.ingress_cls_config(API_KEY_ENV),
                        ingress_deployment_config=cfg.ingress_deployment_config)
         serving.wait_until_answering(base_url, MODEL_ID, api_key)
         print(f"[soak] warm-up: {args.clients} clients for {args.warmup:.0f} s", flush=True)

@@ -1,0 +1,78 @@
+"""A faster LoRA path for vLLM on the CPU, loaded into every vLLM process as a vLLM plugin.
+
+vLLM's CPU LoRA ops (``vllm.lora.ops.torch_ops``) gather one full LoRA weight matrix per
+token (``lora_b_weights[indices]``) and multiply with an einsum, so a batch of prompts
+materialises a ``tokens x out x rank`` tensor in every adapted layer: on the tiny demo model
+an adapter answered ~150x slower than the base. Tokens of a batch use a handful of distinct
+adapters, so the same product is computed here with one matmul per distinct adapter index,
+giving identical results. The patch is applied only on the CPU platform; set
+``WORKFLOW_VLLM_CPU_LORA_PATCH=0`` to measure vLLM's own ops.
+
+Registered in pyproject.toml under the ``vllm.general_plugins`` entry point group.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def grouped_lora_product(inputs, weights, indices, dtype):
+    """``out[t] = weights[indices[t]] @ inputs[t]``, one matmul per distinct index."""
+    import torch
+
+    if weights.dim() == 4:
+        weights = weights.squeeze(dim=1)
+    inputs = inputs.to(dtype=dtype)
+    distinct = torch.unique(indices)
+    if distinct.numel() == 1:
+        return inputs @ weights[int(distinct[0])].to(dtype=dtype).T
+    out = torch.empty(inputs.shape[0], weights.shape[1], dtype=dtype, device=inputs.device)
+    for index in distinct.tolist():
+        rows = indices == index
+        out[rows] = inputs[rows] @ weights[index].to(dtype=dtype).T
+    return out
+
+
+def bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
+    outputs = grouped_lora_product(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    output_tensor[:, : outputs.shape[1]] = scaling * outputs[:]
+
+
+def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
+    outputs = grouped_lora_product(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    limit = output_tensor.shape[0]
+    if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
+        limit = 1
+    common_len = min(outputs.shape[1], output_tensor.shape[1])
+    if add_inputs:
+        output_tensor[:, :common_len] += outputs[:limit, :common_len]
+    else:
+        output_tensor[:, :common_len] = outputs[:limit, :common_len]
+
+
+def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int,
+                      slice_size: int, add_inputs: bool = True):
+    outputs = grouped_lora_product(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    if add_inputs:
+        output_tensor[:, slice_offset: slice_offset + slice_size] += outputs[:]
+    else:
+        output_tensor[:, slice_offset: slice_offset + slice_size] = outputs[:]
+
+
+def register() -> None:
+    """vLLM plugin entry: swap the CPU LoRA ops (the sgmv_* ops call these bgmv_* by module lookup)."""
+    if os.environ.get("WORKFLOW_VLLM_CPU_LORA_PATCH", "1") == "0":
+        return
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    import vllm.lora.ops.torch_ops as package
+    import vllm.lora.ops.torch_ops.lora_ops as ops
+    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+    for name, fn in (("bgmv_shrink", bgmv_shrink), ("bgmv_expand", bgmv_expand),
+                     ("bgmv_expand_slice", bgmv_expand_slice)):
+        for module in (ops, package, punica_cpu):
+            if hasattr(module, name):
+                setattr(module, name, fn)
