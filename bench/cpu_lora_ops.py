@@ -19,6 +19,10 @@ if __name__ == "__main__":
     msgs = [[{"role": "user", "content": r["instruction"] + "\n" + r["input"]}] for r in rows]
     llm = LLM(model=sys.argv[2], dtype="bfloat16", max_model_len=512, enforce_eager=True, enable_lora=True, max_lora_rank=64, max_loras=1)
     sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    t = time.time(); llm.chat(msgs, sp, use_tqdm=False); base = time.time() - t
-    t = time.time(); llm.chat(msgs, sp, lora_request=LoRARequest("a", 1, sys.argv[3]), use_tqdm=False); lora = time.time() - t
+    started = time.time()
+    llm.chat(msgs, sp, use_tqdm=False)
+    base = time.time() - started
+    started = time.time()
+    llm.chat(msgs, sp, lora_request=LoRARequest("a", 1, sys.argv[3]), use_tqdm=False)
+    lora = time.time() - started
     print(f"RESULT patch={os.environ.get('WORKFLOW_VLLM_CPU_LORA_PATCH','1')} rows={len(rows)} base={base:.1f}s lora={lora:.1f}s")
