@@ -335,14 +335,17 @@ def s3_auth_server(tmp_path_factory):
                                   stdout=out, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/some-bucket", timeout=2)
-        except urllib.error.HTTPError:  # up (and refusing an unsigned request)
-            break
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.3)
-    yield endpoint
-    server.terminate()
-    server.wait(timeout=30)
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(endpoint + "/some-bucket", timeout=2)
+                break
+            except urllib.error.HTTPError:  # up (and refusing an unsigned request)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.3)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
