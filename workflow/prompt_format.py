@@ -15,29 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import WorkflowError
+from .prompts import row_messages
 
 FILE = "prompt_format.json"
-
-
-def alpaca_messages(row: dict[str, Any]) -> list[dict[str, str]]:
-    """The chat messages LLaMA-Factory's Alpaca converter builds from a row: ``instruction\\ninput``."""
-    user = "\n".join(t for t in (row.get("instruction", ""), row.get("input", "")) if t)
-    messages = [{"role": "user", "content": user}]
-    if row.get("system"):
-        messages.insert(0, {"role": "system", "content": row["system"]})
-    return messages
-
-
-def sample_messages(row: dict[str, Any]) -> list[dict[str, str]]:
-    """The prompt of a dataset row in either form: Alpaca, or ShareGPT up to its first assistant turn."""
-    if not row.get("messages"):
-        return alpaca_messages(row)
-    messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
-    for m in row["messages"]:
-        if m["role"] == "assistant":
-            break
-        messages.append({"role": m["role"], "content": m["content"]})
-    return messages
 
 
 def llamafactory_prompt_ids(tokenizer, template_name: str, messages: list[dict[str, str]]) -> list[int]:
@@ -59,7 +39,7 @@ def chat_template_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[
 
 
 def record(tokenizer, template_name: str, sample_row: dict[str, Any]) -> dict[str, Any]:
-    messages = sample_messages(sample_row)
+    messages = row_messages(sample_row)
     ids = llamafactory_prompt_ids(tokenizer, template_name, messages)
     return {"template": template_name, "chat_template": tokenizer.chat_template, "messages": messages,
             "prompt_ids": ids, "prompt_text": tokenizer.decode(ids)}
