@@ -43,7 +43,10 @@ def test_every_stage_completed_with_its_outputs(demo_run):
     assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
     metrics = json.loads(Path(m["evaluate"]["outputs"]["metrics.json"]).read_text())
     assert metrics  # base and adapter variants, each with the recipe's metrics
-    assert "run viggo-cpu: ingest -> model -> train -> evaluate -> serve" in demo_run["proc"].stdout
+    out = demo_run["proc"].stdout
+    assert "run viggo-cpu: ingest -> model -> train -> evaluate -> serve" in out
+    # The closing summary: the metrics table and the command to serve the adapter.
+    assert "function_acc" in out and "viggo-cpu+constrained" in out and "serve the adapter:  workflow serve" in out
 
 
 def test_manifest_chain_links_dataset_to_served_models(demo_run):

@@ -45,6 +45,9 @@ def _cmd_run(args) -> int:
     options = {"serve": {"detach": args.detach}} if args.detach else None
     runner.run_pipeline(recipe, stages=stages, from_stage=args.from_stage, force=args.force, debug=args.debug,
                         options=options)
+    from .show import run_summary
+
+    print(run_summary(recipe), flush=True)
     return 0
 
 

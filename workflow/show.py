@@ -49,3 +49,24 @@ def show(target: str) -> None:
         for key in ("rows", "adapter_name", "lora_rank", "final_loss", "metrics", "model_ids", "base_url"):
             if key in m.get("summary", {}):
                 print(f"  {key}: {m['summary'][key]}")
+
+
+def run_summary(recipe) -> str:
+    """What `workflow run` prints at the end: where everything is, the metrics, how to serve."""
+    stages = lineage(recipe.run_uri)
+    lines = [f"\n== {recipe.name}: done. Storage {recipe.run_uri}"]
+    for stage, m in stages.items():
+        shown = {k: v for k, v in m["outputs"].items() if not k.endswith((".parquet", ".md"))}
+        lines.append(f"  {stage:<9} " + ", ".join(f"{k}: {v}" for k, v in shown.items()))
+    evaluation = stages.get("evaluate", {}).get("summary", {}).get("metrics")
+    if evaluation:
+        names = list(next(iter(evaluation.values())))
+        lines.append("\n  " + f"{'variant':<28}" + "".join(f"{n[:12]:>13}" for n in names))
+        for variant, values in evaluation.items():
+            lines.append("  " + f"{variant:<28}" + "".join(f"{values[n]:>13.3f}" for n in names))
+    served = stages.get("serve", {}).get("summary", {}).get("model_ids")
+    if served:
+        lines.append(f"\n  served and smoke-checked: {', '.join(served)}")
+    lines.append(f"\n  serve the adapter:  workflow serve {recipe.path} --detach   (stop: workflow stop {recipe.path})")
+    lines.append(f"  lineage:            workflow show {recipe.path}")
+    return "\n".join(lines)
