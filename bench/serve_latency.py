@@ -32,17 +32,22 @@ sys.path.insert(0, str(REPO))
 
 from workflow import serving  # noqa: E402
 from workflow.config import ServeConfig  # noqa: E402
+from workflow.prompts import user_text  # noqa: E402
 
-PROMPT = (
-    "Given a target sentence construct the underlying meaning representation of the input sentence as a single "
-    "function with attributes and attribute values. This function should describe the target string accurately and "
-    "the function must be one of the following ['inform', 'request', 'give_opinion', 'confirm', 'verify_attribute', "
-    "'suggest', 'request_explanation', 'recommend', 'request_attribute']. The attributes must be one of the "
-    "following: ['name', 'exp_release_date', 'release_year', 'developer', 'esrb', 'rating', 'genres', "
-    "'player_perspective', 'has_multiplayer', 'platforms', 'available_on_steam', 'has_linux_release', "
-    "'has_mac_release', 'specifier']\nDirt: Showdown from 2012 is a sport racing game for the PlayStation, Xbox, PC "
-    "rated E 10+ (for Everyone 10 and Older). It's not available on Steam, Linux, or Mac."
-)
+
+def _viggo_prompt() -> str:
+    """The first ViGGO training row as the CPU recipe's ingest turns it into a user turn."""
+    import csv
+
+    import yaml
+
+    instruction = yaml.safe_load((REPO / "recipes" / "viggo-cpu.yaml").read_text())["ingest"]["instruction"]
+    with open(REPO / "data" / "viggo" / "train.csv", newline="") as f:
+        sentence = next(csv.DictReader(f))["ref"]
+    return user_text(instruction, sentence)
+
+
+PROMPT = _viggo_prompt()
 MODEL_ID = "tiny"
 ENGINE_KWARGS = {"dtype": "bfloat16", "enforce_eager": True, "max_model_len": 512}
 ENV_VARS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
