@@ -10,6 +10,7 @@ user proceed anyway.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -87,15 +88,21 @@ def write_record(model_dir: str | Path, dataset_dir: str | Path, dataset: str, t
     (Path(dest) / FILE).write_text(json.dumps(record(tokenizer, template_name, row), indent=1) + "\n")
 
 
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(source: str):
+    """One tokenizer load per base model, however many adapters are checked against it."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source)
+
+
 def check_adapter(adapter_dir: str | Path, tokenizer_source: str, *, where: str, allow_mismatch: bool = False) -> None:
     """Check an adapter's recorded prompt against the tokenizer that will serve it (no record: nothing to check)."""
     recorded = Path(adapter_dir) / FILE
     if not recorded.exists():
         print(f"[{where}] {adapter_dir}: no {FILE}; the prompt format cannot be checked", flush=True)
         return
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    tokenizer = _load_tokenizer(tokenizer_source)
     if check(json.loads(recorded.read_text()), tokenizer, where=f"{where}: adapter {Path(adapter_dir).name}",
              allow_mismatch=allow_mismatch):
         print(f"[{where}] adapter {Path(adapter_dir).name}: prompt format matches training "
