@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO))
 import yaml  # noqa: E402
 
 from workflow.config import load_recipe  # noqa: E402
-from workflow.training import llamafactory_args  # noqa: E402
+from workflow.training import llamafactory_args, lora_fast_path_callback  # noqa: E402
 
 RECIPES = {"reference": REPO / "recipes" / "viggo-qwen2.5-7b.yaml",
            "fast": REPO / "recipes" / "viggo-qwen2.5-7b-fast.yaml"}
@@ -73,6 +73,9 @@ BENCH_OVERRIDES: dict[str, Any] = {
 }
 DROPPED_KEYS = ("ddp_backend", "ddp_timeout", "eval_steps", "per_device_eval_batch_size", "max_samples",
                 "resume_from_checkpoint")  # one process, no evaluation; --rows sets the data
+# A --try key that is no LLaMA-Factory argument: run without the train stage's
+# lora_fast_path_callback (PEFT's own LoRA forward), to measure what that callback saves.
+BENCH_ONLY_KEY = "peft_lora_forward"
 PROFILE_STEPS = (5, 7)  # --profile: the optimizer steps 6 and 7, by kernel
 TOKENIZER_VOCAB = 8000  # an upper bound: BPE on 800 ViGGO rows stops at ~3.1k tokens, ~235 per templated row
 
@@ -165,7 +168,8 @@ def _meter(profile_to: str | None = None):
         def on_step_begin(self, args, state, control, **kwargs):
             if profile_to and state.global_step == PROFILE_STEPS[0]:
                 self.profiler = torch.profiler.profile(
-                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
+                    with_stack=True)
                 self.profiler.__enter__()
 
         def _count(self, module, args, kwargs):
@@ -192,11 +196,14 @@ def _meter(profile_to: str | None = None):
             tokens, rows, sum_sq = self.counts.tolist()
             self.counts.zero_()
             self.steps.append({"step": state.global_step, "seconds": now - self.last, "tokens": tokens,
-                               "rows": rows, "sum_sq": sum_sq})
+                               "rows": rows, "sum_sq": sum_sq, "profiled": self.profiler is not None})
             if self.profiler is not None and state.global_step == PROFILE_STEPS[1]:
                 self.profiler.__exit__(None, None, None)
                 table = self.profiler.key_averages().table(sort_by="self_device_time_total", row_limit=45)
-                Path(profile_to).write_text(table)
+                trace = Path(profile_to).with_suffix(".trace.json")
+                self.profiler.export_chrome_trace(str(trace))
+                Path(profile_to).write_text(table + "\n" + gpu_idle_report(trace))
+                trace.unlink()
                 self.profiler = None
             self.last = time.perf_counter()
 
@@ -208,14 +215,47 @@ def _meter(profile_to: str | None = None):
     return Meter()
 
 
+def gpu_idle_report(trace_path: Path, top: int = 15) -> str:
+    """Where the GPU waited in a profiled trace: idle time between kernels, by the CPU op that
+    launched the kernel after each gap and by the annotated region (optimizer step, data
+    loading, ...) the CPU was in when the gap began."""
+    events = json.loads(trace_path.read_text())["traceEvents"]
+    kernels = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                     key=lambda e: e["ts"])
+    cpu_ops = {e["args"].get("External id"): e["name"] for e in events
+               if e.get("ph") == "X" and e.get("cat") == "cpu_op" and "args" in e}
+    regions = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("user_annotation", "python_function")]
+    busy = sum(k["dur"] for k in kernels)
+    span = kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]
+    by_op, by_region = {}, {}
+    for prev, nxt in zip(kernels, kernels[1:]):
+        gap = nxt["ts"] - (prev["ts"] + prev["dur"])
+        if gap <= 5:
+            continue
+        op = cpu_ops.get(nxt.get("args", {}).get("External id"), "?")
+        by_op[op] = by_op.get(op, 0) + gap
+        start = prev["ts"] + prev["dur"]
+        inside = [r for r in regions if r["ts"] <= start <= r["ts"] + r["dur"]]
+        label = min(inside, key=lambda r: r["dur"])["name"] if inside else "(none)"
+        by_region[label] = by_region.get(label, 0) + gap
+    lines = [f"GPU busy {busy / 1e3:.1f} ms of {span / 1e3:.1f} ms ({busy / span:.1%}); idle {(span - busy) / 1e3:.1f} ms",
+             "idle before kernels launched by (ms):"]
+    lines += [f"  {v / 1e3:8.2f}  {k[:90]}" for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]]
+    lines.append("idle while the CPU was in (innermost annotated region, ms):")
+    lines += [f"  {v / 1e3:8.2f}  {k[:90]}" for k, v in sorted(by_region.items(), key=lambda kv: -kv[1])[:top]]
+    return "\n".join(lines) + "\n"
+
+
 def run_one(spec: dict) -> dict:
     """Train one variant with LLaMA-Factory in this process; return its measurements."""
     import torch
     from llamafactory.train.tuner import run_exp
 
     meter = _meter(spec.get("profile_to"))
+    # The train stage's own callbacks that change the computation (the others report to Ray).
+    callbacks = [meter] if spec.get(BENCH_ONLY_KEY) else [meter, lora_fast_path_callback()]
     started = time.monotonic()
-    run_exp(args=spec["args"], callbacks=[meter])
+    run_exp(args=spec["args"], callbacks=callbacks)
     wall = time.monotonic() - started
     return {"steps": meter.steps, "wall_s": wall, "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "torch": torch.__version__,
@@ -256,7 +296,7 @@ def variant_args(base: str, changes: dict, *, data: Path, model: Path, output: P
 def summarize(name: str, result: dict, config, skip: float) -> dict:
     steps = result["steps"]
     first = max(2, int(len(steps) * skip))
-    steady = steps[first:] or steps
+    steady = [s for s in steps[first:] if not s.get("profiled")] or steps  # a profiled step runs slower
     seconds = sum(s["seconds"] for s in steady)
     tokens = sum(s["tokens"] for s in steady)
     rows = sum(s["rows"] for s in steady)
@@ -365,8 +405,12 @@ def main() -> int:
     results, summaries = {}, []
     for name, (base, changes) in variants.items():
         output = opts.work / "runs" / name
+        changes = dict(changes)
+        peft_lora_forward = changes.pop(BENCH_ONLY_KEY, False)
         args, dropped = variant_args(base, changes, data=data, model=model, output=output)
-        spec = {"args": args, "result": str(opts.work / f"{name}.result.json"),
+        if peft_lora_forward:
+            changes[BENCH_ONLY_KEY] = True
+        spec = {"args": args, "result": str(opts.work / f"{name}.result.json"), BENCH_ONLY_KEY: peft_lora_forward,
                 "profile_to": str(opts.out / f"{name}.profile.txt") if opts.profile else None}
         spec_path = opts.work / f"{name}.spec.json"
         spec_path.write_text(json.dumps(spec))
