@@ -168,8 +168,7 @@ def _meter(profile_to: str | None = None):
         def on_step_begin(self, args, state, control, **kwargs):
             if profile_to and state.global_step == PROFILE_STEPS[0]:
                 self.profiler = torch.profiler.profile(
-                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
-                    with_stack=True)
+                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
                 self.profiler.__enter__()
 
         def _count(self, module, args, kwargs):
@@ -218,7 +217,8 @@ def _meter(profile_to: str | None = None):
 def gpu_idle_report(trace_path: Path, top: int = 15) -> str:
     """Where the GPU waited in a profiled trace: idle time between kernels, by the CPU op that
     launched the kernel after each gap and by the annotated region (optimizer step, data
-    loading, ...) the CPU was in when the gap began."""
+    loading, ...) the CPU was in when the gap began. (Without Python stacks: recording them
+    slows Python-heavy code such as Triton's launcher enough to invent gaps.)"""
     events = json.loads(trace_path.read_text())["traceEvents"]
     kernels = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
                      key=lambda e: e["ts"])
