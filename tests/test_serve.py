@@ -63,6 +63,12 @@ def test_unknown_own_key_is_refused():
         _parse({"prot": 8001})
 
 
+def test_direct_streaming_has_no_ingress_options():
+    with pytest.raises(WorkflowError, match=r"serve: ingress_deployment_config: not used with direct_streaming"):
+        _parse({"direct_streaming": True, "ingress_deployment_config": {"num_replicas": 1}})
+    assert _parse({"direct_streaming": True}).serve.direct_streaming
+
+
 def test_run_fills_model_adapters_and_lora_limits():
     cfg = ServeConfig(llm_config={"lora_config": {"max_num_adapters_per_replica": 3}})
     llm = serving.build_llm_config(cfg, model_source="s3://b/run/model/weights", default_model_id="viggo",
@@ -266,3 +272,52 @@ def test_stop_leaves_no_application_or_replica_behind(served):
         httpx.get(f"{served['base_url']}/models", headers=_auth(), timeout=10)
     again = _workflow("stop", str(served["recipe"]), env=served["env"], timeout=300)
     assert again.returncode == 0 and "no detached app is recorded" in again.stdout
+
+
+def test_direct_streaming_serves_base_and_adapters_behind_haproxy(s3_server, tiny_model, tiny_adapter, viggo_alpaca,
+                                                                  tmp_path):
+    """serve.direct_streaming: vLLM's app in the LLM replica, HAProxy in front, the key checked by vLLM."""
+    import boto3
+    import httpx
+    from openai import OpenAI
+
+    bucket = f"serve-direct-{serving.free_port()}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    storage_uri = f"s3://{bucket}/runs"
+    _layout_run(f"{storage_uri}/{RUN}", tiny_model, tiny_adapter, viggo_alpaca)
+    port = serving.free_port()
+    serve = {"api_key_env": KEY_ENV, "port": port, "direct_streaming": True, "smoke": {"rows": 2, "max_tokens": 32},
+             "llm_config": LLM_CONFIG}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**_recipe(serve), "storage": storage_uri}))
+    env = {**envs.stage_environment(envs.SERVE), KEY_ENV: KEY, "WORKFLOW_CACHE": str(tmp_path / "cache")}
+    proc = _workflow("serve", str(recipe), "--detach", env=env)
+    try:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        smoke = storage.read_json(f"{storage_uri}/{RUN}/serve/smoke.json")
+        assert smoke["passed"] and all(smoke["models"][f"{RUN}:{a}"]["beats_base"] for a in ADAPTERS)
+        state = json.loads((tmp_path / "cache" / RUN / "serve" / "state.json").read_text())
+        titles = " ".join(_cluster_pids(state["address"]).values())
+        assert "haproxy" in titles and "WorkflowIngress" not in titles and "OpenAiIngress" not in titles
+
+        base_url = f"http://127.0.0.1:{port}/v1"
+        client = OpenAI(base_url=base_url, api_key=KEY, timeout=120)
+        messages = [{"role": "user", "content": "Dirt: Showdown from 2012 is a sport racing game."}]
+        answers = {}
+        for model in (RUN, f"{RUN}:viggo"):
+            chunks = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                model=model, messages=messages, max_tokens=16, temperature=0.0, stream=True) if c.choices]
+            assert sum(1 for c in chunks if c) > 1, (model, chunks)
+            answers[model] = "".join(chunks)
+        assert answers[f"{RUN}:viggo"] != answers[RUN]
+        resp = httpx.post(f"{base_url}/chat/completions", json={"model": RUN, "messages": messages}, timeout=60)
+        assert resp.status_code == 401, resp.text
+        for text in (proc.stdout, proc.stderr, json.dumps(smoke)):
+            assert KEY not in text
+    finally:
+        stopped = _workflow("stop", str(recipe), env=env, timeout=300)
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    deadline = time.monotonic() + 60
+    while _cluster_pids(state["address"]) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _cluster_pids(state["address"]) == {}

@@ -137,6 +137,10 @@ def run(ctx: StageContext) -> StageResult:
     if stop(ctx):
         print("[serve] replaced the app that was running", flush=True)
     env_vars = serving.loopback_env(s3_port) if s3_port else {}
+    if cfg.direct_streaming:
+        env_vars.update(serving.DIRECT_STREAMING_ENV)
+        if api_key:  # the replicas serve vLLM's own app, which checks this key on /v1 routes
+            env_vars["VLLM_API_KEY"] = api_key
     port = cfg.port or serving.free_port()
     base_url = f"http://{cfg.host}:{port}/v1"
     print(f"[serve] starting a Ray cluster ({cfg.num_cpus} logical CPUs) for {model_id}", flush=True)
@@ -151,7 +155,7 @@ def run(ctx: StageContext) -> StageResult:
         print(f"[serve] deploying build_openai_app on {base_url} (takes a minute or two on a CPU)", flush=True)
         serving.deploy(serving.validate_llm_config(llm, f"{ctx.recipe.path}: serve.llm_config"), host=cfg.host,
                        port=port, ingress_cls_config=serving.ingress_cls_config(cfg.api_key_env),
-                       ingress_deployment_config=cfg.ingress_deployment_config)
+                       ingress_deployment_config=cfg.ingress_deployment_config, direct_streaming=cfg.direct_streaming)
         serving.wait_until_answering(base_url, model_id, api_key)
         model_ids = [model_id] + [f"{model_id}:{a}" for a in adapter_names]
         print(serving.usage_text(base_url, model_ids, cfg.api_key_env), flush=True)

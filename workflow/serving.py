@@ -233,19 +233,38 @@ def ingress_cls_config(api_key_env: str | None) -> dict[str, Any]:
             "ingress_extra_kwargs": {"api_key_env": api_key_env} if api_key_env else {}}
 
 
+# The cluster's side of direct streaming (ServeConfig.direct_streaming): HAProxy in front, the
+# LLM replicas as the ingress, request bodies forwarded to the router (adapter routing).
+DIRECT_STREAMING_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1",
+                        "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1"}
+
+
 def deploy(llm_config, *, host: str, port: int, ingress_cls_config: dict[str, Any] | None,
-           ingress_deployment_config: dict[str, Any]) -> None:
+           ingress_deployment_config: dict[str, Any], direct_streaming: bool = False) -> None:
     """Run the OpenAI app on the connected cluster and wait until it is RUNNING.
 
     ``ingress_cls_config`` None keeps Ray's own ``OpenAiIngress`` (the benchmark's baseline).
+    With ``direct_streaming`` (the cluster started with ``DIRECT_STREAMING_ENV``) the LLM
+    replicas are the ingress: no ingress class or ingress deployment options apply.
     """
     from ray import serve
     from ray.serve.llm import build_openai_app
 
+    args: dict[str, Any] = {"llm_configs": [llm_config]}
+    if direct_streaming:
+        # The app is built here, in the driver, whose Ray modules read these flags from the
+        # environment once, at import (the cluster's processes get DIRECT_STREAMING_ENV).
+        from ray.llm._internal.serve.core.ingress import builder
+        from ray.serve._private import build_app
+
+        builder.RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING = True
+        builder.RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY = True
+        build_app.RAY_SERVE_ENABLE_HA_PROXY = True
+    else:
+        args["ingress_deployment_config"] = ingress_deployment_config
+        if ingress_cls_config is not None:
+            args["ingress_cls_config"] = ingress_cls_config
     serve.start(http_options={"host": host, "port": port})
-    args: dict[str, Any] = {"llm_configs": [llm_config], "ingress_deployment_config": ingress_deployment_config}
-    if ingress_cls_config is not None:
-        args["ingress_cls_config"] = ingress_cls_config
     serve.run(build_openai_app(args), name=APP_NAME, route_prefix="/", blocking=False)
 
 
@@ -321,8 +340,7 @@ def smoke_check(base_url: str, *, model_id: str, adapters: list[str], rows: list
     from .prompts import expected_output, row_messages
 
     models = [model_id] + [f"{model_id}:{a}" for a in adapters]
-    listed = list_models(base_url, api_key)
-    results: dict[str, Any] = {"base_url": base_url, "model_ids": models, "listed": listed, "models": {}}
+    results: dict[str, Any] = {"base_url": base_url, "model_ids": models, "models": {}}
     for model in models:
         answers = []
         for row in rows:
@@ -337,6 +355,8 @@ def smoke_check(base_url: str, *, model_id: str, adapters: list[str], rows: list
         }
         print(f"[serve] smoke {model}: exact {results['models'][model]['exact']}/{len(rows)}, "
               f"similarity {results['models'][model]['mean_similarity']:.3f}", flush=True)
+    # Listed after the requests: with direct streaming /v1/models shows the adapters loaded so far.
+    results["listed"] = listed = list_models(base_url, api_key)
     base = results["models"][model_id]
     problems = [f"{m} is not listed by /v1/models" for m in models if m not in listed]
     problems += [f"{m} gave an empty answer" for m, r in results["models"].items() if not r["answered"]]

@@ -46,6 +46,11 @@ class ServeConfig(Section):
     smoke: SmokeConfig = Field(default_factory=SmokeConfig)
     # Serve even when the base model's tokenizer renders prompts differently from training (see prompt_format.py).
     allow_prompt_mismatch: bool = False
+    # Ray 2.60's direct streaming: each LLM replica serves vLLM's own OpenAI app behind HAProxy,
+    # with no Serve proxy or ingress replica on the request path (bench/README.md, "Serving").
+    # Then ingress_deployment_config does not apply, the API key is vLLM's own check (the /v1
+    # routes), and /v1/models lists the base model and the adapters loaded so far.
+    direct_streaming: bool = False
 
     @field_validator("api_key_env")
     @classmethod
@@ -56,6 +61,9 @@ class ServeConfig(Section):
 
     @model_validator(mode="after")
     def _check_llm_config(self) -> ServeConfig:
+        if self.direct_streaming and self.ingress_deployment_config:
+            raise ValueError("ingress_deployment_config: not used with direct_streaming (the LLM replicas are the "
+                             "ingress); set llm_config.deployment_config instead")
         loading = self.llm_config.get("model_loading_config") or {}
         model_id = loading.get("model_id") if isinstance(loading, dict) else None
         if model_id is not None and ":" in str(model_id):
