@@ -1,4 +1,5 @@
-"""The grouped CPU LoRA ops give vLLM's own results, and the plugin is registered with vLLM."""
+"""The grouped CPU LoRA ops give vLLM's own results for adapter tokens and nothing for base-model
+tokens (index -1, which vLLM's ops read as the last adapter slot), and the plugin is registered."""
 
 import pytest
 
@@ -20,22 +21,31 @@ def test_grouped_ops_match_vllm_torch_ops(dtype_name):
     h = torch.randn(tokens, rank, dtype=dtype)
     tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
 
+    lora = indices >= 0
     expected, got = torch.zeros(tokens, rank, dtype=dtype), torch.zeros(tokens, rank, dtype=dtype)
     vllm_ops.bgmv_shrink(x, a, expected, indices, 0.5)
     ours.bgmv_shrink(x, a, got, indices, 0.5)
-    torch.testing.assert_close(got, expected, **tol)
+    torch.testing.assert_close(got[lora], expected[lora], **tol)
+    assert not got[~lora].any() and expected[~lora].any()  # vLLM's ops gave base tokens the last slot
 
     base = torch.randn(tokens, out_dim, dtype=dtype)
     expected, got = base.clone(), base.clone()
     vllm_ops.bgmv_expand(h, b, expected, indices, add_inputs=True)
     ours.bgmv_expand(h, b, got, indices, add_inputs=True)
-    torch.testing.assert_close(got, expected, **tol)
+    torch.testing.assert_close(got[lora], expected[lora], **tol)
+    assert torch.equal(got[~lora], base[~lora])
 
     wide = torch.randn(tokens, out_dim * 2, dtype=dtype)
     expected, got = wide.clone(), wide.clone()
     vllm_ops.bgmv_expand_slice(h, b, expected, indices, out_dim, out_dim, add_inputs=True)
     ours.bgmv_expand_slice(h, b, got, indices, out_dim, out_dim, add_inputs=True)
-    torch.testing.assert_close(got, expected, **tol)
+    torch.testing.assert_close(got[lora], expected[lora], **tol)
+    assert torch.equal(got[~lora], wide[~lora])
+
+    no_adapter = torch.full((tokens,), -1)  # a step of base-model tokens only
+    got = base.clone()
+    ours.bgmv_expand(h, b, got, no_adapter, add_inputs=True)
+    assert torch.equal(got, base)
 
     one = torch.zeros(tokens, dtype=torch.long)  # a batch that uses one adapter takes the single-matmul path
     expected, got = torch.zeros(tokens, rank, dtype=dtype), torch.zeros(tokens, rank, dtype=dtype)

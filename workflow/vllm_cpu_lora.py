@@ -8,6 +8,12 @@ adapters, so the same product is computed here with one matmul per distinct adap
 giving identical results. The patch is applied only on the CPU platform; set
 ``WORKFLOW_VLLM_CPU_LORA_PATCH=0`` to measure vLLM's own ops.
 
+It also fixes what vLLM's CPU ops do with the tokens of base-model requests: their adapter
+index is -1 ("no LoRA"), which ``lora_b_weights[indices]`` reads as the *last* adapter slot, so
+a base-model request batched with adapter requests got that adapter's delta (on the CPU
+demo the "base" scored slot F1 0.28 instead of 0 in one run, depending on how the engine
+happened to batch base and adapter rows). Here those tokens get no LoRA contribution.
+
 Registered in pyproject.toml under the ``vllm.general_plugins`` entry point group.
 """
 
@@ -17,17 +23,19 @@ import os
 
 
 def grouped_lora_product(inputs, weights, indices, dtype):
-    """``out[t] = weights[indices[t]] @ inputs[t]``, one matmul per distinct index."""
+    """``out[t] = weights[indices[t]] @ inputs[t]``, one matmul per distinct index; 0 where the index is -1."""
     import torch
 
     if weights.dim() == 4:
         weights = weights.squeeze(dim=1)
     inputs = inputs.to(dtype=dtype)
-    distinct = torch.unique(indices)
-    if distinct.numel() == 1:
-        return inputs @ weights[int(distinct[0])].to(dtype=dtype).T
-    out = torch.empty(inputs.shape[0], weights.shape[1], dtype=dtype, device=inputs.device)
-    for index in distinct.tolist():
+    distinct = torch.unique(indices).tolist()
+    if len(distinct) == 1 and distinct[0] >= 0:
+        return inputs @ weights[distinct[0]].to(dtype=dtype).T
+    out = torch.zeros(inputs.shape[0], weights.shape[1], dtype=dtype, device=inputs.device)
+    for index in distinct:
+        if index < 0:  # a base-model token: no adapter
+            continue
         rows = indices == index
         out[rows] = inputs[rows] @ weights[index].to(dtype=dtype).T
     return out
