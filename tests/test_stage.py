@@ -129,3 +129,13 @@ def test_stage_output_is_relayed_with_secrets_masked(monkeypatch, capsys):
     assert code == 0
     assert "hf_plantedsecret987" not in out + err
     assert "token=***" in out and "progress 50%\r" in out and "err ***" in err
+
+
+def test_stage_environment_drops_a_callers_backend_module(monkeypatch):
+    """Jupyter's inline plotting backend is not installed in the stage environments."""
+    from workflow import envs
+
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    assert "MPLBACKEND" not in envs.stage_environment(envs.TRAIN)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    assert envs.stage_environment(envs.TRAIN)["MPLBACKEND"] == "Agg"

@@ -43,5 +43,9 @@ def stage_environment(env: str) -> dict[str, str]:
         out.setdefault("DISABLE_VERSION_CHECK", "1")
     out.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     out.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # A caller's plotting backend module (Jupyter sets module://matplotlib_inline...) is not
+    # installed in the stage's environment, and matplotlib refuses to import with it there.
+    if out.get("MPLBACKEND", "").startswith("module://"):
+        del out["MPLBACKEND"]
     return out
 
