@@ -222,7 +222,7 @@ def run_ray_app(name: str, settings: dict, args) -> list[dict]:
     try:
         serving.connect(state)
         # The baseline keeps Ray's OpenAiIngress; the tuned app runs the stage's own ingress.
-        ingress = None if name in ("bare", "direct") else serving.ingress_cls_config(None)
+        ingress = None if name == "bare" else serving.ingress_cls_config(None)  # direct streaming takes none
         serving.deploy(serving.validate_llm_config(llm, name), host="127.0.0.1", port=port,
                        ingress_cls_config=ingress, ingress_deployment_config=cfg.ingress_deployment_config,
                        direct_streaming=cfg.direct_streaming)

@@ -405,11 +405,9 @@ def main() -> int:
     results, summaries = {}, []
     for name, (base, changes) in variants.items():
         output = opts.work / "runs" / name
-        changes = dict(changes)
-        peft_lora_forward = changes.pop(BENCH_ONLY_KEY, False)
-        args, dropped = variant_args(base, changes, data=data, model=model, output=output)
-        if peft_lora_forward:
-            changes[BENCH_ONLY_KEY] = True
+        peft_lora_forward = changes.get(BENCH_ONLY_KEY, False)
+        llamafactory_changes = {k: v for k, v in changes.items() if k != BENCH_ONLY_KEY}
+        args, dropped = variant_args(base, llamafactory_changes, data=data, model=model, output=output)
         spec = {"args": args, "result": str(opts.work / f"{name}.result.json"), BENCH_ONLY_KEY: peft_lora_forward,
                 "profile_to": str(opts.out / f"{name}.profile.txt") if opts.profile else None}
         spec_path = opts.work / f"{name}.spec.json"

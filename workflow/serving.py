@@ -248,16 +248,16 @@ def deploy(llm_config, *, host: str, port: int, ingress_cls_config: dict[str, An
     replicas are the ingress: no ingress class or ingress deployment options apply.
     """
     from ray import serve
+    from ray.llm._internal.serve.core.ingress import builder
+    from ray.serve._private import build_app
     from ray.serve.llm import build_openai_app
 
+    # The app is built here, in the driver, whose Ray modules read these flags from the
+    # environment once, at import (the cluster's processes get DIRECT_STREAMING_ENV). Set on
+    # every call, so that one process can deploy both kinds of app (bench/serve_latency.py).
+    builder.RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING = direct_streaming
     args: dict[str, Any] = {"llm_configs": [llm_config]}
     if direct_streaming:
-        # The app is built here, in the driver, whose Ray modules read these flags from the
-        # environment once, at import (the cluster's processes get DIRECT_STREAMING_ENV).
-        from ray.llm._internal.serve.core.ingress import builder
-        from ray.serve._private import build_app
-
-        builder.RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING = True
         builder.RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY = True
         build_app.RAY_SERVE_ENABLE_HA_PROXY = True
     else:
