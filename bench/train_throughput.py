@@ -6,8 +6,9 @@ Both runs go through the train stage's own argument builder
 (fast), and LLaMA-Factory's ``run_exp`` in one process per run, one after the other on the
 same GPU. Ray Train cannot be carried to the GPU machines, so the bench changes only what
 one process on one GPU without Ray and a hub needs (``BENCH_OVERRIDES``, printed with every
-run): the data, the model and output paths, one epoch over ``--rows`` rows, a loss logged at
-every step (the loss curve), no checkpoints, no TensorBoard, no evaluation, no DDP backend.
+run): the data, the model and output paths, one epoch over ``--rows`` rows, no checkpoints,
+no TensorBoard, no evaluation, no DDP backend. The loss of every step (the loss curve) is
+read by the bench without logging it, so the recipe's ``logging_steps`` stays as it is.
 
 The model has Qwen2.5-7B-Instruct's exact configuration (vocab 152064 included) and random
 weights, built on the GPU; the tokenizer is a byte-level BPE trained on the ViGGO rows
@@ -54,7 +55,7 @@ sys.path.insert(0, str(REPO))
 import yaml  # noqa: E402
 
 from workflow.config import load_recipe  # noqa: E402
-from workflow.training import llamafactory_args, lora_fast_path_callback  # noqa: E402
+from workflow.training import liger_loss_chunks_callback, llamafactory_args, lora_fast_path_callback  # noqa: E402
 
 RECIPES = {"reference": REPO / "recipes" / "viggo-qwen2.5-7b.yaml",
            "fast": REPO / "recipes" / "viggo-qwen2.5-7b-fast.yaml"}
@@ -63,7 +64,6 @@ PEAK_FLOPS = 989e12  # H100 SXM, dense bf16
 # What one process on one GPU, without Ray or a hub, has to change in the train stage's arguments.
 BENCH_OVERRIDES: dict[str, Any] = {
     "num_train_epochs": 1,          # one pass over --rows rows
-    "logging_steps": 1,             # the loss curve, step by step
     "save_strategy": "no",          # no checkpoints of a random model
     "report_to": "none",            # no TensorBoard on the GPU machine
     "plot_loss": False,
@@ -73,9 +73,10 @@ BENCH_OVERRIDES: dict[str, Any] = {
 }
 DROPPED_KEYS = ("ddp_backend", "ddp_timeout", "eval_steps", "per_device_eval_batch_size", "max_samples",
                 "resume_from_checkpoint")  # one process, no evaluation; --rows sets the data
-# A --try key that is no LLaMA-Factory argument: run without the train stage's
-# lora_fast_path_callback (PEFT's own LoRA forward), to measure what that callback saves.
-BENCH_ONLY_KEY = "peft_lora_forward"
+# --try keys that are no LLaMA-Factory arguments, to measure what the train stage's fast
+# paths save: peft_lora_forward=true runs without lora_fast_path_callback (PEFT's own LoRA
+# forward); liger_chunk_mem=N sets WORKFLOW_LIGER_CHUNK_MEM (liger_loss_chunks_callback).
+BENCH_ONLY_KEYS = ("peft_lora_forward", "liger_chunk_mem")
 PROFILE_STEPS = (5, 7)  # --profile: the optimizer steps 6 and 7, by kernel
 TOKENIZER_VOCAB = 8000  # an upper bound: BPE on 800 ViGGO rows stops at ~3.1k tokens, ~235 per templated row
 
@@ -152,24 +153,30 @@ def model_flops(config, tokens: float, sum_sq: float) -> float:
 def _meter(profile_to: str | None = None):
     """A Trainer callback that times every optimizer step and counts what the model saw in it.
 
-    A forward pre-hook adds up, on the GPU and without synchronizing, the tokens (padding
-    excluded), the rows (positions equal to 0) and Σn² over rows (Σ(2p+1) over positions p),
-    read once per optimizer step after a synchronize.
+    Nothing in it makes the host wait for the GPU during training (a wait per step would
+    leave the GPU idle while the host prepares the next one, which the train stage does not
+    do): a CUDA event marks each step's end on the GPU's timeline, a forward pre-hook adds
+    up the tokens (padding excluded), the rows (positions equal to 0) and Σn² over rows
+    (Σ(2p+1) over positions p) on the GPU, and the loss Hugging Face's Trainer accumulates
+    is kept per step as a GPU tensor (``training_step``'s return value; the logged loss of
+    a step is their sum). All of it is read once, when training ends.
     """
     import torch
-    from transformers import TrainerCallback
+    from transformers import Trainer, TrainerCallback
 
     class Meter(TrainerCallback):
         def __init__(self):
             self.steps: list[dict] = []
-            self.counts = None
+            self.pending: list[tuple] = []
             self.profiler = None
+            self.profiled = False
 
         def on_step_begin(self, args, state, control, **kwargs):
             if profile_to and state.global_step == PROFILE_STEPS[0]:
                 self.profiler = torch.profiler.profile(
                     activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
                 self.profiler.__enter__()
+                self.profiled = True
 
         def _count(self, module, args, kwargs):
             ids = kwargs.get("input_ids")
@@ -182,20 +189,27 @@ def _meter(profile_to: str | None = None):
             real_pos = torch.where(real, pos, -1)
             self.counts += torch.stack([real.sum(), (real_pos == 0).sum(), (2 * real_pos + 1).clamp(min=0).sum()])
 
+        def add_loss(self, loss):
+            self.loss += loss.detach().float()
+
+        def _mark(self):
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+
         def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
             self.pad_id = processing_class.pad_token_id
             self.counts = torch.zeros(3, dtype=torch.long, device="cuda")
+            self.loss = torch.zeros((), device="cuda")
             model.register_forward_pre_hook(self._count, with_kwargs=True)
-            torch.cuda.synchronize()
-            self.last = time.perf_counter()
+            self.last = self._mark()
 
         def on_step_end(self, args, state, control, **kwargs):
-            torch.cuda.synchronize()
-            now = time.perf_counter()
-            tokens, rows, sum_sq = self.counts.tolist()
+            end = self._mark()
+            self.pending.append((state.global_step, self.last, end, self.counts.clone(), self.loss.clone(),
+                                 self.profiled))
             self.counts.zero_()
-            self.steps.append({"step": state.global_step, "seconds": now - self.last, "tokens": tokens,
-                               "rows": rows, "sum_sq": sum_sq, "profiled": self.profiler is not None})
+            self.loss.zero_()
             if self.profiler is not None and state.global_step == PROFILE_STEPS[1]:
                 self.profiler.__exit__(None, None, None)
                 table = self.profiler.key_averages().table(sort_by="self_device_time_total", row_limit=45)
@@ -204,14 +218,28 @@ def _meter(profile_to: str | None = None):
                 Path(profile_to).write_text(table + "\n" + gpu_idle_report(trace))
                 trace.unlink()
                 self.profiler = None
-            self.last = time.perf_counter()
+            else:  # the step after the profiled ones waited for the trace export: left out as well
+                self.profiled = self.profiler is not None
+            self.last = end
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs and self.steps and self.steps[-1]["step"] == state.global_step:
-                self.steps[-1]["loss"] = logs["loss"]
-                self.steps[-1]["lr"] = logs.get("learning_rate")
+        def on_train_end(self, args, state, control, **kwargs):
+            torch.cuda.synchronize()
+            for step, begin, end, counts, loss, profiled in self.pending:
+                tokens, rows, sum_sq = counts.tolist()
+                self.steps.append({"step": step, "seconds": begin.elapsed_time(end) / 1000, "tokens": tokens,
+                                   "rows": rows, "sum_sq": sum_sq, "loss": loss.item(), "profiled": profiled})
+            self.pending.clear()
 
-    return Meter()
+    meter = Meter()
+    training_step = Trainer.training_step
+
+    def training_step_kept(self, *args, **kwargs):
+        loss = training_step(self, *args, **kwargs)
+        meter.add_loss(loss)
+        return loss
+
+    Trainer.training_step = training_step_kept  # this child process runs one variant only
+    return meter
 
 
 def gpu_idle_report(trace_path: Path, top: int = 15) -> str:
@@ -246,18 +274,56 @@ def gpu_idle_report(trace_path: Path, top: int = 15) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _time_liger_flce() -> dict:
+    """Host time spent in Liger's fused linear cross-entropy forward, and in its ``.item()`` waits."""
+    import torch
+    from liger_kernel.ops import fused_linear_cross_entropy as module
+
+    totals = {"calls": 0, "seconds": 0.0, "item_seconds": 0.0}
+    forward, item = module.fused_linear_cross_entropy_forward, torch.Tensor.item
+    inside = [False]
+
+    def timed_item(self):
+        if not inside[0]:
+            return item(self)
+        started = time.perf_counter()
+        try:
+            return item(self)
+        finally:
+            totals["item_seconds"] += time.perf_counter() - started
+
+    def timed_forward(*args, **kwargs):
+        started = time.perf_counter()
+        inside[0] = True
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            inside[0] = False
+            totals["calls"] += 1
+            totals["seconds"] += time.perf_counter() - started
+
+    module.fused_linear_cross_entropy_forward = timed_forward
+    torch.Tensor.item = timed_item
+    return totals
+
+
 def run_one(spec: dict) -> dict:
     """Train one variant with LLaMA-Factory in this process; return its measurements."""
     import torch
     from llamafactory.train.tuner import run_exp
 
     meter = _meter(spec.get("profile_to"))
+    flce = _time_liger_flce() if spec.get("time_flce") else None
     # The train stage's own callbacks that change the computation (the others report to Ray).
-    callbacks = [meter] if spec.get(BENCH_ONLY_KEY) else [meter, lora_fast_path_callback()]
+    callbacks = [meter, liger_loss_chunks_callback()]
+    if spec["bench_only"].get("liger_chunk_mem"):
+        os.environ["WORKFLOW_LIGER_CHUNK_MEM"] = str(spec["bench_only"]["liger_chunk_mem"])
+    if not spec["bench_only"].get("peft_lora_forward"):
+        callbacks.append(lora_fast_path_callback())
     started = time.monotonic()
     run_exp(args=spec["args"], callbacks=callbacks)
     wall = time.monotonic() - started
-    return {"steps": meter.steps, "wall_s": wall, "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+    return {"steps": meter.steps, "wall_s": wall, "flce": flce, "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name()}
 
@@ -309,9 +375,11 @@ def summarize(name: str, result: dict, config, skip: float) -> dict:
         seen += tok
         if seen > 0.75 * all_tokens:
             tail.append(loss)
+    step_seconds = sorted(s["seconds"] for s in steady)
     return {
         "variant": name, "optimizer_steps": len(steps), "steady_steps": len(steady),
         "rows_per_s": rows / seconds, "tokens_per_s": tokens / seconds,
+        "median_step_s": step_seconds[len(step_seconds) // 2], "slowest_step_s": step_seconds[-1],
         "mfu": flops / seconds / PEAK_FLOPS, "tokens_per_row": tokens / max(rows, 1),
         "tokens_per_step": all_tokens / len(steps), "rows_total": sum(s["rows"] for s in steps),
         "tokens_total": all_tokens, "run_wall_s": result["wall_s"],
@@ -379,6 +447,8 @@ def main() -> int:
     parser.add_argument("--skip", type=float, default=0.1, help="fraction of the optimizer steps left out as warm-up")
     parser.add_argument("--timeout", type=int, default=560, help="seconds per run")
     parser.add_argument("--profile", action="store_true", help="write <variant>.profile.txt: GPU time by kernel")
+    parser.add_argument("--time-flce", action="store_true",
+                        help="host time in Liger's fused linear cross-entropy forward and its .item() waits")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     opts = parser.parse_args()
 
@@ -405,11 +475,12 @@ def main() -> int:
     results, summaries = {}, []
     for name, (base, changes) in variants.items():
         output = opts.work / "runs" / name
-        peft_lora_forward = changes.get(BENCH_ONLY_KEY, False)
-        llamafactory_changes = {k: v for k, v in changes.items() if k != BENCH_ONLY_KEY}
+        bench_only = {k: v for k, v in changes.items() if k in BENCH_ONLY_KEYS}
+        llamafactory_changes = {k: v for k, v in changes.items() if k not in BENCH_ONLY_KEYS}
         args, dropped = variant_args(base, llamafactory_changes, data=data, model=model, output=output)
-        spec = {"args": args, "result": str(opts.work / f"{name}.result.json"), BENCH_ONLY_KEY: peft_lora_forward,
-                "profile_to": str(opts.out / f"{name}.profile.txt") if opts.profile else None}
+        spec = {"args": args, "result": str(opts.work / f"{name}.result.json"), "bench_only": bench_only,
+                "profile_to": str(opts.out / f"{name}.profile.txt") if opts.profile else None,
+                "time_flce": opts.time_flce}
         spec_path = opts.work / f"{name}.spec.json"
         spec_path.write_text(json.dumps(spec))
         print(f"[bench] {name}: {base} recipe, changed {changes or 'nothing'}; dropped {dropped}; "
@@ -435,7 +506,12 @@ def main() -> int:
         summaries.append(summary)
         print(f"[bench] {name}: {summary['rows_per_s']:.1f} rows/s, {summary['tokens_per_s']:.0f} tokens/s, "
               f"MFU {summary['mfu']:.1%}, peak {summary['peak_allocated_gib']:.1f} GiB, "
-              f"last-quarter loss {summary['last_quarter_loss']}", flush=True)
+              f"last-quarter loss {summary['last_quarter_loss']}; steady step median {summary['median_step_s']:.3f} s, "
+              f"slowest {summary['slowest_step_s']:.3f} s", flush=True)
+        if results[name].get("flce"):
+            flce, steps = results[name]["flce"], summary["optimizer_steps"]
+            print(f"[bench] {name}: Liger FLCE forward {flce['calls']} calls, host {flce['seconds'] / steps * 1e3:.1f} ms "
+                  f"per step, of which .item() {flce['item_seconds'] / steps * 1e3:.1f} ms", flush=True)
         (opts.out / "results.json").write_text(json.dumps({"summaries": summaries, "runs": results,
                                                             "model_config": config.to_dict()}, indent=1))
         write_report(opts.out, summaries, results, config, opts.rows)

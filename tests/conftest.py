@@ -258,6 +258,32 @@ def train_recipe(tmp_path_factory):
     return make
 
 
+RUN_MARKER = "WORKFLOW_TEST_RUN_MARKER"
+
+
+def processes_marked(marker: str) -> list[str]:
+    """Live processes whose environment has ``RUN_MARKER=marker``: every process a run started,
+    Ray's workers included, inherits it (zombies, which hold nothing, aside)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if f"{RUN_MARKER}={marker}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")[:150]
+                found.append(f"{proc.name}: {cmdline!r}")
+        except OSError:  # not a process, gone already, or not ours to read
+            continue
+    return found
+
+
+def wait_until_marked_gone(marker: str, timeout: float = 90) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (left := processes_marked(marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, left
+
+
 def run_workflow(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """``workflow ARGS...`` through the serve environment's CLI (which starts each stage in its own env)."""
     env = envs.stage_environment(envs.SERVE)

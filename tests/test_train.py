@@ -8,10 +8,11 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
-from conftest import run_workflow
+from conftest import RUN_MARKER, run_workflow, wait_until_marked_gone
 
 from workflow import envs
 
@@ -88,7 +89,8 @@ def test_killed_run_resumes_from_its_latest_checkpoint(train_recipe):
     assert proc.returncode == 0, proc.stderr[-2000:]
     recipe = load_recipe(path)
     checkpoints = recipe.run_uri + "/train/checkpoints"
-    env = envs.stage_environment(envs.TRAIN)
+    marker = uuid.uuid4().hex
+    env = {**envs.stage_environment(envs.TRAIN), RUN_MARKER: marker}
     first = subprocess.Popen([envs.python_for(envs.TRAIN), "-m", "workflow.stage", "train", str(path)], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -96,13 +98,18 @@ def test_killed_run_resumes_from_its_latest_checkpoint(train_recipe):
         experiment = None
         while time.monotonic() < deadline and first.poll() is None:
             runs = list(Path(checkpoints).glob("resume-*")) if Path(checkpoints).is_dir() else []
-            if runs and (latest_checkpoint_step(checkpoints, runs[0].name) or 0) >= 2:
-                experiment = runs[0].name
-                break
+            try:
+                if runs and (latest_checkpoint_step(checkpoints, runs[0].name) or 0) >= 2:
+                    experiment = runs[0].name
+                    break
+            except ValueError:  # Ray's snapshot caught mid-write
+                pass
             time.sleep(0.2)
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the stage, its Ray cluster and the workers: a lost machine
         first.wait()
+    # Ray's processes die a moment after the stage; what they write until then counts.
+    wait_until_marked_gone(marker)
     assert experiment is not None, "no checkpoint appeared before the first run ended"
     killed_at = latest_checkpoint_step(checkpoints, experiment)
     assert 2 <= killed_at < 12
