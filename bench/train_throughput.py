@@ -55,7 +55,7 @@ sys.path.insert(0, str(REPO))
 import yaml  # noqa: E402
 
 from workflow.config import load_recipe  # noqa: E402
-from workflow.training import liger_loss_chunks_callback, llamafactory_args, lora_fast_path_callback  # noqa: E402
+from workflow.training import llamafactory_args, lora_fast_path_callback  # noqa: E402
 
 RECIPES = {"reference": REPO / "recipes" / "viggo-qwen2.5-7b.yaml",
            "fast": REPO / "recipes" / "viggo-qwen2.5-7b-fast.yaml"}
@@ -73,10 +73,9 @@ BENCH_OVERRIDES: dict[str, Any] = {
 }
 DROPPED_KEYS = ("ddp_backend", "ddp_timeout", "eval_steps", "per_device_eval_batch_size", "max_samples",
                 "resume_from_checkpoint")  # one process, no evaluation; --rows sets the data
-# --try keys that are no LLaMA-Factory arguments, to measure what the train stage's fast
-# paths save: peft_lora_forward=true runs without lora_fast_path_callback (PEFT's own LoRA
-# forward); liger_chunk_mem=N sets WORKFLOW_LIGER_CHUNK_MEM (liger_loss_chunks_callback).
-BENCH_ONLY_KEYS = ("peft_lora_forward", "liger_chunk_mem")
+# A --try key that is no LLaMA-Factory argument: peft_lora_forward=true runs without the
+# train stage's lora_fast_path_callback (PEFT's own LoRA forward), to measure what it saves.
+BENCH_ONLY_KEYS = ("peft_lora_forward",)
 PROFILE_STEPS = (5, 7)  # --profile: the optimizer steps 6 and 7, by kernel
 TOKENIZER_VOCAB = 8000  # an upper bound: BPE on 800 ViGGO rows stops at ~3.1k tokens, ~235 per templated row
 
@@ -274,56 +273,20 @@ def gpu_idle_report(trace_path: Path, top: int = 15) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _time_liger_flce() -> dict:
-    """Host time spent in Liger's fused linear cross-entropy forward, and in its ``.item()`` waits."""
-    import torch
-    from liger_kernel.ops import fused_linear_cross_entropy as module
-
-    totals = {"calls": 0, "seconds": 0.0, "item_seconds": 0.0}
-    forward, item = module.fused_linear_cross_entropy_forward, torch.Tensor.item
-    inside = [False]
-
-    def timed_item(self):
-        if not inside[0]:
-            return item(self)
-        started = time.perf_counter()
-        try:
-            return item(self)
-        finally:
-            totals["item_seconds"] += time.perf_counter() - started
-
-    def timed_forward(*args, **kwargs):
-        started = time.perf_counter()
-        inside[0] = True
-        try:
-            return forward(*args, **kwargs)
-        finally:
-            inside[0] = False
-            totals["calls"] += 1
-            totals["seconds"] += time.perf_counter() - started
-
-    module.fused_linear_cross_entropy_forward = timed_forward
-    torch.Tensor.item = timed_item
-    return totals
-
-
 def run_one(spec: dict) -> dict:
     """Train one variant with LLaMA-Factory in this process; return its measurements."""
     import torch
     from llamafactory.train.tuner import run_exp
 
     meter = _meter(spec.get("profile_to"))
-    flce = _time_liger_flce() if spec.get("time_flce") else None
     # The train stage's own callbacks that change the computation (the others report to Ray).
-    callbacks = [meter, liger_loss_chunks_callback()]
-    if spec["bench_only"].get("liger_chunk_mem"):
-        os.environ["WORKFLOW_LIGER_CHUNK_MEM"] = str(spec["bench_only"]["liger_chunk_mem"])
+    callbacks = [meter]
     if not spec["bench_only"].get("peft_lora_forward"):
         callbacks.append(lora_fast_path_callback())
     started = time.monotonic()
     run_exp(args=spec["args"], callbacks=callbacks)
     wall = time.monotonic() - started
-    return {"steps": meter.steps, "wall_s": wall, "flce": flce, "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+    return {"steps": meter.steps, "wall_s": wall, "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name()}
 
@@ -447,8 +410,8 @@ def main() -> int:
     parser.add_argument("--skip", type=float, default=0.1, help="fraction of the optimizer steps left out as warm-up")
     parser.add_argument("--timeout", type=int, default=560, help="seconds per run")
     parser.add_argument("--profile", action="store_true", help="write <variant>.profile.txt: GPU time by kernel")
-    parser.add_argument("--time-flce", action="store_true",
-                        help="host time in Liger's fused linear cross-entropy forward and its .item() waits")
+    parser.add_argument("--warmup", default="fast",
+                        help="run this variant once first, unmeasured, to fill Triton's kernel cache ('' for none)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     opts = parser.parse_args()
 
@@ -472,22 +435,20 @@ def main() -> int:
         name, base, changes = parse_try(text)
         variants[name] = (base, changes)
 
-    results, summaries = {}, []
-    for name, (base, changes) in variants.items():
+    def run_variant(name: str, base: str, changes: dict) -> tuple[Path, str | bool]:
+        """One variant in its own process: (where its result is, why it failed or False)."""
         output = opts.work / "runs" / name
         bench_only = {k: v for k, v in changes.items() if k in BENCH_ONLY_KEYS}
         llamafactory_changes = {k: v for k, v in changes.items() if k not in BENCH_ONLY_KEYS}
         args, dropped = variant_args(base, llamafactory_changes, data=data, model=model, output=output)
         spec = {"args": args, "result": str(opts.work / f"{name}.result.json"), "bench_only": bench_only,
-                "profile_to": str(opts.out / f"{name}.profile.txt") if opts.profile else None,
-                "time_flce": opts.time_flce}
+                "profile_to": str(opts.out / f"{name}.profile.txt") if opts.profile else None}
         spec_path = opts.work / f"{name}.spec.json"
         spec_path.write_text(json.dumps(spec))
         print(f"[bench] {name}: {base} recipe, changed {changes or 'nothing'}; dropped {dropped}; "
               f"bench overrides {BENCH_OVERRIDES}", flush=True)
         print(f"[bench] {name} args: {json.dumps(args, sort_keys=True)}", flush=True)
         env = {**os.environ, "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false"}
-        started = time.monotonic()
         try:
             proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_path)], env=env,
                                   timeout=opts.timeout, check=False)
@@ -496,11 +457,28 @@ def main() -> int:
             failed = f"timed out after {opts.timeout} s"
         if failed:
             print(f"[bench] {name}: FAILED ({failed})", flush=True)
+        return Path(spec["result"]), failed
+
+    if opts.warmup:
+        # Triton compiles Liger's kernels for each new specialization (an argument divisible by
+        # 16, say) the first time it appears, a second or more each, then reads them from its
+        # cache on disk: a first run would count that as steady state. Any later run on the
+        # machine starts warm; so does every measured run here.
+        base, changes = variants.get(opts.warmup, (opts.warmup, {}))
+        started = time.monotonic()
+        run_variant(f"warmup-{opts.warmup}", base, changes)
+        print(f"[bench] warm-up ({opts.warmup}, not measured): {time.monotonic() - started:.0f} s", flush=True)
+
+    results, summaries = {}, []
+    for name, (base, changes) in variants.items():
+        started = time.monotonic()
+        result_path, failed = run_variant(name, base, changes)
+        if failed:
             summaries.append({"variant": name, "failed": failed})
             if not results:  # the first run failed: the harness or the wheels, not the settings
                 break
             continue
-        results[name] = json.loads(Path(spec["result"]).read_text())
+        results[name] = json.loads(result_path.read_text())
         summary = summarize(name, results[name], config, opts.skip)
         summary.update(base=base, changes=changes, process_wall_s=time.monotonic() - started)
         summaries.append(summary)
@@ -508,10 +486,6 @@ def main() -> int:
               f"MFU {summary['mfu']:.1%}, peak {summary['peak_allocated_gib']:.1f} GiB, "
               f"last-quarter loss {summary['last_quarter_loss']}; steady step median {summary['median_step_s']:.3f} s, "
               f"slowest {summary['slowest_step_s']:.3f} s", flush=True)
-        if results[name].get("flce"):
-            flce, steps = results[name]["flce"], summary["optimizer_steps"]
-            print(f"[bench] {name}: Liger FLCE forward {flce['calls']} calls, host {flce['seconds'] / steps * 1e3:.1f} ms "
-                  f"per step, of which .item() {flce['item_seconds'] / steps * 1e3:.1f} ms", flush=True)
         (opts.out / "results.json").write_text(json.dumps({"summaries": summaries, "runs": results,
                                                             "model_config": config.to_dict()}, indent=1))
         write_report(opts.out, summaries, results, config, opts.rows)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import difflib
 import fcntl
-import functools
 import json
 import os
 import re
@@ -233,52 +232,6 @@ def lora_fast_path_callback():
     return LoraFastPath()
 
 
-LIGER_LOSS_CHUNK_MEM = 8  # Liger's own setting for gpt-oss's large vocabulary
-
-
-def with_default(fn, **defaults):
-    """``fn`` with other defaults for some keyword arguments; a value the caller passes wins.
-
-    Same signature (callers that inspect it still see every parameter); wrapping a wrapper
-    made here replaces its defaults instead of stacking them.
-    """
-    fn = getattr(fn, "_workflow_original", fn)
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return fn(*args, **{**defaults, **kwargs})
-
-    wrapper._workflow_original = fn
-    return wrapper
-
-
-def liger_loss_chunks_callback():
-    """A Hugging Face callback that gives Liger's fused linear cross-entropy fewer, larger chunks.
-
-    Liger splits the logits (tokens x vocabulary) into chunks of about one hidden-state
-    tensor each (``chunk_mem_const=1``): for Qwen2.5's 152k-token vocabulary that is 32
-    chunks per 8k-token micro-batch. The host issues each chunk's matmuls and Triton kernel
-    right after waiting for the forward pass (Liger reads the label count with ``.item()``),
-    so the GPU idled while they were launched: 70 ms of host time per step on an H100
-    (bench/README.md). ``chunk_mem_const=8``, Liger's own choice for gpt-oss, makes it 4
-    chunks (transient logits up to 8x the hidden states: +0.5 GiB at 8k tokens). The loss
-    and gradients are the same numbers: chunks only split the rows. No-op without Liger
-    (``enable_liger_kernel: false``); ``WORKFLOW_LIGER_CHUNK_MEM`` sets another value.
-    """
-    from transformers import TrainerCallback
-
-    class LigerLossChunks(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            functional = sys.modules.get("liger_kernel.transformers.functional")
-            if functional is None:  # Liger not in use: LLaMA-Factory imports it only to apply it
-                return
-            value = int(os.environ.get("WORKFLOW_LIGER_CHUNK_MEM", LIGER_LOSS_CHUNK_MEM))
-            functional.liger_fused_linear_cross_entropy = with_default(
-                functional.liger_fused_linear_cross_entropy, chunk_mem_const=value)
-
-    return LigerLossChunks()
-
-
 def _make_callbacks(rank: int, tensorboard_dir: Path, tensorboard_uri: str | None):
     """Hugging Face callbacks: report checkpoints to Ray Train; print progress on rank 0."""
     import ray.train
@@ -321,7 +274,7 @@ def _make_callbacks(rank: int, tensorboard_dir: Path, tensorboard_uri: str | Non
                   f"lr {logs.get('learning_rate', 0):.2e} epoch {logs.get('epoch', 0):.2f} "
                   f"elapsed {elapsed:.0f}s left ~{left:.0f}s", flush=True)
 
-    return [ReportCheckpointToRay(), PrintProgress(), lora_fast_path_callback(), liger_loss_chunks_callback()]
+    return [ReportCheckpointToRay(), PrintProgress(), lora_fast_path_callback()]
 
 
 def train_loop_per_worker(config: dict) -> dict | None:
