@@ -11,8 +11,10 @@ started afresh every round, in a rotated order) the medians. Variants:
   like every vLLM engine there (the Ray apps' included): the ratios are against this one;
 - ``vllm-stock``: the same server with vLLM's own engine-core placement (the plugin off);
 - ``bare``:  ``build_openai_app`` with Ray's defaults (what ENVIRONMENT.md measured);
-- ``tuned``: the settings the recipes use (see ``TUNED`` and bench/README.md);
-- ``direct``: ``tuned`` with Ray 2.60's direct streaming behind HAProxy (``serve.direct_streaming``).
+- ``tuned``: fixed replica counts and quiet logs, with the OpenAI ingress hop (``TUNED``; the GPU
+  recipes' shape);
+- ``direct``: ``tuned`` with Ray 2.60's direct streaming behind HAProxy (``serve.direct_streaming``:
+  what the CPU recipe serves with).
 
     .venvs/serve/bin/python bench/serve_latency.py --model DIR [--clients 1,16] [--duration 20] [--rounds 3]
 
