@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -261,12 +262,10 @@ def add_ratios(rows: list[dict]) -> None:
         r["ttft_p50_vs_vllm"] = round(r["ttft_p50_ms"] / ref["ttft_p50_ms"], 2) if ref["ttft_p50_ms"] else None
 
 
-def median(values: list[float]) -> float | None:
-    values = sorted(v for v in values if v is not None)
-    if not values:
-        return None
-    mid = len(values) // 2
-    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+def median(values: list[float | None]) -> float | None:
+    """The median of the values present (a plain-vLLM row has no ratios)."""
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
 
 
 def summarize(rows: list[dict]) -> list[dict]:

@@ -284,6 +284,20 @@ def wait_until_marked_gone(marker: str, timeout: float = 90) -> None:
     assert not left, left
 
 
+def checkpoint_so_far(checkpoints: Path, experiment_prefix: str) -> tuple[str | None, int]:
+    """While a run trains: its Ray Train experiment folder and the step a rerun would resume
+    from (0 before the first checkpoint, or while Ray's snapshot is caught mid-write)."""
+    from workflow.training import latest_checkpoint_step
+
+    runs = list(checkpoints.glob(f"{experiment_prefix}-*")) if checkpoints.is_dir() else []
+    if not runs:
+        return None, 0
+    try:
+        return runs[0].name, latest_checkpoint_step(str(checkpoints), runs[0].name) or 0
+    except ValueError:  # Ray rewrites the snapshot in place
+        return runs[0].name, 0
+
+
 def run_workflow(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """``workflow ARGS...`` through the serve environment's CLI (which starts each stage in its own env)."""
     env = envs.stage_environment(envs.SERVE)

@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import CPU_EVALUATE, RUN_MARKER, run_workflow, wait_until_marked_gone
+from conftest import CPU_EVALUATE, RUN_MARKER, checkpoint_so_far, run_workflow, wait_until_marked_gone
 
 from workflow import envs, manifest
 from workflow.config import load_recipe
@@ -60,19 +60,13 @@ class Runner:
 
 @pytest.mark.train_env
 def test_runner_killed_during_training_resumes_from_the_latest_checkpoint(train_recipe):
-    from workflow.training import latest_checkpoint_step
-
     path = train_recipe("interrupted-train",
                         llamafactory={"max_steps": 12, "save_steps": 2, "per_device_train_batch_size": 8})
     recipe = load_recipe(path)
     checkpoints = Path(recipe.run_uri) / "train" / "checkpoints"
 
     def checkpoint_step() -> int:
-        runs = list(checkpoints.glob("interrupted-train-*")) if checkpoints.is_dir() else []
-        try:
-            return (latest_checkpoint_step(str(checkpoints), runs[0].name) or 0) if runs else 0
-        except ValueError:  # Ray's snapshot caught mid-write while polling
-            return 0
+        return checkpoint_so_far(checkpoints, "interrupted-train")[1]
 
     runner = Runner("run", str(path), "--stages", "ingest,model,train")
     try:

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import RUN_MARKER, run_workflow, wait_until_marked_gone
+from conftest import RUN_MARKER, checkpoint_so_far, run_workflow, wait_until_marked_gone
 
 from workflow import envs
 
@@ -97,13 +97,10 @@ def test_killed_run_resumes_from_its_latest_checkpoint(train_recipe):
         deadline = time.monotonic() + 600
         experiment = None
         while time.monotonic() < deadline and first.poll() is None:
-            runs = list(Path(checkpoints).glob("resume-*")) if Path(checkpoints).is_dir() else []
-            try:
-                if runs and (latest_checkpoint_step(checkpoints, runs[0].name) or 0) >= 2:
-                    experiment = runs[0].name
-                    break
-            except ValueError:  # Ray's snapshot caught mid-write
-                pass
+            found, step = checkpoint_so_far(Path(checkpoints), "resume")
+            if step >= 2:
+                experiment = found
+                break
             time.sleep(0.2)
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the stage, its Ray cluster and the workers: a lost machine
