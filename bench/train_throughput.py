@@ -55,7 +55,8 @@ sys.path.insert(0, str(REPO))
 import yaml  # noqa: E402
 
 from workflow.config import load_recipe  # noqa: E402
-from workflow.training import llamafactory_args, lora_fast_path_callback  # noqa: E402
+from workflow.packed_attention import packed_attention_callback  # noqa: E402
+from workflow.training import WORKER_ENV_DEFAULTS, llamafactory_args, lora_fast_path_callback  # noqa: E402
 
 RECIPES = {"reference": REPO / "recipes" / "viggo-qwen2.5-7b.yaml",
            "fast": REPO / "recipes" / "viggo-qwen2.5-7b-fast.yaml"}
@@ -73,9 +74,10 @@ BENCH_OVERRIDES: dict[str, Any] = {
 }
 DROPPED_KEYS = ("ddp_backend", "ddp_timeout", "eval_steps", "per_device_eval_batch_size", "max_samples",
                 "resume_from_checkpoint")  # one process, no evaluation; --rows sets the data
-# A --try key that is no LLaMA-Factory argument: peft_lora_forward=true runs without the
-# train stage's lora_fast_path_callback (PEFT's own LoRA forward), to measure what it saves.
-BENCH_ONLY_KEYS = ("peft_lora_forward",)
+# --try keys that are no LLaMA-Factory arguments, to measure what the train stage's own callbacks
+# save: peft_lora_forward=true runs without lora_fast_path_callback (PEFT's own LoRA forward),
+# sdpa_neat_packing=true without packed_attention_callback (padded packs, SDPA with a 4-D mask).
+BENCH_ONLY_KEYS = ("peft_lora_forward", "sdpa_neat_packing")
 PROFILE_STEPS = (5, 7)  # --profile: the optimizer steps 6 and 7, by kernel
 TOKENIZER_VOCAB = 8000  # an upper bound: BPE on 800 ViGGO rows stops at ~3.1k tokens, ~235 per templated row
 
@@ -283,6 +285,8 @@ def run_one(spec: dict) -> dict:
     callbacks = [meter]
     if not spec["bench_only"].get("peft_lora_forward"):
         callbacks.append(lora_fast_path_callback())
+    if not spec["bench_only"].get("sdpa_neat_packing"):
+        callbacks.append(packed_attention_callback())
     started = time.monotonic()
     run_exp(args=spec["args"], callbacks=callbacks)
     wall = time.monotonic() - started
@@ -448,7 +452,8 @@ def main() -> int:
         print(f"[bench] {name}: {base} recipe, changed {changes or 'nothing'}; dropped {dropped}; "
               f"bench overrides {BENCH_OVERRIDES}", flush=True)
         print(f"[bench] {name} args: {json.dumps(args, sort_keys=True)}", flush=True)
-        env = {**os.environ, "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = {"PYTORCH_CUDA_ALLOC_CONF": WORKER_ENV_DEFAULTS["PYTORCH_CUDA_ALLOC_CONF"],  # as the train stage
+               **os.environ, "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false"}
         try:
             proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_path)], env=env,
                                   timeout=opts.timeout, check=False)
