@@ -15,7 +15,7 @@ and the loss sums over the same labels: the last token of a pack is followed by 
 the next, which is a prompt token whose label is ignored, as the padding's was.
 
 Used only where it is the same computation: CUDA, torch with ``varlen_attn``, LLaMA-Factory's
-neat-packing collator with SDPA, no attention dropout and no sliding window.
+neat-packing collator with SDPA, a text-only model, no attention dropout and no sliding window.
 ``WORKFLOW_VARLEN_PACKING=0`` keeps LLaMA-Factory's masked path. bench/train_throughput.py
 measures both (bench/README.md).
 """
@@ -112,6 +112,8 @@ def why_not_varlen(model, collate_fn) -> str | None:
     if not getattr(collate_fn, "neat_packing", False) or not getattr(collate_fn, "block_diag_attn", False):
         return "not neat packing"
     config = model.config
+    if getattr(config, "sub_configs", None) or getattr(collate_fn, "get_rope_func", None) is not None:
+        return "a multimodal model (vision towers and 3-D position ids are not flattened)"
     if config._attn_implementation != "sdpa" or collate_fn.attn_implementation != "sdpa":
         return f"attention is {config._attn_implementation}, not sdpa"
     if not next(model.parameters()).is_cuda:
@@ -129,7 +131,14 @@ def packed_attention_callback():
 
     class PackedVarlen(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-            if model is None or train_dataloader is None or why_not_varlen(model, train_dataloader.collate_fn):
+            if model is None or train_dataloader is None:
+                return
+            reason = why_not_varlen(model, train_dataloader.collate_fn)
+            if args.process_index == 0 and reason != "not neat packing":
+                print("[training] neat packing: " + (f"LLaMA-Factory's padded packs and masked attention ({reason})"
+                                                     if reason else "padding dropped, FlashAttention varlen"),
+                      flush=True)
+            if reason:
                 return
             collate = copy.copy(train_dataloader.collate_fn)  # the evaluation loader keeps its masks
             collate.block_diag_attn = False
