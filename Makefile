@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 BENCH_MODEL ?= runs/viggo-cpu/model/weights
 
 .PHONY: setup lock demo test test-serve test-train lint validate ingest model train evaluate serve stop show \
-        bench-batch bench-serve bench-train
+        bench-batch bench-serve bench-soak bench-train
 
 setup:            ## build the train and serve environments from envs/*.lock
 	WORKFLOW_VENVS=$(VENVS) bash envs/setup.sh
@@ -47,6 +47,9 @@ bench-batch:
 
 bench-serve:      ## needs a model folder: BENCH_MODEL (default: the CPU demo's tiny model)
 	$(SERVE_PY) bench/serve_latency.py --model $(BENCH_MODEL)
+
+bench-soak:       ## 32 streaming clients for 60 s on the CPU recipe's serve app: failures, memory, shutdown
+	$(SERVE_PY) bench/serve_soak.py --model $(BENCH_MODEL)
 
 bench-train:      ## needs a GPU machine (see bench/README.md)
 	$(TRAIN_PY) bench/train_throughput.py

@@ -1,12 +1,14 @@
 """Sustained load on the workflow's serve app: failures, memory after warm-up, clean shutdown.
 
 Starts the app the way the serve stage does (its own one-node Ray cluster on loopback, the
-recipes' tuned Ray Serve LLM settings, the API-key ingress), warms it up, then drives it
+recipes' tuned Ray Serve LLM settings, an API key): ``--app direct`` (the default) as the CPU
+recipe serves it, with direct streaming (vLLM's own app in the replica checks the key);
+``--app tuned`` through the workflow's ingress. It warms the app up, then drives it
 with N concurrent closed-loop streaming chat clients for T seconds while sampling the
 resident memory (RSS) of every process of the cluster. Then it shuts the app and the
 cluster down and checks that none of their processes is left and the port is closed.
 
-    .venvs/serve/bin/python bench/serve_soak.py --model DIR [--clients 32] [--duration 60]
+    .venvs/serve/bin/python bench/serve_soak.py --model DIR [--app direct|tuned] [--clients 32] [--duration 60]
 
 Prints the figures and writes JSON and a PNG (memory and requests over time) next to --out.
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
-from serve_latency import MODEL_ID, TUNED, one_request  # noqa: E402
+from serve_latency import DIRECT, MODEL_ID, TUNED, one_request  # noqa: E402
 
 from workflow import serving  # noqa: E402
 from workflow.config import ServeConfig  # noqa: E402
@@ -64,6 +66,7 @@ async def soak(base_url: str, api_key: str, clients: int, duration: float, max_t
     url = f"{base_url}/chat/completions"
     headers = {"Authorization": f"Bearer {api_key}"}
     ttfts, errors, tokens, timeline = [], [], 0, []
+    first_procs, last_procs = {}, {}
     done_in_interval = 0
     started = time.perf_counter()
     deadline = started + duration
@@ -84,6 +87,8 @@ async def soak(base_url: str, api_key: str, clients: int, duration: float, max_t
         while time.perf_counter() < deadline:
             await asyncio.sleep(sample_every)
             procs = await asyncio.to_thread(cluster_processes, marker)
+            first_procs.update({pid: v for pid, v in procs.items() if pid not in first_procs})
+            last_procs.update(procs)
             timeline.append({"t_s": round(time.perf_counter() - started, 1),
                              "rss_mb": round(sum(rss for _, rss in procs.values()) / 2**20, 1),
                              "processes": len(procs), "requests": done_in_interval, "errors": len(errors)})
@@ -101,7 +106,15 @@ async def soak(base_url: str, api_key: str, clients: int, duration: float, max_t
     return {"clients": clients, "duration_s": round(elapsed, 1), "requests": len(ttfts), "failed": len(errors),
             "first_errors": errors[:5], "req_per_s": round(len(ttfts) / elapsed, 2),
             "tokens_per_s": round(tokens / elapsed, 1), "ttft_p50_ms": pct(0.5), "ttft_p99_ms": pct(0.99),
-            "timeline": timeline}
+            "timeline": timeline, "by_process": growth_by_process(first_procs, last_procs)}
+
+
+def growth_by_process(first: dict, last: dict) -> list[dict]:
+    """Each process's RSS when first and last sampled, the largest growth first."""
+    rows = [{"pid": pid, "title": title, "rss_first_mb": round(first[pid][1] / 2**20, 1),
+             "rss_last_mb": round(rss / 2**20, 1), "growth_mb": round((rss - first[pid][1]) / 2**20, 1)}
+            for pid, (title, rss) in last.items()]
+    return sorted(rows, key=lambda r: -r["growth_mb"])
 
 
 def memory_growth(timeline: list[dict]) -> dict:
@@ -166,29 +179,35 @@ def plot(result: dict, path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model folder (e.g. the tiny model of a CPU run)")
+    parser.add_argument("--app", choices=("direct", "tuned"), default="direct",
+                        help="direct streaming (the CPU recipe's app) or the workflow's ingress")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--duration", type=float, default=60, help="seconds of sustained load")
     parser.add_argument("--warmup", type=float, default=20, help="seconds of the same load before measuring")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--sample-every", type=float, default=2.0, help="seconds between memory samples")
-    parser.add_argument("--out", default=str(BENCH / "results" / "serve_soak.json"))
+    parser.add_argument("--out", help="JSON path (default bench/results/serve_soak-<app>.json); the PNG goes beside it")
     args = parser.parse_args()
 
     api_key = os.environ.setdefault(API_KEY_ENV, "soak-" + os.urandom(12).hex())
-    cfg = ServeConfig(**TUNED, num_cpus=8)
+    cfg = ServeConfig(**(DIRECT if args.app == "direct" else TUNED), num_cpus=8)
     llm = serving.build_llm_config(cfg, model_source=args.model, default_model_id=MODEL_ID, adapters_uri=None,
                                    lora_rank=None)
+    # The key reaches the app as the serve stage passes it: the ingress reads the inherited
+    # variable; with direct streaming, vLLM's app in the replica reads VLLM_API_KEY.
+    env_vars = {**serving.DIRECT_STREAMING_ENV, "VLLM_API_KEY": api_key} if cfg.direct_streaming else {}
     state = serving.start_cluster(Path(tempfile.mkdtemp(prefix="bench-soak-")), num_cpus=cfg.num_cpus,
-                                  env_vars={})  # the key reaches the replicas as the serve stage passes it: inherited
+                                  env_vars=env_vars)
     marker = f"{serving.CLUSTER_MARKER}={state['address']}".encode()
     port = serving.free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
-    result: dict = {"model": args.model, "max_tokens": args.max_tokens, "load_before": os.getloadavg()[0]}
+    result: dict = {"app": args.app, "model": args.model, "max_tokens": args.max_tokens,
+                    "load_before": os.getloadavg()[0]}
     try:
         serving.connect(state)
         serving.deploy(serving.validate_llm_config(llm, "soak"), host="127.0.0.1", port=port,
                        ingress_cls_config=serving.ingress_cls_config(API_KEY_ENV),
-                       ingress_deployment_config=cfg.ingress_deployment_config)
+                       ingress_deployment_config=cfg.ingress_deployment_config, direct_streaming=cfg.direct_streaming)
         serving.wait_until_answering(base_url, MODEL_ID, api_key)
         print(f"[soak] warm-up: {args.clients} clients for {args.warmup:.0f} s", flush=True)
         warm = asyncio.run(soak(base_url, api_key, args.clients, args.warmup, args.max_tokens, marker,
@@ -203,7 +222,7 @@ def main() -> int:
         result["shutdown"] = shutdown(state, marker, port)
     result["load_after"] = os.getloadavg()[0]
 
-    out = Path(args.out)
+    out = Path(args.out or BENCH / "results" / f"serve_soak-{args.app}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out.with_suffix(".png"))
     s, m, d = result["soak"], result["memory"], result["shutdown"]
@@ -213,6 +232,9 @@ def main() -> int:
     print(f"[soak] RSS after warm-up {m['rss_first_quarter_mb']} MB -> end {m['rss_last_quarter_mb']} MB "
           f"({m['rss_growth_mb']:+} MB, {m['rss_growth_pct']:+}%, slope {m['rss_slope_mb_per_min']:+} MB/min)",
           flush=True)
+    for row in s["by_process"][:3]:
+        print(f"[soak]   {row['growth_mb']:+} MB  {row['title'][:60]} (pid {row['pid']}: {row['rss_first_mb']} -> "
+              f"{row['rss_last_mb']} MB)", flush=True)
     print(f"[soak] shutdown: {d['stop_s']} s, all processes gone after {d['all_gone_s']} s, left "
           f"{d['processes_left'] or 'none'}, port open after: {d['port_open_after']}", flush=True)
     print(f"[soak] wrote {out} and {out.with_suffix('.png')}", flush=True)
