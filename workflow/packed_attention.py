@@ -1,7 +1,7 @@
 """Neat packing without padding or attention masks: packed rows through FlashAttention varlen.
 
 With ``packing`` + ``neat_packing`` and ``flash_attn: sdpa``, LLaMA-Factory pads every pack
-to ``cutoff_len`` and hands SDPA a block-diagonal (B, 1, S, S) mask so that rows in a pack do
+to ``cutoff_len + 1`` (then to a multiple of 8) and hands SDPA a block-diagonal (B, 1, S, S) mask so that rows in a pack do
 not attend to each other. On a GPU that costs twice: the padding (~13% of the positions of a
 ViGGO pack) goes through every matmul of the model, and masked SDPA runs a slower kernel than
 causal attention. LLaMA-Factory unpads only for ``flash_attention_2``, which needs the
@@ -11,8 +11,8 @@ Here the train stage drops the padding and the mask instead: the micro-batch's r
 become one (1, T) row and each packed example one segment of ``cu_seq_lens``, attended
 causally by ``torch.nn.attention.varlen.varlen_attn`` (the FlashAttention kernel shipped in
 torch). Rows see exactly what the mask let them see, positions restart per row as before,
-and the loss sums over the same labels: the last token of a pack is followed by the first of
-the next, which is a prompt token whose label is ignored, as the padding's was.
+and the loss sums over the same predictions: a pack's last token is now followed by the next
+pack's first token instead of padding, so that token is made no target.
 
 Used only where it is the same computation: CUDA, torch with ``varlen_attn``, LLaMA-Factory's
 neat-packing collator with SDPA, a text-only model, no attention dropout and no sliding window.
