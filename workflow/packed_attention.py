@@ -1,8 +1,8 @@
 """Neat packing without padding or attention masks: packed rows through FlashAttention varlen.
 
 With ``packing`` + ``neat_packing`` and ``flash_attn: sdpa``, LLaMA-Factory pads every pack
-to ``cutoff_len + 1`` (then to a multiple of 8) and hands SDPA a block-diagonal (B, 1, S, S) mask so that rows in a pack do
-not attend to each other. On a GPU that costs twice: the padding (~13% of the positions of a
+to ``cutoff_len + 1`` (then to a multiple of 8) and hands SDPA a block-diagonal (B, 1, S, S)
+mask so that rows in a pack do not attend to each other. On a GPU that costs twice: the padding (~13% of the positions of a
 ViGGO pack) goes through every matmul of the model, and masked SDPA runs a slower kernel than
 causal attention. LLaMA-Factory unpads only for ``flash_attention_2``, which needs the
 flash-attn package (a source build).
@@ -52,14 +52,14 @@ def flatten_packed_batch(batch: dict[str, Any]) -> dict[str, Any]:
     # example each carry the same index 1).
     row_of = torch.arange(rows).repeat_interleave(length)[keep]
     ids = segment_ids.reshape(-1)[keep]
-    starts = torch.ones_like(ids, dtype=torch.bool)
-    starts[1:] = (ids[1:] != ids[:-1]) | (row_of[1:] != row_of[:-1])
+    pack_starts = torch.ones_like(ids, dtype=torch.bool)
+    pack_starts[1:] = row_of[1:] != row_of[:-1]
+    starts = pack_starts.clone()
+    starts[1:] |= ids[1:] != ids[:-1]
     offsets = torch.cat([starts.nonzero().flatten(), torch.tensor([ids.numel()])]).to(torch.int32)
-    if "labels" in batch and ids.numel():
+    if "labels" in batch:
         # A pack's first token began a row, so nothing predicted it; now it follows the previous
         # pack's last token, which must not learn to predict it.
-        pack_starts = torch.ones_like(ids, dtype=torch.bool)
-        pack_starts[1:] = row_of[1:] != row_of[:-1]
         batch["labels"][0, pack_starts] = IGNORE_INDEX
     longest = int((offsets[1:] - offsets[:-1]).max()) if ids.numel() else 0
     batch.update(cu_seq_lens_q=offsets, cu_seq_lens_k=offsets, max_length_q=longest, max_length_k=longest)
