@@ -233,7 +233,7 @@ def run_ray_app(name: str, settings: dict, args, round_no: int) -> list[dict]:
                                    lora_rank=None)
     state_dir = Path(tempfile.mkdtemp(prefix=f"bench-serve-{name}-"))
     state = serving.start_cluster(state_dir, num_cpus=cfg.num_cpus,
-                                  env_vars=serving.DIRECT_STREAMING_ENV if cfg.direct_streaming else {})
+                                  env_vars=serving.direct_streaming_env(None) if cfg.direct_streaming else {})
     port = serving.free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
     try:

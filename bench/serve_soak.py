@@ -194,8 +194,8 @@ def main() -> int:
     llm = serving.build_llm_config(cfg, model_source=args.model, default_model_id=MODEL_ID, adapters_uri=None,
                                    lora_rank=None)
     # The key reaches the app as the serve stage passes it: the ingress reads the inherited
-    # variable; with direct streaming, vLLM's app in the replica reads VLLM_API_KEY.
-    env_vars = {**serving.DIRECT_STREAMING_ENV, "VLLM_API_KEY": api_key} if cfg.direct_streaming else {}
+    # variable; with direct streaming, vLLM's app in the replica gets it from the cluster's env.
+    env_vars = serving.direct_streaming_env(api_key) if cfg.direct_streaming else {}
     state = serving.start_cluster(Path(tempfile.mkdtemp(prefix="bench-soak-")), num_cpus=cfg.num_cpus,
                                   env_vars=env_vars)
     marker = f"{serving.CLUSTER_MARKER}={state['address']}".encode()

@@ -138,9 +138,7 @@ def run(ctx: StageContext) -> StageResult:
         print("[serve] replaced the app that was running", flush=True)
     env_vars = serving.loopback_env(s3_port) if s3_port else {}
     if cfg.direct_streaming:
-        env_vars.update(serving.DIRECT_STREAMING_ENV)
-        if api_key:  # the replicas serve vLLM's own app, which checks this key on /v1 routes
-            env_vars["VLLM_API_KEY"] = api_key
+        env_vars.update(serving.direct_streaming_env(api_key))
     port = cfg.port or serving.free_port()
     base_url = f"http://{cfg.host}:{port}/v1"
     print(f"[serve] starting a Ray cluster ({cfg.num_cpus} logical CPUs) for {model_id}", flush=True)

@@ -239,6 +239,12 @@ DIRECT_STREAMING_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_LLM_ENABLE_
                         "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1"}
 
 
+def direct_streaming_env(api_key: str | None) -> dict[str, str]:
+    """The cluster's environment for direct streaming; the replicas then serve vLLM's own
+    OpenAI app, which checks ``VLLM_API_KEY`` on /v1 routes (there is no workflow ingress)."""
+    return {**DIRECT_STREAMING_ENV, **({"VLLM_API_KEY": api_key} if api_key else {})}
+
+
 def deploy(llm_config, *, host: str, port: int, ingress_cls_config: dict[str, Any] | None,
            ingress_deployment_config: dict[str, Any], direct_streaming: bool = False) -> None:
     """Run the OpenAI app on the connected cluster and wait until it is RUNNING.
