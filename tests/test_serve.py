@@ -114,6 +114,34 @@ def test_smoke_similarity_counts_every_character():
     assert serving.similarity(target, target) == 1.0
 
 
+def test_stop_ends_processes_of_the_cluster_outside_its_group(tmp_path):
+    """Ray workers and vLLM's engine processes can sit outside the head's process group (CI
+    once found a replica's VLLM::EngineCore and VLLM::Worker alive after stop); stop ends
+    every process carrying the cluster's marker, with SIGKILL if SIGTERM is ignored."""
+    import os
+    import sys
+
+    address = f"127.0.0.1:{serving.free_port()}"
+    head = subprocess.Popen(["true"], start_new_session=True)
+    head.wait()  # the head's group is gone, as after the killpg
+    ignores_term = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
+    stray = subprocess.Popen([sys.executable, "-c", ignores_term], start_new_session=True, stdout=subprocess.PIPE,
+                             env={**os.environ, serving.CLUSTER_MARKER: address}, text=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True,
+                             env={**os.environ, serving.CLUSTER_MARKER: "127.0.0.1:1"})
+    try:
+        assert stray.stdout.readline() == "up\n"
+        assert [p.pid for p in serving.cluster_processes(address)] == [stray.pid]
+        serving.stop_cluster({"pid": head.pid, "address": address}, timeout_s=4)
+        # It ignores SIGTERM, so gone means killed (psutil reaped it: no exit code to read here).
+        assert stray.poll() is not None
+        assert other.poll() is None  # another cluster's process is left alone
+    finally:
+        for proc in (stray, other):
+            proc.kill()
+            proc.wait()
+
+
 # ---------------------------------------------------------------- one detached deploy
 
 def _cluster_pids(address: str) -> dict[int, str]:

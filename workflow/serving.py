@@ -5,7 +5,9 @@ session (its own process group) and records it in a local state file; ``deploy``
 starts Serve's HTTP proxy on the chosen host/port and runs ``build_openai_app``; the
 launcher may then exit (``--detach``) and the app keeps serving. ``stop_cluster`` shuts
 Serve down (applications, replicas, proxy) and then ends that one cluster by its process
-group: never ``ray stop``, which would end every Ray cluster of the user on the machine.
+group, and then any process still carrying the cluster's marker variable (Ray workers and
+vLLM's engine processes can sit in other groups): never ``ray stop``, which would end every
+Ray cluster of the user on the machine.
 
 Adapters. Ray Serve LLM loads adapters on demand from ``lora_config.dynamic_lora_loading_path``
 and accepts only remote URIs there. With s3:// or gs:// storage that is the run's
@@ -14,11 +16,12 @@ S3-compatible server on loopback (moto, run as a detached actor inside the same 
 that it lives and dies with the app), and the cluster's ``AWS_ENDPOINT_URL`` points Ray's
 downloader at it. Adapters trained after the deploy appear on the next deploy.
 
-Ray, boto3, moto and httpx are imported inside the functions that use them.
+Ray, boto3, moto, httpx and psutil are imported inside the functions that use them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import json
@@ -182,6 +185,51 @@ def stop_cluster(state: dict[str, Any], *, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s / 2
         while cluster_alive(state) and time.monotonic() < deadline:
             time.sleep(0.5)
+    _end_leftovers(state["address"], timeout_s=timeout_s)
+
+
+def cluster_processes(address: str) -> list:
+    """The processes that carry this cluster's marker (psutil.Process), wherever their group."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(CLUSTER_MARKER) == address:
+                found.append(proc)
+        except psutil.Error:  # gone, or another user's
+            continue
+    return found
+
+
+def _end_leftovers(address: str, *, timeout_s: float) -> None:
+    """End what outlived the process group: Ray puts its workers in their own groups, and a
+    replica killed mid-shutdown leaves vLLM's engine core and CPU worker (its children)
+    running, holding the model's memory and cores."""
+    import psutil
+
+    left = cluster_processes(address)
+    if not left:
+        return
+    print(f"[serve] ending {len(left)} process(es) the cluster left behind: "
+          f"{', '.join(sorted({_title(p) for p in left}))}", flush=True)
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(left, timeout=timeout_s / 2)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=10)
+
+
+def _title(proc) -> str:
+    import psutil
+
+    try:
+        return " ".join(proc.cmdline())[:60].strip() or proc.name()
+    except psutil.Error:
+        return str(proc.pid)
 
 
 # ---------------------------------------------------------------- adapters on loopback S3
