@@ -203,11 +203,16 @@ def measure(name: str, base_url: str, args, marker: bytes, round_no: int) -> lis
 
 # ---------------------------------------------------------------- servers
 
+def plain_vllm_command(model: str, port: int) -> list[str]:
+    """vLLM's own OpenAI server on loopback with the Ray apps' engine settings (ENGINE_KWARGS)."""
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+            "--served-model-name", MODEL_ID, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+            "--enforce-eager", "--max-model-len", "512", "--disable-uvicorn-access-log"]
+
+
 def run_plain_vllm(args, round_no: int, name: str = "vllm") -> list[dict]:
     port = serving.free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
-           "--served-model-name", MODEL_ID, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
-           "--enforce-eager", "--max-model-len", "512", "--disable-uvicorn-access-log"]
+    cmd = plain_vllm_command(args.model, port)
     log = open(Path(args.out).with_suffix(".vllm.log"), "w")  # noqa: SIM115
     tag = f"vllm-{port}"  # marks the server's processes for the CPU profile
     env = {**os.environ, **ENV_VARS, "WORKFLOW_BENCH_SERVER": tag}

@@ -3,12 +3,13 @@
 Starts the app the way the serve stage does (its own one-node Ray cluster on loopback, the
 recipes' tuned Ray Serve LLM settings, an API key): ``--app direct`` (the default) as the CPU
 recipe serves it, with direct streaming (vLLM's own app in the replica checks the key);
-``--app tuned`` through the workflow's ingress. It warms the app up, then drives it
+``--app tuned`` through the workflow's ingress; ``--app vllm`` is plain vLLM's OpenAI server
+(same engine settings, key in ``VLLM_API_KEY``), the baseline for memory growth. It warms the app up, then drives it
 with N concurrent closed-loop streaming chat clients for T seconds while sampling the
 resident memory (RSS) of every process of the cluster. Then it shuts the app and the
 cluster down and checks that none of their processes is left and the port is closed.
 
-    .venvs/serve/bin/python bench/serve_soak.py --model DIR [--app direct|tuned] [--clients 32] [--duration 60]
+    .venvs/serve/bin/python bench/serve_soak.py --model DIR [--app direct|tuned|vllm] [--clients 32] [--duration 60]
 
 Prints the figures and writes JSON and a PNG (memory and requests over time) next to --out.
 """
@@ -19,7 +20,9 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +31,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
-from serve_latency import DIRECT, MODEL_ID, TUNED, one_request  # noqa: E402
+from serve_latency import DIRECT, ENV_VARS, MODEL_ID, TUNED, one_request, plain_vllm_command  # noqa: E402
 
 from workflow import serving  # noqa: E402
 from workflow.config import ServeConfig  # noqa: E402
@@ -36,29 +39,24 @@ from workflow.config import ServeConfig  # noqa: E402
 API_KEY_ENV = "WORKFLOW_API_KEY"
 
 
-def cluster_processes(marker: bytes) -> dict[int, tuple[str, int]]:
-    """pid -> (title, RSS bytes) of the cluster's processes: those whose environment holds
-    ``marker``, and their descendants (vLLM's engine core starts with a fresh environment)."""
-    page = os.sysconf("SC_PAGE_SIZE")
+def cluster_memory(address: str) -> dict[int, tuple[str, int]]:
+    """pid -> (title, RSS bytes) of the cluster's processes (``serving.cluster_processes``:
+    those carrying its marker variable, and their descendants)."""
+    import psutil
+
     procs = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for proc in serving.cluster_processes(address):
         try:
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            rss = int((proc / "statm").read_text().split()[1]) * page
-            title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            marked = marker in (proc / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
+            title = (proc.cmdline() or [proc.name()])[0]
+            rss = proc.memory_info().rss
+        except psutil.Error:
             continue
-        procs[int(proc.name)] = (ppid, marked, title, rss)
-    ours = {pid for pid, (_, marked, _, _) in procs.items() if marked}
-    while children := {pid for pid, (ppid, *_) in procs.items() if ppid in ours} - ours:
-        ours |= children
-    return {pid: (procs[pid][2], procs[pid][3]) for pid in ours if procs[pid][3] > 0}
+        if rss > 0:
+            procs[proc.pid] = (title, rss)
+    return procs
 
 
-async def soak(base_url: str, api_key: str, clients: int, duration: float, max_tokens: int, marker: bytes,
+async def soak(base_url: str, api_key: str, clients: int, duration: float, max_tokens: int, address: str,
                sample_every: float) -> dict:
     """Closed-loop streaming clients; per-interval requests/errors and the cluster's RSS."""
     import httpx
@@ -86,7 +84,7 @@ async def soak(base_url: str, api_key: str, clients: int, duration: float, max_t
         nonlocal done_in_interval
         while time.perf_counter() < deadline:
             await asyncio.sleep(sample_every)
-            procs = await asyncio.to_thread(cluster_processes, marker)
+            procs = await asyncio.to_thread(cluster_memory, address)
             first_procs.update({pid: v for pid, v in procs.items() if pid not in first_procs})
             last_procs.update(procs)
             timeline.append({"t_s": round(time.perf_counter() - started, 1),
@@ -138,13 +136,13 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def shutdown(state: dict, marker: bytes, port: int) -> dict:
-    """Stop the app and the cluster; then wait for their processes to go and the port to close."""
+def shutdown(stop, address: str, port: int) -> dict:
+    """Stop the app (``stop()``); then wait for its processes to go and the port to close."""
     started = time.monotonic()
-    serving.stop_cluster(state)
+    stop()
     stopped_s = time.monotonic() - started
     deadline = time.monotonic() + 60
-    while (left := cluster_processes(marker)) and time.monotonic() < deadline:
+    while (left := cluster_memory(address)) and time.monotonic() < deadline:
         time.sleep(0.5)
     return {"stop_s": round(stopped_s, 1), "all_gone_s": round(time.monotonic() - started, 1),
             "processes_left": sorted(title for title, _ in left.values()), "port_open_after": port_open(port)}
@@ -176,11 +174,52 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def start_ray_app(args, api_key: str, port: int):
+    """The workflow's app on its own one-node cluster, as the serve stage starts it: (address, stop)."""
+    cfg = ServeConfig(**(DIRECT if args.app == "direct" else TUNED), num_cpus=8)
+    llm = serving.build_llm_config(cfg, model_source=args.model, default_model_id=MODEL_ID, adapters_uri=None,
+                                   lora_rank=None)
+    # The key reaches the app as the serve stage passes it: the ingress reads the inherited
+    # variable; with direct streaming, vLLM's app in the replica gets it from the cluster's env.
+    env_vars = serving.direct_streaming_env(api_key) if cfg.direct_streaming else {}
+    state = serving.start_cluster(Path(tempfile.mkdtemp(prefix="bench-soak-")), num_cpus=cfg.num_cpus,
+                                  env_vars=env_vars)
+    try:
+        serving.connect(state)
+        serving.deploy(serving.validate_llm_config(llm, "soak"), host="127.0.0.1", port=port,
+                       ingress_cls_config=serving.ingress_cls_config(API_KEY_ENV),
+                       ingress_deployment_config=cfg.ingress_deployment_config, direct_streaming=cfg.direct_streaming)
+    except BaseException:
+        serving.stop_cluster(state)
+        raise
+    return state["address"], lambda: serving.stop_cluster(state)
+
+
+def start_plain_vllm(args, api_key: str, port: int):
+    """Plain vLLM's server in its own session, tagged with the marker variable so that its
+    processes are sampled like a cluster's: (address, stop)."""
+    address = f"vllm-{port}"
+    env = {**os.environ, **ENV_VARS, serving.CLUSTER_MARKER: address, "VLLM_API_KEY": api_key}
+    log = open(Path(tempfile.mkdtemp(prefix="bench-soak-vllm-")) / "vllm.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(plain_vllm_command(args.model, port), env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+    def stop():
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    return address, stop
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model folder (e.g. the tiny model of a CPU run)")
-    parser.add_argument("--app", choices=("direct", "tuned"), default="direct",
-                        help="direct streaming (the CPU recipe's app) or the workflow's ingress")
+    parser.add_argument("--app", choices=("direct", "tuned", "vllm"), default="direct",
+                        help="direct streaming (the CPU recipe's app), the workflow's ingress, or plain vLLM")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--duration", type=float, default=60, help="seconds of sustained load")
     parser.add_argument("--warmup", type=float, default=20, help="seconds of the same load before measuring")
@@ -190,36 +229,25 @@ def main() -> int:
     args = parser.parse_args()
 
     api_key = os.environ.setdefault(API_KEY_ENV, "soak-" + os.urandom(12).hex())
-    cfg = ServeConfig(**(DIRECT if args.app == "direct" else TUNED), num_cpus=8)
-    llm = serving.build_llm_config(cfg, model_source=args.model, default_model_id=MODEL_ID, adapters_uri=None,
-                                   lora_rank=None)
-    # The key reaches the app as the serve stage passes it: the ingress reads the inherited
-    # variable; with direct streaming, vLLM's app in the replica gets it from the cluster's env.
-    env_vars = serving.direct_streaming_env(api_key) if cfg.direct_streaming else {}
-    state = serving.start_cluster(Path(tempfile.mkdtemp(prefix="bench-soak-")), num_cpus=cfg.num_cpus,
-                                  env_vars=env_vars)
-    marker = f"{serving.CLUSTER_MARKER}={state['address']}".encode()
     port = serving.free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
     result: dict = {"app": args.app, "model": args.model, "max_tokens": args.max_tokens,
                     "load_before": os.getloadavg()[0]}
+    start = start_plain_vllm if args.app == "vllm" else start_ray_app
+    address, stop = start(args, api_key, port)
     try:
-        serving.connect(state)
-        serving.deploy(serving.validate_llm_config(llm, "soak"), host="127.0.0.1", port=port,
-                       ingress_cls_config=serving.ingress_cls_config(API_KEY_ENV),
-                       ingress_deployment_config=cfg.ingress_deployment_config, direct_streaming=cfg.direct_streaming)
         serving.wait_until_answering(base_url, MODEL_ID, api_key)
         print(f"[soak] warm-up: {args.clients} clients for {args.warmup:.0f} s", flush=True)
-        warm = asyncio.run(soak(base_url, api_key, args.clients, args.warmup, args.max_tokens, marker,
+        warm = asyncio.run(soak(base_url, api_key, args.clients, args.warmup, args.max_tokens, address,
                                 args.sample_every))
         result["warmup"] = {k: v for k, v in warm.items() if k != "timeline"}
         print(f"[soak] {args.clients} concurrent streaming clients for {args.duration:.0f} s", flush=True)
-        result["soak"] = asyncio.run(soak(base_url, api_key, args.clients, args.duration, args.max_tokens, marker,
+        result["soak"] = asyncio.run(soak(base_url, api_key, args.clients, args.duration, args.max_tokens, address,
                                           args.sample_every))
         result["memory"] = memory_growth(result["soak"]["timeline"])
     finally:
         print("[soak] shutting down", flush=True)
-        result["shutdown"] = shutdown(state, marker, port)
+        result["shutdown"] = shutdown(stop, address, port)
     result["load_after"] = os.getloadavg()[0]
 
     out = Path(args.out or BENCH / "results" / f"serve_soak-{args.app}.json")

@@ -115,32 +115,40 @@ def test_smoke_similarity_counts_every_character():
 
 
 def test_stop_ends_processes_of_the_cluster_outside_its_group(tmp_path):
-    """Ray workers and vLLM's engine processes can sit outside the head's process group (CI
-    once found a replica's VLLM::EngineCore and VLLM::Worker alive after stop); stop ends
-    every process carrying the cluster's marker, with SIGKILL if SIGTERM is ignored."""
+    """Ray workers sit outside the head's process group (CI once found a replica's
+    VLLM::EngineCore and VLLM::Worker alive after stop): stop ends every process carrying the
+    cluster's marker and their descendants, with SIGKILL where SIGTERM is ignored."""
     import os
     import sys
+
+    import psutil
 
     address = f"127.0.0.1:{serving.free_port()}"
     head = subprocess.Popen(["true"], start_new_session=True)
     head.wait()  # the head's group is gone, as after the killpg
-    ignores_term = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
-    stray = subprocess.Popen([sys.executable, "-c", ignores_term], start_new_session=True, stdout=subprocess.PIPE,
+    # A marked process in a session of its own, and its child with an environment of its own;
+    # both ignore SIGTERM.
+    ignore_term = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    child = ignore_term + "time.sleep(600)"
+    parent = (ignore_term + f"import subprocess, sys; c = subprocess.Popen([sys.executable, '-c', {child!r}], env={{}}); "
+              "print(c.pid, flush=True); time.sleep(600)")
+    stray = subprocess.Popen([sys.executable, "-c", parent], start_new_session=True, stdout=subprocess.PIPE,
                              env={**os.environ, serving.CLUSTER_MARKER: address}, text=True)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True,
                              env={**os.environ, serving.CLUSTER_MARKER: "127.0.0.1:1"})
+    grandchild = psutil.Process(int(stray.stdout.readline()))
     try:
-        assert stray.stdout.readline() == "up\n"
-        assert [p.pid for p in serving.cluster_processes(address)] == [stray.pid]
+        assert sorted(p.pid for p in serving.cluster_processes(address)) == sorted([stray.pid, grandchild.pid])
         serving.stop_cluster({"pid": head.pid, "address": address}, timeout_s=4)
-        # It ignores SIGTERM, so gone means killed (psutil reaped it: no exit code to read here).
-        assert stray.poll() is not None
+        # Both ignore SIGTERM, so gone means killed (psutil reaped the child: no exit code to read).
+        assert stray.poll() is not None and not grandchild.is_running()
         assert other.poll() is None  # another cluster's process is left alone
     finally:
         for proc in (stray, other):
             proc.kill()
             proc.wait()
-
+        if grandchild.is_running():
+            grandchild.kill()
 
 # ---------------------------------------------------------------- one detached deploy
 

@@ -165,7 +165,9 @@ def cluster_alive(state: dict[str, Any]) -> bool:
 
 
 def stop_cluster(state: dict[str, Any], *, timeout_s: float = 60) -> None:
-    """Shut Serve down, then end the cluster's process group (only the one we started)."""
+    """Shut Serve down, then end the cluster's process group (only the one we started), then
+    whatever of the cluster outlived the group."""
+    known = cluster_processes(state["address"])
     if cluster_alive(state):
         try:
             connect(state)
@@ -185,30 +187,32 @@ def stop_cluster(state: dict[str, Any], *, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s / 2
         while cluster_alive(state) and time.monotonic() < deadline:
             time.sleep(0.5)
-    _end_leftovers(state["address"], timeout_s=timeout_s)
+    _end_leftovers(known + cluster_processes(state["address"]), timeout_s=timeout_s)
 
 
 def cluster_processes(address: str) -> list:
-    """The processes that carry this cluster's marker (psutil.Process), wherever their group."""
+    """The cluster's processes (psutil.Process): those carrying its marker variable, and their
+    descendants (a child may be started with an environment of its own)."""
     import psutil
 
-    found = []
+    found = {}
     for proc in psutil.process_iter():
         try:
             if proc.environ().get(CLUSTER_MARKER) == address:
-                found.append(proc)
+                found[proc.pid] = proc
+                found.update((child.pid, child) for child in proc.children(recursive=True))
         except psutil.Error:  # gone, or another user's
             continue
-    return found
+    return list(found.values())
 
 
-def _end_leftovers(address: str, *, timeout_s: float) -> None:
-    """End what outlived the process group: Ray puts its workers in their own groups, and a
-    replica killed mid-shutdown leaves vLLM's engine core and CPU worker (its children)
-    running, holding the model's memory and cores."""
+def _end_leftovers(procs: list, *, timeout_s: float) -> None:
+    """End what outlived the process group. Ray puts its workers in groups of their own, and
+    after the head's group is gone the Serve controller, the replicas and vLLM's engine core
+    and CPU worker (the replica's children) keep running, holding the model's memory and cores."""
     import psutil
 
-    left = cluster_processes(address)
+    left = list({p.pid: p for p in procs if p.is_running()}.values())  # is_running: False if the pid was reused
     if not left:
         return
     print(f"[serve] ending {len(left)} process(es) the cluster left behind: "
