@@ -6,6 +6,7 @@ SERVE_PY := $(VENVS)/serve/bin/python
 WORKFLOW := $(SERVE_PY) -m workflow
 PYTEST_ARGS ?=
 BENCH_MODEL ?= runs/viggo-cpu/model/weights
+SOAK_APP ?= direct
 
 .PHONY: setup lock demo test test-serve test-train lint validate ingest model train evaluate serve stop show \
         bench-batch bench-serve bench-soak bench-train
@@ -48,8 +49,8 @@ bench-batch:
 bench-serve:      ## needs a model folder: BENCH_MODEL (default: the CPU demo's tiny model)
 	$(SERVE_PY) bench/serve_latency.py --model $(BENCH_MODEL)
 
-bench-soak:       ## 32 streaming clients for 60 s on the CPU recipe's serve app: failures, memory, shutdown
-	$(SERVE_PY) bench/serve_soak.py --model $(BENCH_MODEL)
+bench-soak:       ## 32 streaming clients for 60 s on the CPU recipe's serve app (SOAK_APP=vllm: plain vLLM): failures, memory, shutdown
+	$(SERVE_PY) bench/serve_soak.py --model $(BENCH_MODEL) --app $(SOAK_APP)
 
 bench-train:      ## needs a GPU machine (see bench/README.md)
 	$(TRAIN_PY) bench/train_throughput.py

@@ -114,6 +114,20 @@ def test_smoke_similarity_counts_every_character():
     assert serving.similarity(target, target) == 1.0
 
 
+def test_a_head_that_exited_is_not_alive_though_not_yet_reaped():
+    """The serve stage without --detach (and the benches) stop the cluster they started: its
+    head is their child, and its zombie must not count as a running cluster (that made every
+    such stop wait out both of its 30 s signal rounds)."""
+    import psutil
+
+    head = subprocess.Popen(["true"], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while psutil.Process(head.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not serving.cluster_alive({"pid": head.pid})
+    assert not psutil.pid_exists(head.pid)
+
+
 def test_stop_ends_processes_of_the_cluster_outside_its_group(tmp_path):
     """Ray workers sit outside the head's process group (CI once found a replica's
     VLLM::EngineCore and VLLM::Worker alive after stop): stop ends every process carrying the

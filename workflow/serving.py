@@ -157,6 +157,10 @@ def connect(state: dict[str, Any]) -> None:
 
 
 def cluster_alive(state: dict[str, Any]) -> bool:
+    # When this process started the cluster, the head is its child: reap it once it has exited,
+    # or the zombie keeps its process group "alive" through both waits of stop_cluster.
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(state["pid"], os.WNOHANG)
     try:
         os.killpg(state["pid"], 0)
     except (ProcessLookupError, PermissionError):
