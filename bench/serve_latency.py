@@ -151,49 +151,35 @@ async def load(base_url: str, clients: int, duration: float, max_tokens: int) ->
             "ttft_p50_ms": pct(0.50), "ttft_p99_ms": pct(0.99)}
 
 
-def process_cpu_seconds(marker: bytes) -> dict[str, float]:
-    """CPU seconds used so far by the server's processes, by process title.
+def process_cpu_seconds(address: str) -> dict[str, float]:
+    """CPU seconds used so far by the server's processes (``serving.cluster_processes``: those
+    carrying its marker variable, and their descendants), by process title."""
+    import psutil
 
-    The server's processes are those whose environment holds ``marker`` and their
-    descendants (vLLM's engine core, spawned with a fresh environment).
-    """
-    ticks = os.sysconf("SC_CLK_TCK")
-    procs = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-            title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            marked = marker in (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        procs[int(proc.name)] = (int(stat[1]), marked, title, (int(stat[11]) + int(stat[12])) / ticks)
-    ours = {pid for pid, (_, marked, _, _) in procs.items() if marked}
-    grew = True
-    while grew:
-        children = {pid for pid, (ppid, *_) in procs.items() if ppid in ours} - ours
-        ours |= children
-        grew = bool(children)
     found: dict[str, float] = {}
-    for pid in ours:
-        _, _, title, cpu = procs[pid]
+    for proc in serving.cluster_processes(address):
+        try:
+            title = (proc.cmdline() or [proc.name()])[0]
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
         # Serve replicas are titled "ray::SERVE_REPLICA::<app>#<deployment>#<id>:..."
         name = title.split("#")[1] if "SERVE_REPLICA::" in title else os.path.basename(title.split(" ")[0])
-        found[name or str(pid)] = found.get(name or str(pid), 0.0) + cpu
+        name = name or str(proc.pid)
+        found[name] = found.get(name, 0.0) + times.user + times.system
     return found
 
 
-def measure(name: str, base_url: str, args, marker: bytes, round_no: int) -> list[dict]:
+def measure(name: str, base_url: str, args, address: str, round_no: int) -> list[dict]:
     """Load at each concurrency; the busiest processes (by CPU seconds) are the profile."""
     rows = []
     asyncio.run(load(base_url, 2, 5, args.max_tokens))  # warm-up
     for clients in args.clients:
         print(f"[bench] round {round_no}, {name}: {clients} concurrent streaming clients for {args.duration:.0f} s",
               flush=True)
-        cpu_before = process_cpu_seconds(marker)
+        cpu_before = process_cpu_seconds(address)
         row = {"variant": name, "round": round_no, **asyncio.run(load(base_url, clients, args.duration, args.max_tokens))}
-        cpu_after = process_cpu_seconds(marker)
+        cpu_after = process_cpu_seconds(address)
         used = {k: round(v - cpu_before.get(k, 0.0), 1) for k, v in cpu_after.items()}
         row["cpu_s_by_process"] = dict(sorted(((k, v) for k, v in used.items() if v >= 0.5), key=lambda kv: -kv[1]))
         print(f"[bench] {json.dumps(row)}", flush=True)
@@ -203,33 +189,40 @@ def measure(name: str, base_url: str, args, marker: bytes, round_no: int) -> lis
 
 # ---------------------------------------------------------------- servers
 
-def plain_vllm_command(model: str, port: int) -> list[str]:
-    """vLLM's own OpenAI server on loopback with the Ray apps' engine settings (ENGINE_KWARGS)."""
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-            "--served-model-name", MODEL_ID, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
-            "--enforce-eager", "--max-model-len", "512", "--disable-uvicorn-access-log"]
+def start_plain_vllm(model: str, port: int, log_path: Path, env_vars: dict[str, str]):
+    """vLLM's own OpenAI server on loopback with the Ray apps' engine settings (ENGINE_KWARGS),
+    in a session of its own, its processes tagged with the marker variable like a cluster's
+    (address ``vllm-<port>``): returns (address, stop)."""
+    address = f"vllm-{port}"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+           "--served-model-name", MODEL_ID, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+           "--enforce-eager", "--max-model-len", "512", "--disable-uvicorn-access-log"]
+    env = {**os.environ, **ENV_VARS, **env_vars, serving.CLUSTER_MARKER: address}
+    log = open(log_path, "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
-
-def run_plain_vllm(args, round_no: int, name: str = "vllm") -> list[dict]:
-    port = serving.free_port()
-    cmd = plain_vllm_command(args.model, port)
-    log = open(Path(args.out).with_suffix(".vllm.log"), "w")  # noqa: SIM115
-    tag = f"vllm-{port}"  # marks the server's processes for the CPU profile
-    env = {**os.environ, **ENV_VARS, "WORKFLOW_BENCH_SERVER": tag}
-    if name == "vllm-stock":  # vLLM's own placement of its engine core (workflow/vllm_cpu_placement.py off)
-        env["WORKFLOW_VLLM_ENGINE_ON_WORKER_CORES"] = "0"
-    proc = subprocess.Popen(cmd, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    base_url = f"http://127.0.0.1:{port}/v1"
-    try:
-        serving.wait_until_answering(base_url, MODEL_ID, None, timeout_s=300)
-        return measure(name, base_url, args, f"WORKFLOW_BENCH_SERVER={tag}".encode(), round_no)
-    finally:
+    def stop():
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    return address, stop
+
+
+def run_plain_vllm(args, round_no: int, name: str = "vllm") -> list[dict]:
+    port = serving.free_port()
+    # vllm-stock: vLLM's own placement of its engine core (workflow/vllm_cpu_placement.py off)
+    env_vars = {"WORKFLOW_VLLM_ENGINE_ON_WORKER_CORES": "0"} if name == "vllm-stock" else {}
+    address, stop = start_plain_vllm(args.model, port, Path(args.out).with_suffix(".vllm.log"), env_vars)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        serving.wait_until_answering(base_url, MODEL_ID, None, timeout_s=300)
+        return measure(name, base_url, args, address, round_no)
+    finally:
+        stop()
 
 
 def run_ray_app(name: str, settings: dict, args, round_no: int) -> list[dict]:
@@ -249,7 +242,7 @@ def run_ray_app(name: str, settings: dict, args, round_no: int) -> list[dict]:
                        ingress_cls_config=ingress, ingress_deployment_config=cfg.ingress_deployment_config,
                        direct_streaming=cfg.direct_streaming)
         serving.wait_until_answering(base_url, MODEL_ID, None)
-        return measure(name, base_url, args, f"{serving.CLUSTER_MARKER}={state['address']}".encode(), round_no)
+        return measure(name, base_url, args, state["address"], round_no)
     finally:
         serving.stop_cluster(state)
 

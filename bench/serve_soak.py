@@ -20,9 +20,7 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +29,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
-from serve_latency import DIRECT, ENV_VARS, MODEL_ID, TUNED, one_request, plain_vllm_command  # noqa: E402
+from serve_latency import DIRECT, MODEL_ID, TUNED, one_request, start_plain_vllm  # noqa: E402
 
 from workflow import serving  # noqa: E402
 from workflow.config import ServeConfig  # noqa: E402
@@ -195,24 +193,10 @@ def start_ray_app(args, api_key: str, port: int):
     return state["address"], lambda: serving.stop_cluster(state)
 
 
-def start_plain_vllm(args, api_key: str, port: int):
-    """Plain vLLM's server in its own session, tagged with the marker variable so that its
-    processes are sampled like a cluster's: (address, stop)."""
-    address = f"vllm-{port}"
-    env = {**os.environ, **ENV_VARS, serving.CLUSTER_MARKER: address, "VLLM_API_KEY": api_key}
-    log = open(Path(tempfile.mkdtemp(prefix="bench-soak-vllm-")) / "vllm.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(plain_vllm_command(args.model, port), env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-    def stop():
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-    return address, stop
+def start_vllm_baseline(args, api_key: str, port: int):
+    """Plain vLLM's server, the key in ``VLLM_API_KEY``: (address, stop)."""
+    log = Path(tempfile.mkdtemp(prefix="bench-soak-vllm-")) / "vllm.log"
+    return start_plain_vllm(args.model, port, log, {"VLLM_API_KEY": api_key})
 
 
 def main() -> int:
@@ -233,7 +217,7 @@ def main() -> int:
     base_url = f"http://127.0.0.1:{port}/v1"
     result: dict = {"app": args.app, "model": args.model, "max_tokens": args.max_tokens,
                     "load_before": os.getloadavg()[0]}
-    start = start_plain_vllm if args.app == "vllm" else start_ray_app
+    start = start_vllm_baseline if args.app == "vllm" else start_ray_app
     address, stop = start(args, api_key, port)
     try:
         serving.wait_until_answering(base_url, MODEL_ID, api_key)
