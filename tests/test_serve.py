@@ -128,7 +128,7 @@ def test_a_head_that_exited_is_not_alive_though_not_yet_reaped():
     assert not psutil.pid_exists(head.pid)
 
 
-def test_stop_ends_processes_of_the_cluster_outside_its_group(tmp_path):
+def test_stop_ends_processes_of_the_cluster_outside_its_group():
     """Ray workers sit outside the head's process group (CI once found a replica's
     VLLM::EngineCore and VLLM::Worker alive after stop): stop ends every process carrying the
     cluster's marker and their descendants, with SIGKILL where SIGTERM is ignored."""
@@ -163,6 +163,7 @@ def test_stop_ends_processes_of_the_cluster_outside_its_group(tmp_path):
             proc.wait()
         if grandchild.is_running():
             grandchild.kill()
+
 
 # ---------------------------------------------------------------- one detached deploy
 
