@@ -8,7 +8,7 @@ chat messages; greedy; ``max_tokens`` new tokens) with the same model and engine
 each in a fresh process, one after the other:
 
 - ``vllm``: plain ``vllm.LLM(...)`` then ``LLM.chat(all rows)``;
-- ``stage``: ``workflow.inference`` as the evaluate stage and ``workflow batch`` run it;
+- ``stage``: ``workflow.inference`` (package) as the evaluate stage and ``workflow batch`` run it;
 - ``bare``: ``ray.data.llm`` with its defaults (chat-template, tokenize and detokenize
   stages on, engine metrics exported to Prometheus), the "before" of the tuning;
 - ``stages-off``: the stage's defaults except that engine metrics are still exported.
@@ -55,7 +55,7 @@ def default_model() -> str:
     if (built / "config.json").exists():
         return str(built)
     from workflow.config import TinyModelConfig
-    from workflow.tiny_model import build_tiny_model
+    from workflow.training.tiny_model import build_tiny_model
 
     out = Path("/tmp/workflow-bench-tiny-model")
     if not (out / "config.json").exists():
@@ -66,7 +66,7 @@ def default_model() -> str:
 def mode_vllm(args) -> dict:
     from vllm import LLM, SamplingParams
 
-    from workflow import prompts
+    from workflow.prompts import messages as prompts
 
     rows = load_rows(args.rows)
     t0 = time.time()
@@ -82,20 +82,20 @@ def mode_vllm(args) -> dict:
 def mode_ray(args, processor_overrides: dict, num_cpus: int | None = None) -> dict:
     import ray
 
-    from workflow import inference
+    from workflow.inference import io, processor
 
     rows = load_rows(args.rows)
     t0 = time.time()
     if num_cpus:
         ray.init(num_cpus=num_cpus, include_dashboard=False)
-    inference.init_ray()
-    ds = inference.from_rows(rows, args.batch_size)
+    processor.init_ray()
+    ds = io.from_rows(rows, args.batch_size)
     columns = ["instruction", "input"]
     processor = {**CPU_PROCESSOR, "batch_size": args.batch_size, "engine_kwargs": dict(ENGINE_KWARGS),
                  **processor_overrides}
-    proc = inference.engine_processor(args.model, processor, {"temperature": 0.0, "max_tokens": args.max_tokens},
+    proc = processor.engine_processor(args.model, processor, {"temperature": 0.0, "max_tokens": args.max_tokens},
                                       {}, columns)
-    out = inference.run(ds, proc, columns, extra_columns=("metrics",))
+    out = processor.run(ds, proc, columns, extra_columns=("metrics",))
     n = tokens = errors = 0
     first_arrival = float("inf")
     for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -38,9 +38,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from workflow import serving  # noqa: E402
 from workflow.config import ServeConfig  # noqa: E402
 from workflow.prompts import user_text  # noqa: E402
+from workflow.serving import app, client, cluster  # noqa: E402
 
 
 def _viggo_prompt() -> str:
@@ -152,12 +152,12 @@ async def load(base_url: str, clients: int, duration: float, max_tokens: int) ->
 
 
 def process_cpu_seconds(address: str) -> dict[str, float]:
-    """CPU seconds used so far by the server's processes (``serving.cluster_processes``: those
+    """CPU seconds used so far by the server's processes (``cluster.cluster_processes``: those
     carrying its marker variable, and their descendants), by process title."""
     import psutil
 
     found: dict[str, float] = {}
-    for proc in serving.cluster_processes(address):
+    for proc in cluster.cluster_processes(address):
         try:
             title = (proc.cmdline() or [proc.name()])[0]
             times = proc.cpu_times()
@@ -197,7 +197,7 @@ def start_plain_vllm(model: str, port: int, log_path: Path, env_vars: dict[str, 
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
            "--served-model-name", MODEL_ID, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
            "--enforce-eager", "--max-model-len", "512", "--disable-uvicorn-access-log"]
-    env = {**os.environ, **ENV_VARS, **env_vars, serving.CLUSTER_MARKER: address}
+    env = {**os.environ, **ENV_VARS, **env_vars, cluster.CLUSTER_MARKER: address}
     log = open(log_path, "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -213,13 +213,13 @@ def start_plain_vllm(model: str, port: int, log_path: Path, env_vars: dict[str, 
 
 
 def run_plain_vllm(args, round_no: int, name: str = "vllm") -> list[dict]:
-    port = serving.free_port()
+    port = cluster.free_port()
     # vllm-stock: vLLM's own placement of its engine core (workflow/vllm_cpu_placement.py off)
     env_vars = {"WORKFLOW_VLLM_ENGINE_ON_WORKER_CORES": "0"} if name == "vllm-stock" else {}
     address, stop = start_plain_vllm(args.model, port, Path(args.out).with_suffix(".vllm.log"), env_vars)
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
-        serving.wait_until_answering(base_url, MODEL_ID, None, timeout_s=300)
+        client.wait_until_answering(base_url, MODEL_ID, None, timeout_s=300)
         return measure(name, base_url, args, address, round_no)
     finally:
         stop()
@@ -227,24 +227,24 @@ def run_plain_vllm(args, round_no: int, name: str = "vllm") -> list[dict]:
 
 def run_ray_app(name: str, settings: dict, args, round_no: int) -> list[dict]:
     cfg = ServeConfig(**settings, num_cpus=8)
-    llm = serving.build_llm_config(cfg, model_source=args.model, default_model_id=MODEL_ID, adapters_uri=None,
+    llm = app.build_llm_config(cfg, model_source=args.model, default_model_id=MODEL_ID, adapters_uri=None,
                                    lora_rank=None)
     state_dir = Path(tempfile.mkdtemp(prefix=f"bench-serve-{name}-"))
-    state = serving.start_cluster(state_dir, num_cpus=cfg.num_cpus,
-                                  env_vars=serving.direct_streaming_env(None) if cfg.direct_streaming else {})
-    port = serving.free_port()
+    state = cluster.start_cluster(state_dir, num_cpus=cfg.num_cpus,
+                                  env_vars=app.direct_streaming_env(None) if cfg.direct_streaming else {})
+    port = cluster.free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
-        serving.connect(state)
+        cluster.connect(state)
         # The baseline keeps Ray's OpenAiIngress; the tuned app runs the stage's own ingress.
-        ingress = None if name == "bare" else serving.ingress_cls_config(None)  # direct streaming takes none
-        serving.deploy(serving.validate_llm_config(llm, name), host="127.0.0.1", port=port,
+        ingress = None if name == "bare" else app.ingress_cls_config(None)  # direct streaming takes none
+        app.deploy(app.validate_llm_config(llm, name), host="127.0.0.1", port=port,
                        ingress_cls_config=ingress, ingress_deployment_config=cfg.ingress_deployment_config,
                        direct_streaming=cfg.direct_streaming)
-        serving.wait_until_answering(base_url, MODEL_ID, None)
+        client.wait_until_answering(base_url, MODEL_ID, None)
         return measure(name, base_url, args, state["address"], round_no)
     finally:
-        serving.stop_cluster(state)
+        cluster.stop_cluster(state)
 
 
 # ---------------------------------------------------------------- report

@@ -31,19 +31,19 @@ sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
 from serve_latency import DIRECT, MODEL_ID, TUNED, one_request, start_plain_vllm  # noqa: E402
 
-from workflow import serving  # noqa: E402
 from workflow.config import ServeConfig  # noqa: E402
+from workflow.serving import app, client, cluster  # noqa: E402
 
 API_KEY_ENV = "WORKFLOW_API_KEY"
 
 
 def cluster_memory(address: str) -> dict[int, tuple[str, int]]:
-    """pid -> (title, RSS bytes) of the cluster's processes (``serving.cluster_processes``:
+    """pid -> (title, RSS bytes) of the cluster's processes (``cluster.cluster_processes``:
     those carrying its marker variable, and their descendants)."""
     import psutil
 
     procs = {}
-    for proc in serving.cluster_processes(address):
+    for proc in cluster.cluster_processes(address):
         try:
             title = (proc.cmdline() or [proc.name()])[0]
             rss = proc.memory_info().rss
@@ -175,22 +175,22 @@ def plot(result: dict, path: Path) -> None:
 def start_ray_app(args, api_key: str, port: int):
     """The workflow's app on its own one-node cluster, as the serve stage starts it: (address, stop)."""
     cfg = ServeConfig(**(DIRECT if args.app == "direct" else TUNED), num_cpus=8)
-    llm = serving.build_llm_config(cfg, model_source=args.model, default_model_id=MODEL_ID, adapters_uri=None,
+    llm = app.build_llm_config(cfg, model_source=args.model, default_model_id=MODEL_ID, adapters_uri=None,
                                    lora_rank=None)
     # The key reaches the app as the serve stage passes it: the ingress reads the inherited
     # variable; with direct streaming, vLLM's app in the replica gets it from the cluster's env.
-    env_vars = serving.direct_streaming_env(api_key) if cfg.direct_streaming else {}
-    state = serving.start_cluster(Path(tempfile.mkdtemp(prefix="bench-soak-")), num_cpus=cfg.num_cpus,
+    env_vars = app.direct_streaming_env(api_key) if cfg.direct_streaming else {}
+    state = cluster.start_cluster(Path(tempfile.mkdtemp(prefix="bench-soak-")), num_cpus=cfg.num_cpus,
                                   env_vars=env_vars)
     try:
-        serving.connect(state)
-        serving.deploy(serving.validate_llm_config(llm, "soak"), host="127.0.0.1", port=port,
-                       ingress_cls_config=serving.ingress_cls_config(API_KEY_ENV),
+        cluster.connect(state)
+        app.deploy(app.validate_llm_config(llm, "soak"), host="127.0.0.1", port=port,
+                       ingress_cls_config=app.ingress_cls_config(API_KEY_ENV),
                        ingress_deployment_config=cfg.ingress_deployment_config, direct_streaming=cfg.direct_streaming)
     except BaseException:
-        serving.stop_cluster(state)
+        cluster.stop_cluster(state)
         raise
-    return state["address"], lambda: serving.stop_cluster(state)
+    return state["address"], lambda: cluster.stop_cluster(state)
 
 
 def start_vllm_baseline(args, api_key: str, port: int):
@@ -213,14 +213,14 @@ def main() -> int:
     args = parser.parse_args()
 
     api_key = os.environ.setdefault(API_KEY_ENV, "soak-" + os.urandom(12).hex())
-    port = serving.free_port()
+    port = cluster.free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
     result: dict = {"app": args.app, "model": args.model, "max_tokens": args.max_tokens,
                     "load_before": os.getloadavg()[0]}
     start = start_vllm_baseline if args.app == "vllm" else start_ray_app
     address, stop = start(args, api_key, port)
     try:
-        serving.wait_until_answering(base_url, MODEL_ID, api_key)
+        client.wait_until_answering(base_url, MODEL_ID, api_key)
         print(f"[soak] warm-up: {args.clients} clients for {args.warmup:.0f} s", flush=True)
         warm = asyncio.run(soak(base_url, api_key, args.clients, args.warmup, args.max_tokens, address,
                                 args.sample_every))

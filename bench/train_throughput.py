@@ -1,7 +1,7 @@
 """LoRA training throughput on one GPU: the reference tutorial's settings against the fast recipe's.
 
 Both runs go through the train stage's own argument builder
-(``workflow.training.llamafactory_args``) over the ``train.llamafactory`` sections of
+(``workflow.training.llamafactory_args.llamafactory_args``) over the ``train.llamafactory`` sections of
 ``recipes/viggo-qwen2.5-7b.yaml`` (reference) and ``recipes/viggo-qwen2.5-7b-fast.yaml``
 (fast), and LLaMA-Factory's ``run_exp`` in one process per run, one after the other on the
 same GPU. Ray Train cannot be carried to the GPU machines, so the bench changes only what
@@ -55,8 +55,10 @@ sys.path.insert(0, str(REPO))
 import yaml  # noqa: E402
 
 from workflow.config import load_recipe  # noqa: E402
-from workflow.packed_attention import packed_attention_callback  # noqa: E402
-from workflow.training import WORKER_ENV_DEFAULTS, llamafactory_args, lora_fast_path_callback  # noqa: E402
+from workflow.patches.packed_attention import packed_attention_callback  # noqa: E402
+from workflow.patches.peft_lora_fast_path import lora_fast_path_callback  # noqa: E402
+from workflow.training.llamafactory_args import llamafactory_args  # noqa: E402
+from workflow.training.ray_train import WORKER_ENV_DEFAULTS  # noqa: E402
 
 RECIPES = {"reference": REPO / "recipes" / "viggo-qwen2.5-7b.yaml",
            "fast": REPO / "recipes" / "viggo-qwen2.5-7b-fast.yaml"}
@@ -103,7 +105,7 @@ def prepare(work: Path, rows: int) -> tuple[Path, Path]:
     import torch
     from transformers import Qwen2ForCausalLM
 
-    from workflow.tiny_model import train_tokenizer
+    from workflow.training.tiny_model import train_tokenizer
 
     instruction = load_recipe(REPO / "recipes" / "viggo-cpu.yaml").ingest.instruction
     data = work / "data"

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 VIGGO = REPO / "data" / "viggo"
 sys.path.insert(0, str(REPO))
 
-from workflow import envs  # noqa: E402
+from workflow.core import envs  # noqa: E402
 
 INSTRUCTION = (
     "Given a target sentence construct the underlying meaning representation of the input sentence as a single "
@@ -64,7 +64,7 @@ def viggo_alpaca(tmp_path_factory) -> Path:
 def tiny_model(viggo_alpaca, tmp_path_factory) -> Path:
     """A tiny random-weight Qwen2 model with a tokenizer trained on ViGGO (built in this environment)."""
     from workflow.config import TinyModelConfig
-    from workflow.tiny_model import build_tiny_model
+    from workflow.training.tiny_model import build_tiny_model
 
     out = tmp_path_factory.mktemp("tiny-model")
     return build_tiny_model([viggo_alpaca / "train.jsonl", viggo_alpaca / "val.jsonl"], out, TinyModelConfig())
@@ -185,7 +185,7 @@ def make_run(tmp_path_factory, viggo_alpaca, tiny_model):
 
     import yaml
 
-    from workflow import manifest
+    from workflow.core import manifest
 
     def make(name: str, evaluate: dict | None = None, rows: int = 12, adapters: dict | None = None) -> Path:
         tmp_path = tmp_path_factory.mktemp(name)
@@ -287,7 +287,7 @@ def wait_until_marked_gone(marker: str, timeout: float = 90) -> None:
 def checkpoint_so_far(checkpoints: Path, experiment_prefix: str) -> tuple[str | None, int]:
     """While a run trains: its Ray Train experiment folder and the step a rerun would resume
     from (0 before the first checkpoint, or while Ray's snapshot is caught mid-write)."""
-    from workflow.training import latest_checkpoint_step
+    from workflow.training.ray_train import latest_checkpoint_step
 
     runs = list(checkpoints.glob(f"{experiment_prefix}-*")) if checkpoints.is_dir() else []
     if not runs:
@@ -308,8 +308,8 @@ def run_workflow(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def trained_run(train_recipe) -> dict:
     """A run whose ingest, model and train stages ran through the runner: {"recipe", "manifest", "adapter"}."""
-    from workflow import manifest
     from workflow.config import load_recipe
+    from workflow.core import manifest
 
     path = train_recipe("trained")
     proc = run_workflow("run", str(path), "--stages", "ingest,model,train")

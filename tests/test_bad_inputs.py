@@ -46,7 +46,7 @@ def _fill(value, values: dict[str, str]):
 
 
 def prepare(case_file: Path, tmp_path: Path, request) -> tuple[dict, Path, dict]:
-    from workflow import manifest
+    from workflow.core import manifest
 
     case = yaml.safe_load(case_file.read_text())
     values = {name: str(request.getfixturevalue(name)) for name in case.get("fixtures") or []}

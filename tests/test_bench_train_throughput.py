@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from workflow.config import load_recipe
-from workflow.training import llamafactory_args
+from workflow.training.llamafactory_args import llamafactory_args
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from workflow import envs, manifest
 from workflow.config import load_recipe
+from workflow.core import envs, manifest
 
 SECRETS = {"HF_TOKEN": "hf_e2eplantedtoken0001", "OPENAI_API_KEY": "sk-e2eplantedopenai0002",
            "AWS_SECRET_ACCESS_KEY": "e2eplantedawssecret0003", "WORKFLOW_API_KEY": "e2e-planted-serve-key-0004"}

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 from conftest import CPU_EVALUATE, RUN_MARKER, checkpoint_so_far, run_workflow, wait_until_marked_gone
 
-from workflow import envs, manifest
 from workflow.config import load_recipe
+from workflow.core import envs, manifest
 
 
 class Runner:

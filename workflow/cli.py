@@ -20,9 +20,9 @@ import sys
 
 from . import runner
 from .config import load_recipe
-from .errors import WorkflowError
-from .stage import report_failure
-from .training import check_recipe_in_train_env
+from .core.errors import WorkflowError
+from .core.stage import report_failure
+from .training.llamafactory_args import check_recipe_in_train_env
 
 
 def _cmd_validate(args) -> int:
@@ -68,7 +68,7 @@ def _cmd_batch(args) -> int:
 
 
 def _cmd_sync(args) -> int:
-    from .sync import sync
+    from .core.sync import sync
 
     sync(args.src, args.dest)
     return 0
@@ -76,7 +76,7 @@ def _cmd_sync(args) -> int:
 
 def _cmd_tiny_model(args) -> int:
     from .config import TinyModelConfig
-    from .tiny_model import build_tiny_model
+    from .training.tiny_model import build_tiny_model
 
     out = build_tiny_model(args.data, args.out, TinyModelConfig())
     print(f"tiny model written to {out}")

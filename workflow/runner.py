@@ -1,6 +1,6 @@
 """The runner: the one place that knows the stages, their order and their environments.
 
-Each stage runs as ``<env python> -m workflow.stage STAGE RECIPE`` in its own environment;
+Each stage runs as ``<env python> -m workflow.core.stage STAGE RECIPE`` in its own environment;
 the stage decides from its manifest whether it is up to date.
 """
 
@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass
 from types import ModuleType
 
-from . import envs
 from .config import Recipe
-from .errors import WorkflowError
-from .secrets import redact
+from .core import envs
+from .core.errors import WorkflowError
+from .core.secrets import redact
 
 
 @dataclass(frozen=True)
@@ -33,16 +33,16 @@ class StageSpec:
 
 
 STAGES: dict[str, StageSpec] = {
-    "ingest": StageSpec("workflow.ingest", envs.SERVE, "ingest", "read, validate and write the dataset in LLaMA-Factory form"),
-    "model": StageSpec("workflow.model", envs.TRAIN, "model", "build or mirror the base model"),
-    "train": StageSpec("workflow.train", envs.TRAIN, "train", "LoRA SFT with LLaMA-Factory inside Ray Train"),
-    "evaluate": StageSpec("workflow.evaluate", envs.SERVE, "evaluate", "batch inference with vLLM on Ray Data, metrics, report"),
-    "serve": StageSpec("workflow.serve", envs.SERVE, "serve", "OpenAI-compatible Ray Serve LLM app (smoke check in a run)"),
+    "ingest": StageSpec("workflow.stages.ingest", envs.SERVE, "ingest", "read, validate and write the dataset in LLaMA-Factory form"),
+    "model": StageSpec("workflow.stages.model", envs.TRAIN, "model", "build or mirror the base model"),
+    "train": StageSpec("workflow.stages.train", envs.TRAIN, "train", "LoRA SFT with LLaMA-Factory inside Ray Train"),
+    "evaluate": StageSpec("workflow.stages.evaluate", envs.SERVE, "evaluate", "batch inference with vLLM on Ray Data, metrics, report"),
+    "serve": StageSpec("workflow.stages.serve", envs.SERVE, "serve", "OpenAI-compatible Ray Serve LLM app (smoke check in a run)"),
 }
 ORDER = list(STAGES)
 # Commands that run one stage-like job outside the pipeline order.
 JOBS: dict[str, StageSpec] = {
-    "batch": StageSpec("workflow.batch", envs.SERVE, "evaluate", "batch inference over any dataset"),
+    "batch": StageSpec("workflow.stages.batch", envs.SERVE, "evaluate", "batch inference over any dataset"),
 }
 
 
@@ -72,7 +72,7 @@ def run_stage(name: str, recipe: Recipe, *, force: bool = False, options: dict |
               job: bool = False) -> None:
     """Run one stage (or job) in its environment; raise if it fails."""
     spec = (JOBS if job else STAGES)[name]
-    cmd = [envs.python_for(spec.env), "-m", "workflow.stage", name, str(recipe.path)]
+    cmd = [envs.python_for(spec.env), "-m", "workflow.core.stage", name, str(recipe.path)]
     if force:
         cmd.append("--force")
     if options:

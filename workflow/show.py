@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from . import manifest, storage
 from .config import load_recipe
+from .core import manifest, storage
 from .runner import ORDER
 
 

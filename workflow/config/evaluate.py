@@ -15,8 +15,9 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from ..errors import WorkflowError
-from .base import Section
+from ..core.errors import WorkflowError
+from ..evaluation.metrics import METRICS
+from .base import Section, format_validation_error
 
 # Filled in from the run; a recipe that sets them is refused.
 RUN_OWNED_PROCESSOR_KEYS = ("model_source",)
@@ -61,14 +62,12 @@ class EvaluateConfig(Section):
     max_rows: int | None = Field(default=None, ge=1)
     # How many wrong predictions per variant the report lists.
     worst_errors: int = Field(default=10, ge=0)
-    # Run even when the engine's tokenizer renders prompts differently from training (see prompt_format.py).
+    # Run even when the engine's tokenizer renders prompts differently from training (see prompts/guard.py).
     allow_prompt_mismatch: bool = False
 
     @field_validator("metrics")
     @classmethod
     def _known_metrics(cls, v: list[str]) -> list[str]:
-        from ..metrics import METRICS
-
         unknown = [m for m in v if m not in METRICS]
         if unknown:
             raise ValueError(f"unknown metric(s) {unknown}; known: {sorted(METRICS)}")
@@ -94,8 +93,6 @@ def check_library_fields(cfg: EvaluateConfig, where: str = "evaluate") -> None:
     from ray.data.llm import HttpRequestProcessorConfig, vLLMEngineProcessorConfig
     from vllm import AsyncEngineArgs, SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
-
-    from .recipe import format_validation_error
 
     try:
         vLLMEngineProcessorConfig(model_source="validation", **cfg.processor)

@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator
 
-from ..errors import WorkflowError
-from .base import Section
+from ..core.errors import WorkflowError
+from .base import Section, format_validation_error
 from .evaluate import EvaluateConfig
 from .ingest import IngestConfig
 from .model import ModelConfig
@@ -97,24 +97,6 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         src = model["source"]
         if src != "tiny" and not is_remote(src) and _looks_like_path(src, base):
             model["source"] = _resolve_path(src, base)
-
-
-def format_validation_error(err: ValidationError, where: str) -> str:
-    """One line: ``file: field.path: what was expected`` for each problem, joined by '; '."""
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        kind = e["type"]
-        if kind == "extra_forbidden":
-            msg = "unknown key"
-        elif kind == "missing":
-            msg = "required field is missing"
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            if "input" in e and kind not in ("model_type", "dict_type") and not isinstance(e["input"], dict):
-                msg += f" (got {e['input']!r})"
-        parts.append(f"{loc}: {msg}")
-    return f"{where}: " + "; ".join(parts)
 
 
 def parse_recipe(data: Any, *, base_dir: Path, where: str) -> Recipe:

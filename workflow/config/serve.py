@@ -5,7 +5,7 @@ owns: ``model_loading_config.model_source`` (the model stage's output), ``model_
 recipe's name unless given) and ``lora_config.dynamic_lora_loading_path`` (the train
 stage's adapters folder). The checks here need no Ray; the serve stage validates the
 whole ``llm_config`` against ``ray.serve.llm.LLMConfig`` before any replica starts
-(``workflow.serving.validate_llm_config``).
+(``workflow.serving.app.validate_llm_config``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class ServeConfig(Section):
     # machine's real count or the ingress and proxy replicas never get scheduled.
     num_cpus: int = Field(8, ge=1)
     smoke: SmokeConfig = Field(default_factory=SmokeConfig)
-    # Serve even when the base model's tokenizer renders prompts differently from training (see prompt_format.py).
+    # Serve even when the base model's tokenizer renders prompts differently from training (see prompts/guard.py).
     allow_prompt_mismatch: bool = False
     # Ray 2.60's direct streaming: each LLM replica serves vLLM's own OpenAI app behind HAProxy,
     # with no Serve proxy or ingress replica on the request path (bench/README.md, "Serving").

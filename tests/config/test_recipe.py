@@ -1,0 +1,106 @@
+"""Recipe schema: every shipped recipe validates; bad recipes fail with the file and field path."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from workflow.config import load_recipe
+from workflow.core.errors import WorkflowError
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.name and recipe.model.source and recipe.ingest.source
+
+
+def test_shipped_recipes_include_the_cpu_demo_and_both_gpu_recipes():
+    assert {"viggo-cpu.yaml", "viggo-qwen2.5-7b.yaml", "viggo-qwen2.5-7b-fast.yaml"} <= {p.name for p in RECIPES}
+
+
+def write(tmp_path, data, name="r.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return p
+
+
+BASE = {"name": "t", "model": {"source": "tiny"}, "ingest": {"source": "data.jsonl"}}
+
+
+def test_unknown_key_names_file_and_field_path(tmp_path):
+    p = write(tmp_path, {**BASE, "ingest": {"source": "d.jsonl", "fromat": "alpaca"}})
+    with pytest.raises(WorkflowError) as e:
+        load_recipe(p)
+    msg = str(e.value)
+    assert str(p) in msg and "ingest.fromat: unknown key" in msg and "\n" not in msg
+
+
+def test_unknown_top_level_section(tmp_path):
+    with pytest.raises(WorkflowError, match=r"deploy: unknown key"):
+        load_recipe(write(tmp_path, {**BASE, "deploy": {}}))
+
+
+def test_wrong_type_says_what_was_expected(tmp_path):
+    p = write(tmp_path, {**BASE, "ingest": {"source": "d.jsonl", "shuffle": "sometimes"}})
+    with pytest.raises(WorkflowError, match=r"ingest\.shuffle: Input should be a valid boolean.*'sometimes'"):
+        load_recipe(p)
+
+
+def test_missing_required_section(tmp_path):
+    with pytest.raises(WorkflowError, match=r"ingest: required field is missing"):
+        load_recipe(write(tmp_path, {"name": "t", "model": {"source": "tiny"}}))
+
+
+def test_tiny_head_dim_below_64_is_refused(tmp_path):
+    p = write(tmp_path, {**BASE, "model": {"source": "tiny", "tiny": {"head_dim": 16}}})
+    with pytest.raises(WorkflowError, match=r"model\.tiny\.head_dim: must be >= 64"):
+        load_recipe(p)
+
+
+def test_invalid_yaml_reports_line(tmp_path):
+    with pytest.raises(WorkflowError, match=r"not valid YAML at line 2, column 8"):
+        load_recipe(write(tmp_path, "name: t\nmodel: : x\n"))
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(WorkflowError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_relative_paths_resolve_against_the_recipe_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    p = write(tmp_path / "sub", {**BASE, "storage": "../runs", "model": {"source": "../models/m"},
+                                 "ingest": {"source": "../data/x.jsonl"}})
+    r = load_recipe(p)
+    assert r.storage == str(tmp_path / "runs")
+    assert r.ingest.source == str(tmp_path / "data" / "x.jsonl")
+    assert r.model.source == str(tmp_path / "models" / "m")
+    assert r.run_uri == str(tmp_path / "runs" / "t")
+
+
+def test_hub_ids_and_remote_uris_are_left_alone(tmp_path):
+    r = load_recipe(write(tmp_path, {**BASE, "storage": "s3://b/p", "model": {"source": "Qwen/Qwen2.5-7B-Instruct"},
+                                     "ingest": {"source": "https://example.com/d/"}}))
+    assert (r.storage, r.model.source, r.ingest.source) == ("s3://b/p", "Qwen/Qwen2.5-7B-Instruct", "https://example.com/d/")
+    assert r.run_uri == "s3://b/p/t"
+
+
+def test_environment_variables_are_substituted(tmp_path, monkeypatch):
+    monkeypatch.setenv("BUCKET", "s3://mine")
+    r = load_recipe(write(tmp_path, "name: t\nstorage: ${BUCKET}/x\nmodel: {source: tiny}\ningest: {source: ${SRC:-s3://d/f.jsonl}}\n"))
+    assert r.storage == "s3://mine/x" and r.ingest.source == "s3://d/f.jsonl"
+
+
+def test_unset_variable_without_default_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("NOPE_NOT_SET", raising=False)
+    with pytest.raises(WorkflowError, match=r"\$\{NOPE_NOT_SET\} is not set"):
+        load_recipe(write(tmp_path, "name: t\nstorage: ${NOPE_NOT_SET}\nmodel: {source: tiny}\ningest: {source: x}\n"))
+
+
+def test_run_name_must_be_a_path_segment(tmp_path):
+    with pytest.raises(WorkflowError, match=r"name: must be letters"):
+        load_recipe(write(tmp_path, {**BASE, "name": "a/b:c"}))

@@ -1,0 +1,88 @@
+"""Planted tokens and keys never show up in what a run leaves behind.
+
+A small run (ingest + model + train: the runner, both environments, a Ray cluster and
+two training workers that receive the storage and hub variables through Ray's runtime_env)
+runs with fake secrets in its environment. None of them may appear in the runner's
+stdout/stderr, in any file of the run's storage, in the stages' scratch folders, or in
+Ray's session folder (logs, runtime_env records) of that run. Separately, a secret that
+reaches a recipe value (``${HF_TOKEN}`` in a URL) is masked in the manifest and in the
+error line.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from workflow.core import envs
+
+SECRETS = {
+    "HF_TOKEN": "hf_plantedHubToken000000000001",
+    "HUGGING_FACE_HUB_TOKEN": "hf_plantedHubToken000000000002",
+    "AWS_ACCESS_KEY_ID": "AKIAPLANTED000000003",
+    "AWS_SECRET_ACCESS_KEY": "plantedAwsSecretAccessKey000000004",
+    "AWS_SESSION_TOKEN": "plantedAwsSessionToken000000005",
+    "OPENAI_API_KEY": "sk-plantedOpenAiKey000000006",
+    "WORKFLOW_API_KEY": "plantedServeApiKey000000007",
+}
+
+
+def leaks_in(root: Path) -> list[str]:
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_size < 200_000_000:
+            data = path.read_bytes()
+            found += [f"{name} in {path}" for name, value in SECRETS.items() if value.encode() in data]
+    return found
+
+
+def test_no_planted_secret_in_console_storage_scratch_or_ray_logs(train_recipe):
+    # Short folders: Ray's socket paths must stay under 108 characters.
+    with tempfile.TemporaryDirectory(prefix="wfsec-", dir="/tmp") as ray_tmp, \
+            tempfile.TemporaryDirectory(prefix="wfsec-cache-", dir="/tmp") as cache:
+        check_run(train_recipe("secrets", llamafactory={"max_steps": 2, "save_steps": 1}), Path(ray_tmp), Path(cache))
+
+
+def check_run(path: Path, ray_tmp: Path, cache: Path) -> None:
+    env = {**envs.stage_environment(envs.SERVE), **SECRETS, "RAY_TMPDIR": str(ray_tmp), "WORKFLOW_CACHE": str(cache)}
+    proc = subprocess.run([sys.executable, "-m", "workflow", "run", str(path), "--stages", "ingest,model,train"],
+                          env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    storage_root = Path(yaml.safe_load(path.read_text())["storage"])
+    # The places searched hold what they should (so the search is not over empty folders).
+    assert list(storage_root.rglob("adapter_model.safetensors")) and list(storage_root.rglob("manifest.json"))
+    sessions = list(ray_tmp.glob("ray/session_*/logs"))
+    assert sessions and any(p.name.startswith("worker-") for s in sessions for p in s.iterdir()), sessions
+
+    leaks = [f"{name} in the console" for name, value in SECRETS.items() if value in proc.stdout + proc.stderr]
+    leaks += leaks_in(storage_root) + leaks_in(cache) + leaks_in(ray_tmp)
+    assert not leaks, leaks
+
+
+def test_a_secret_in_a_recipe_value_is_masked_in_the_manifest_and_the_error_line(tmp_path, http_server):
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "data.jsonl").write_text('{"input": "a", "output": "b"}\n{"input": "c", "output": "d"}\n')
+    base = http_server(served)
+    env = {**envs.stage_environment(envs.SERVE), **SECRETS}
+
+    def ingest(name: str, source: str) -> subprocess.CompletedProcess:
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(yaml.safe_dump({"name": name, "storage": str(tmp_path / "runs"), "model": {"source": "tiny"},
+                                          "ingest": {"source": source, "file_format": "jsonl", "instruction": "Parse.",
+                                                     "split_ratios": {"train": 1.0}}}))
+        return subprocess.run([sys.executable, "-m", "workflow", "ingest", str(recipe)], env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    ok = ingest("good", base + "/data.jsonl?token=${HF_TOKEN}")
+    assert ok.returncode == 0, ok.stderr
+    written = (tmp_path / "runs" / "good" / "ingest" / "manifest.json").read_text()
+    assert "/data.jsonl?token=***" in written and SECRETS["HF_TOKEN"] not in written
+
+    bad = ingest("bad", base + "/missing.jsonl?token=${HF_TOKEN}")
+    assert bad.returncode == 2
+    assert "/missing.jsonl?token=***" in bad.stderr and SECRETS["HF_TOKEN"] not in bad.stderr + bad.stdout

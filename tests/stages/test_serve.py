@@ -1,0 +1,375 @@
+"""Serve stage: recipe checks, and one detached deploy (tiny model, two adapters in loopback S3).
+
+The deploy takes minutes on the CPU, so the module deploys once (``served``) through the
+CLI with ``--detach`` and runs every endpoint check against it; the last test stops it
+and checks that nothing of the app's Ray cluster is left.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from workflow.config import ServeConfig, parse_recipe
+from workflow.core import envs, manifest, storage
+from workflow.core.errors import WorkflowError
+from workflow.serving import app, client, cluster
+
+RUN = "serve-test"
+KEY_ENV = "WORKFLOW_TEST_SERVE_KEY"
+KEY = "test-serve-key-0123456789"
+ADAPTERS = ("viggo", "viggo2")
+LLM_CONFIG = {
+    "accelerator_config": {"kind": "cpu"},
+    "placement_group_config": {"bundles": [{"CPU": 1}]},
+    "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
+    "lora_config": {"max_num_adapters_per_replica": 2},
+    "engine_kwargs": {"dtype": "bfloat16", "enforce_eager": True, "max_model_len": 512},
+}
+
+
+def _recipe(serve: dict) -> dict:
+    return {"name": RUN, "model": {"source": "tiny"}, "ingest": {"source": "/data/train.jsonl"},
+            "train": {"llamafactory": {"stage": "sft"}}, "serve": serve}
+
+
+def _parse(serve: dict):
+    return parse_recipe(_recipe(serve), base_dir=Path("."), where="recipe.yaml")
+
+
+# ---------------------------------------------------------------- the recipe section
+
+def test_model_id_with_colon_is_refused():
+    with pytest.raises(WorkflowError, match=r"recipe.yaml: serve: .*model_id: must not contain ':'"):
+        _parse({"llm_config": {"model_loading_config": {"model_id": "qwen:7b"}}})
+
+
+def test_adapter_limits_must_agree():
+    with pytest.raises(WorkflowError, match=r"max_num_adapters_per_replica \(4\) must equal .*max_loras \(2\)"):
+        _parse({"llm_config": {"lora_config": {"max_num_adapters_per_replica": 4}, "engine_kwargs": {"max_loras": 2}}})
+
+
+def test_api_key_env_is_a_variable_name_not_a_key():
+    with pytest.raises(WorkflowError, match="serve.api_key_env: .*NAME of an environment variable"):
+        _parse({"api_key_env": "sk-live abc/123"})
+
+
+def test_unknown_own_key_is_refused():
+    with pytest.raises(WorkflowError, match=r"serve.prot: unknown key"):
+        _parse({"prot": 8001})
+
+
+def test_direct_streaming_has_no_ingress_options():
+    with pytest.raises(WorkflowError, match=r"serve: ingress_deployment_config: not used with direct_streaming"):
+        _parse({"direct_streaming": True, "ingress_deployment_config": {"num_replicas": 1}})
+    assert _parse({"direct_streaming": True}).serve.direct_streaming
+
+
+def test_run_fills_model_adapters_and_lora_limits():
+    cfg = ServeConfig(llm_config={"lora_config": {"max_num_adapters_per_replica": 3}})
+    llm = app.build_llm_config(cfg, model_source="s3://b/run/model/weights", default_model_id="viggo",
+                                   adapters_uri="s3://b/run/train/adapters", lora_rank=12)
+    assert llm["model_loading_config"] == {"model_id": "viggo", "model_source": "s3://b/run/model/weights"}
+    assert llm["lora_config"] == {"max_num_adapters_per_replica": 3, "dynamic_lora_loading_path": "s3://b/run/train/adapters"}
+    assert llm["engine_kwargs"] == {"enable_lora": True, "max_loras": 3, "max_lora_rank": 16}
+    assert cfg.llm_config == {"lora_config": {"max_num_adapters_per_replica": 3}}  # the recipe is not modified
+
+
+def test_recipe_keys_win_over_run_values():
+    cfg = ServeConfig(llm_config={"model_loading_config": {"model_id": "mine", "model_source": "/models/x"},
+                                  "engine_kwargs": {"max_loras": 2, "max_lora_rank": 64}})
+    llm = app.build_llm_config(cfg, model_source="/run/model", default_model_id="run", adapters_uri="s3://b/a",
+                                   lora_rank=8)
+    assert llm["model_loading_config"] == {"model_id": "mine", "model_source": "/models/x"}
+    assert llm["engine_kwargs"]["max_lora_rank"] == 64
+    assert llm["lora_config"]["max_num_adapters_per_replica"] == 2
+
+
+def test_llm_config_is_validated_against_ray():
+    good = app.build_llm_config(ServeConfig(llm_config=LLM_CONFIG), model_source="/m", default_model_id="m",
+                                    adapters_uri="s3://b/adapters", lora_rank=8)
+    assert app.validate_llm_config(good, "r.yaml").model_id == "m"
+    with pytest.raises(WorkflowError, match=r"^r.yaml: serve.llm_config: engine_kwarg: "):
+        app.validate_llm_config({**good, "engine_kwarg": {}}, "r.yaml: serve.llm_config")
+    local = {**good, "lora_config": {"dynamic_lora_loading_path": "/local/adapters"}}
+    with pytest.raises(WorkflowError, match=r"serve.llm_config: lora_config: .*'/local/adapters'"):
+        app.validate_llm_config(local, "r.yaml: serve.llm_config")
+
+
+def test_usage_text_names_the_variable_not_the_key():
+    text = client.usage_text("http://127.0.0.1:9/v1", ["m", "m:a"], "MY_KEY")
+    assert 'Authorization: Bearer $MY_KEY' in text and 'os.environ["MY_KEY"]' in text
+    assert '"model": "m:a"' in text and "OpenAI(base_url=\"http://127.0.0.1:9/v1\"" in text
+
+
+def test_smoke_similarity_counts_every_character():
+    # difflib's autojunk would ignore '[' in targets over 200 characters and score 0.
+    target = "inform(" + ", ".join(f"attr{i}[value {i}]" for i in range(20)) + ")"
+    assert len(target) > 200
+    assert client.similarity("[[[[", target) > 0
+    assert client.similarity(target, target) == 1.0
+
+
+def test_a_head_that_exited_is_not_alive_though_not_yet_reaped():
+    """The serve stage without --detach (and the benches) stop the cluster they started: its
+    head is their child, and its zombie must not count as a running cluster (that made every
+    such stop wait out both of its 30 s signal rounds)."""
+    import psutil
+
+    head = subprocess.Popen(["true"], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while psutil.Process(head.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not cluster.cluster_alive({"pid": head.pid})
+    assert not psutil.pid_exists(head.pid)
+
+
+def test_stop_ends_processes_of_the_cluster_outside_its_group():
+    """Ray workers sit outside the head's process group (CI once found a replica's
+    VLLM::EngineCore and VLLM::Worker alive after stop): stop ends every process carrying the
+    cluster's marker and their descendants, with SIGKILL where SIGTERM is ignored."""
+    import os
+    import sys
+
+    import psutil
+
+    address = f"127.0.0.1:{cluster.free_port()}"
+    head = subprocess.Popen(["true"], start_new_session=True)
+    head.wait()  # the head's group is gone, as after the killpg
+    # A marked process in a session of its own, and its child with an environment of its own;
+    # both ignore SIGTERM.
+    ignore_term = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    child = ignore_term + "time.sleep(600)"
+    parent = (ignore_term + f"import subprocess, sys; c = subprocess.Popen([sys.executable, '-c', {child!r}], env={{}}); "
+              "print(c.pid, flush=True); time.sleep(600)")
+    stray = subprocess.Popen([sys.executable, "-c", parent], start_new_session=True, stdout=subprocess.PIPE,
+                             env={**os.environ, cluster.CLUSTER_MARKER: address}, text=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True,
+                             env={**os.environ, cluster.CLUSTER_MARKER: "127.0.0.1:1"})
+    grandchild = psutil.Process(int(stray.stdout.readline()))
+    try:
+        assert sorted(p.pid for p in cluster.cluster_processes(address)) == sorted([stray.pid, grandchild.pid])
+        cluster.stop_cluster({"pid": head.pid, "address": address}, timeout_s=4)
+        # Both ignore SIGTERM, so gone means killed (psutil reaped the child: no exit code to read).
+        assert stray.poll() is not None and not grandchild.is_running()
+        assert other.poll() is None  # another cluster's process is left alone
+    finally:
+        for proc in (stray, other):
+            proc.kill()
+            proc.wait()
+        if grandchild.is_running():
+            grandchild.kill()
+
+
+# ---------------------------------------------------------------- one detached deploy
+
+def _cluster_pids(address: str) -> dict[int, str]:
+    """Processes of the app's cluster (they inherit its marker variable), with their titles."""
+    found = {}
+    marker = f"{cluster.CLUSTER_MARKER}={address}".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+    return found
+
+
+def _layout_run(run_uri: str, tiny_model: Path, tiny_adapter: Path, viggo_alpaca: Path) -> None:
+    """The manifests and files the ingest, model and train stages would have written."""
+    train_rows = storage.join(run_uri, "ingest", "train.jsonl")
+    storage.write_bytes(train_rows, (viggo_alpaca / "train.jsonl").read_bytes())
+    for name in ADAPTERS:
+        storage.upload_dir(tiny_adapter, storage.join(run_uri, "train", "adapters", name), last=["adapter_config.json"])
+    common = {"run": RUN, "config": {}, "inputs": {}, "started_at": manifest.now()}
+    manifest.write(storage.join(run_uri, "ingest"), stage="ingest", outputs={"train": train_rows}, **common)
+    manifest.write(storage.join(run_uri, "model"), stage="model", outputs={"model": str(tiny_model)}, **common)
+    manifest.write(storage.join(run_uri, "train"), stage="train", summary={"adapter_name": "viggo", "lora_rank": 8},
+                   outputs={"adapter": storage.join(run_uri, "train", "adapters", "viggo"),
+                            "adapters_dir": storage.join(run_uri, "train", "adapters")}, **common)
+
+
+def _workflow(*args: str, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([envs.python_for(envs.SERVE), "-m", "workflow.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def served(s3_server, tiny_model, tiny_adapter, viggo_alpaca, tmp_path_factory):
+    import boto3
+
+    bucket = f"serve-{cluster.free_port()}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    storage_uri = f"s3://{bucket}/runs"
+    _layout_run(f"{storage_uri}/{RUN}", tiny_model, tiny_adapter, viggo_alpaca)
+    tmp = tmp_path_factory.mktemp("serve")
+    serve = {"api_key_env": KEY_ENV, "port": cluster.free_port(), "ingress_deployment_config": {"num_replicas": 1},
+             "smoke": {"rows": 2, "max_tokens": 32}, "llm_config": LLM_CONFIG}
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**_recipe(serve), "storage": storage_uri}))
+    env = {**envs.stage_environment(envs.SERVE), KEY_ENV: KEY, "WORKFLOW_CACHE": str(tmp / "cache")}
+    proc = _workflow("serve", str(recipe), "--detach", env=env)
+    state_file = tmp / "cache" / RUN / "serve" / "state.json"
+    info = {"proc": proc, "recipe": recipe, "env": env, "run_uri": f"{storage_uri}/{RUN}", "state_file": state_file,
+            "base_url": f"http://127.0.0.1:{serve['port']}/v1"}
+    yield info
+    _workflow("stop", str(recipe), env=env, timeout=300)
+
+
+def _auth(key: str = KEY) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_deploy_prints_usage_and_records_the_smoke_check(served):
+    proc = served["proc"]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    ids = [RUN] + [f"{RUN}:{a}" for a in ADAPTERS]
+    assert f"base URL: {served['base_url']}" in out and "models:   " + ", ".join(ids) in out
+    assert f'curl -H "Authorization: Bearer ${KEY_ENV}" {served["base_url"]}/models' in out
+    assert "from openai import OpenAI" in out
+    smoke = storage.read_json(f"{served['run_uri']}/serve/smoke.json")
+    assert smoke["passed"] and smoke["model_ids"] == ids and set(ids) <= set(smoke["listed"])
+    for adapter in ids[1:]:
+        assert smoke["models"][adapter]["beats_base"]
+    written = manifest.read(f"{served['run_uri']}/serve")
+    assert written["summary"]["model_ids"] == ids
+    endpoint = storage.read_json(written["outputs"]["endpoint"])
+    assert endpoint["api_key_env"] == KEY_ENV and endpoint["detached"]
+    for text in (out, proc.stderr, json.dumps(smoke), json.dumps(written), json.dumps(endpoint)):
+        assert KEY not in text
+
+
+def test_models_lists_base_and_adapters(served):
+    import httpx
+
+    resp = httpx.get(f"{served['base_url']}/models", headers=_auth(), timeout=60)
+    assert resp.status_code == 200
+    assert {m["id"] for m in resp.json()["data"]} == {RUN, *(f"{RUN}:{a}" for a in ADAPTERS)}
+
+
+def test_streams_from_base_and_each_adapter(served):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=served["base_url"], api_key=KEY, timeout=120)
+    messages = [{"role": "user", "content": "Dirt: Showdown from 2012 is a sport racing game."}]
+    answers = {}
+    for model in [RUN] + [f"{RUN}:{a}" for a in ADAPTERS]:
+        chunks = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model=model, messages=messages, max_tokens=16, temperature=0.0, stream=True) if c.choices]
+        assert sum(1 for c in chunks if c) > 1, (model, chunks)  # streamed, not one block
+        answers[model] = "".join(chunks)
+    assert answers[f"{RUN}:viggo"] != answers[RUN]  # the adapter is applied
+    assert answers[f"{RUN}:viggo"] == answers[f"{RUN}:viggo2"]  # same weights, same answer
+
+
+def test_unknown_adapter_is_an_error_not_a_hang(served):
+    import httpx
+
+    started = time.monotonic()
+    resp = httpx.post(f"{served['base_url']}/chat/completions", headers=_auth(), timeout=120,
+                      json={"model": f"{RUN}:nope", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert 400 <= resp.status_code < 500 and time.monotonic() - started < 90, resp.text
+    assert "nope" in resp.json().get("error", {}).get("message", ""), resp.text
+
+
+def test_bad_request_gets_an_openai_error(served):
+    import httpx
+
+    resp = httpx.post(f"{served['base_url']}/chat/completions", headers=_auth(), timeout=60,
+                      json={"model": RUN, "max_tokens": 4})
+    assert resp.status_code == 400
+    assert set(resp.json()["error"]) >= {"message", "type"}
+
+
+def test_api_key_is_enforced_except_on_the_health_check(served):
+    import httpx
+
+    for headers in ({}, _auth("wrong-key"), {"Authorization": KEY}):
+        for method, path, body in (("GET", "/models", None), ("POST", "/chat/completions",
+                                                              {"model": RUN, "messages": [{"role": "user", "content": "hi"}]})):
+            resp = httpx.request(method, served["base_url"] + path, json=body, headers=headers, timeout=60)
+            assert resp.status_code == 401, (headers, path, resp.text)
+            assert resp.json()["error"]["code"] == "invalid_api_key"
+    health = httpx.get(served["base_url"].removesuffix("/v1") + "/-/healthz", timeout=30)
+    assert health.status_code == 200
+
+
+def test_stop_leaves_no_application_or_replica_behind(served):
+    import httpx
+
+    state = json.loads(served["state_file"].read_text())
+    before = _cluster_pids(state["address"])
+    titles = " ".join(before.values())
+    assert "ServeReplica:workflow:WorkflowIngress" in titles
+    assert "ServeReplica:workflow:LLMServer" in titles and "ServeController" in titles
+
+    proc = _workflow("stop", str(served["recipe"]), env=served["env"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stopping the app" in proc.stdout
+    deadline = time.monotonic() + 60
+    while _cluster_pids(state["address"]) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _cluster_pids(state["address"]) == {}
+    assert not served["state_file"].exists()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{served['base_url']}/models", headers=_auth(), timeout=10)
+    again = _workflow("stop", str(served["recipe"]), env=served["env"], timeout=300)
+    assert again.returncode == 0 and "no detached app is recorded" in again.stdout
+
+
+def test_direct_streaming_serves_base_and_adapters_behind_haproxy(s3_server, tiny_model, tiny_adapter, viggo_alpaca,
+                                                                  tmp_path):
+    """serve.direct_streaming: vLLM's app in the LLM replica, HAProxy in front, the key checked by vLLM."""
+    import boto3
+    import httpx
+    from openai import OpenAI
+
+    bucket = f"serve-direct-{cluster.free_port()}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    storage_uri = f"s3://{bucket}/runs"
+    _layout_run(f"{storage_uri}/{RUN}", tiny_model, tiny_adapter, viggo_alpaca)
+    port = cluster.free_port()
+    serve = {"api_key_env": KEY_ENV, "port": port, "direct_streaming": True, "smoke": {"rows": 2, "max_tokens": 32},
+             "llm_config": LLM_CONFIG}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**_recipe(serve), "storage": storage_uri}))
+    env = {**envs.stage_environment(envs.SERVE), KEY_ENV: KEY, "WORKFLOW_CACHE": str(tmp_path / "cache")}
+    proc = _workflow("serve", str(recipe), "--detach", env=env)
+    try:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        smoke = storage.read_json(f"{storage_uri}/{RUN}/serve/smoke.json")
+        assert smoke["passed"] and all(smoke["models"][f"{RUN}:{a}"]["beats_base"] for a in ADAPTERS)
+        state = json.loads((tmp_path / "cache" / RUN / "serve" / "state.json").read_text())
+        titles = " ".join(_cluster_pids(state["address"]).values())
+        assert "haproxy" in titles and "WorkflowIngress" not in titles and "OpenAiIngress" not in titles
+
+        base_url = f"http://127.0.0.1:{port}/v1"
+        client = OpenAI(base_url=base_url, api_key=KEY, timeout=120)
+        messages = [{"role": "user", "content": "Dirt: Showdown from 2012 is a sport racing game."}]
+        answers = {}
+        for model in (RUN, f"{RUN}:viggo"):
+            chunks = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                model=model, messages=messages, max_tokens=16, temperature=0.0, stream=True) if c.choices]
+            assert sum(1 for c in chunks if c) > 1, (model, chunks)
+            answers[model] = "".join(chunks)
+        assert answers[f"{RUN}:viggo"] != answers[RUN]
+        resp = httpx.post(f"{base_url}/chat/completions", json={"model": RUN, "messages": messages}, timeout=60)
+        assert resp.status_code == 401, resp.text
+        for text in (proc.stdout, proc.stderr, json.dumps(smoke)):
+            assert KEY not in text
+    finally:
+        stopped = _workflow("stop", str(recipe), env=env, timeout=300)
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    deadline = time.monotonic() + 60
+    while _cluster_pids(state["address"]) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _cluster_pids(state["address"]) == {}

@@ -1,0 +1,166 @@
+"""workflow.training: the run_exp arguments, the key check, and Ray Train over two nodes with S3 storage."""
+
+from __future__ import annotations
+
+import pytest
+
+from workflow.core.errors import WorkflowError
+from workflow.training.llamafactory_args import DEFAULTS, llamafactory_args
+
+
+def test_llamafactory_args_fill_in_paths_over_recipe_keys_over_defaults():
+    recipe = {"stage": "sft", "lora_rank": 8, "logging_steps": 1, "report_to": "none"}
+    args = llamafactory_args(recipe, model="/m", dataset_dir="/d", output_dir="/o", eval_dataset="val")
+    assert args == {**DEFAULTS, **recipe, "model_name_or_path": "/m", "dataset_dir": "/d", "dataset": "train",
+                    "eval_dataset": "val", "output_dir": "/o"}
+    assert "eval_dataset" not in llamafactory_args({}, model="m", dataset_dir="d", output_dir="o")
+    assert recipe == {"stage": "sft", "lora_rank": 8, "logging_steps": 1, "report_to": "none"}  # not mutated
+
+
+def test_llamafactory_args_refuse_keys_the_pipeline_fills_in():
+    with pytest.raises(WorkflowError, match=r"llamafactory\.dataset_dir: filled in by the pipeline"):
+        llamafactory_args({"dataset_dir": "/x"}, model="m", dataset_dir="d", output_dir="o")
+
+
+@pytest.mark.train_env
+def test_unknown_key_is_named_with_the_closest_known_one():
+    from workflow.training.llamafactory_args import check_llamafactory_keys, llamafactory_arg_names
+
+    known = llamafactory_arg_names()
+    assert {"lora_rank", "cutoff_len", "learning_rate", "template", "enable_liger_kernel", "packing"} <= known
+    check_llamafactory_keys({"lora_rank": 8, "bf16": True}, "r.yaml: train.llamafactory")
+    with pytest.raises(WorkflowError) as err:
+        check_llamafactory_keys({"lora_rank": 8, "learning_rat": 1e-4}, "r.yaml: train.llamafactory")
+    assert str(err.value) == ("r.yaml: train.llamafactory.learning_rat: not a LLaMA-Factory argument "
+                              "(did you mean 'learning_rate'?)")
+
+
+@pytest.mark.train_env
+def test_two_nodes_strict_spread_with_checkpoints_on_s3(tiny_model, viggo_alpaca, s3_bucket):
+    """Workers on two Ray nodes read the model and data from the bucket and write checkpoints there."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from workflow.core import storage
+    from workflow.training.ray_train import latest_checkpoint_step, run_training
+
+    storage.upload_dir(tiny_model, f"{s3_bucket}/model", last=["config.json"])
+    storage.upload_dir(viggo_alpaca, f"{s3_bucket}/ingest")
+    args = llamafactory_args(
+        {"stage": "sft", "finetuning_type": "lora", "lora_rank": 8, "lora_target": "all", "template": "qwen",
+         "cutoff_len": 512, "max_samples": 16, "per_device_train_batch_size": 4, "max_steps": 4, "save_steps": 2,
+         "logging_steps": 1, "use_cpu": True, "ddp_backend": "gloo", "preprocessing_num_workers": 1},
+        model=f"{s3_bucket}/model", dataset_dir=f"{s3_bucket}/ingest", output_dir="unused")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address)
+        summary = run_training(
+            args, experiment="two-nodes", checkpoints_uri=f"{s3_bucket}/checkpoints",
+            export_uri=f"{s3_bucket}/adapters/viggo", export_last=["adapter_config.json"],
+            model_key="m1", data_key="d1",
+            scaling_config={"num_workers": 2, "resources_per_worker": {"CPU": 1}, "placement_strategy": "STRICT_SPREAD"},
+            failure_config={"max_failures": 0}, checkpoint_config={"num_to_keep": 1},
+            tensorboard_uri=f"{s3_bucket}/tensorboard")
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert summary["nodes"] == 2 and summary["workers"] == 2 and summary["global_step"] == 4
+    assert latest_checkpoint_step(f"{s3_bucket}/checkpoints", "two-nodes") == 4
+    ckpt = storage.list_files(f"{s3_bucket}/checkpoints/two-nodes/checkpoint-000004")
+    assert {"adapter_model.safetensors", "optimizer.pt", "rng_state_0.pth", "rng_state_1.pth"} <= set(ckpt)
+    adapter = storage.list_files(f"{s3_bucket}/adapters/viggo")
+    assert {"adapter_config.json", "adapter_model.safetensors", "training_loss.png", "tokenizer.json"} <= set(adapter)
+    assert not any(f.startswith("checkpoint-") for f in adapter)
+    assert any("events.out.tfevents" in f for f in storage.list_files(f"{s3_bucket}/tensorboard"))
+
+
+def test_pretrain_corpus_is_plain_text_documents_not_the_task():
+    from workflow.training.pretrain_corpus import pretrain_corpus
+
+    rows = [{"instruction": "Given a target sentence ...", "input": "Halo is a shooter.", "output": "inform(name[Halo])"},
+            {"instruction": "Given a target sentence ...", "input": "Halo is a shooter.", "output": "verify(name[Halo])"},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}]
+    docs = pretrain_corpus(rows, ["input", "output"], order="documents", seed=0)
+    assert sorted(docs) == ["Halo is a shooter.", "inform(name[Halo])", "verify(name[Halo])"]  # deduplicated
+    assert pretrain_corpus(rows, ["messages"], order="documents", seed=0) == ["hi"]
+    assert not any("Given a target" in d for d in docs)
+
+
+def test_pretrain_corpus_in_row_order_keeps_each_sentence_before_its_mr():
+    from workflow.training.pretrain_corpus import pretrain_corpus
+
+    rows = [{"input": f"sentence {i}", "output": f"inform(name[g{i}])"} for i in range(50)]
+    docs = pretrain_corpus(rows, ["input", "output"], order="rows", seed=3)
+    assert len(docs) == 100 and [d[-1] for d in docs[0::2]] == [d[-3] for d in docs[1::2]]
+    assert docs[0::2] != [r["input"] for r in rows]  # rows are shuffled as units
+
+
+def _lora_model(seed: int, dropout: float = 0.0):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    base = torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], lora_dropout=dropout))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero: give the adapter something to add
+            torch.nn.init.normal_(param, std=0.5)
+    return model
+
+
+def _fast_path(model, **training_args):
+    from types import SimpleNamespace
+
+    from workflow.patches.peft_lora_fast_path import lora_fast_path_callback
+
+    args = SimpleNamespace(**{"bf16": False, "fp16": False, **training_args})
+    lora_fast_path_callback().on_train_begin(args, None, None, model=model)
+    return model
+
+
+@pytest.mark.train_env
+def test_fused_lora_forward_matches_peft_outputs_and_gradients():
+    import torch
+
+    x = torch.randn(2, 5, 48)
+    results = []
+    for fused in (False, True):
+        model = _lora_model(seed=0)
+        if fused:
+            _fast_path(model)
+            assert all(hasattr(m, "_peft_forward") for n, m in model.named_modules() if n.endswith(("0", "2"))
+                       and hasattr(m, "lora_A"))
+        out = model(x)
+        out.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((out.detach(), grads))
+    (out_peft, grads_peft), (out_fused, grads_fused) = results
+    assert len(grads_peft) == 4  # A and B of both layers
+    torch.testing.assert_close(out_fused, out_peft)
+    for name in grads_peft:
+        torch.testing.assert_close(grads_fused[name], grads_peft[name])
+
+    model = _lora_model(seed=0)  # adapters off: PEFT's own path, the base model alone
+    _fast_path(model)
+    with model.disable_adapter():
+        torch.testing.assert_close(model(x), model.base_model.model(x))
+
+
+@pytest.mark.train_env
+def test_fast_path_under_autocast_keeps_inputs_in_bf16_and_leaves_dropout_layers_to_peft():
+    import torch
+
+    x = torch.randn(3, 48)
+    reference = _lora_model(seed=1)
+    model = _fast_path(_lora_model(seed=1), bf16=True)
+    lora_layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "_peft_forward")]
+    assert len(lora_layers) == 2 and not any(m.cast_input_dtype_enabled for m in lora_layers)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)  # the optimizer's copy
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, peft = model(x), reference(x)
+    assert fused.dtype == peft.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.float(), peft.float(), rtol=0.02, atol=0.05)
+
+    with_dropout = _fast_path(_lora_model(seed=1, dropout=0.1), bf16=True)
+    assert not any(hasattr(m, "_peft_forward") for m in with_dropout.modules())

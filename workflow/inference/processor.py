@@ -1,0 +1,190 @@
+"""Batch inference shared by the evaluate stage and the ``batch`` job.
+
+One vLLM engine (``ray.data.llm.build_processor`` with ``vLLMEngineProcessorConfig``) serves
+every row; a row's ``model`` column picks the base model or a LoRA adapter, and its
+``sampling_params`` may carry a structured-output regex. The other way in is any
+OpenAI-compatible chat completions URL (``HttpRequestProcessorConfig``). Either way the
+output has every input column plus ``generated_text``, ``num_input_tokens``,
+``num_generated_tokens`` and ``error`` (empty when the row succeeded), one output row per
+input row.
+
+Throughput on few cores (see bench/README.md, "Batch inference"): Ray Data's chat-template,
+tokenize and detokenize stages are separate actor pools that compete with the engine for
+the same cores, and the detokenize stage repeats work vLLM already does. So by default the
+prompt text is rendered in the (fused, task-based) preprocess step with the model's own
+chat template, vLLM tokenizes it, and vLLM's own detokenized text is used. A recipe can
+turn any of those stages back on through ``processor``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any
+
+from ..core.errors import WorkflowError
+from ..prompts import messages as prompts
+from .adapters import lora_engine_kwargs
+
+OUTPUT_COLUMNS = ("generated_text", "num_input_tokens", "num_generated_tokens", "error")
+# Columns the engine stage reads or overwrites; an input column of the same name is kept aside.
+ENGINE_COLUMNS = ("prompt", "messages", "tokenized_prompt", "sampling_params", "model", "tokenization_kwargs",
+                  "multimodal_data", "mm_processor_kwargs", "multimodal_uuids", "payload", "http_response")
+_SAVED = "__input_"
+# What the engine path does unless the recipe's `processor` says otherwise (see the module doc).
+# Logical CPUs that the row-shaping steps (prompt rendering before the engine, column selection
+# after it) reserve. They are light; at a whole CPU each they queue behind the engine actor's
+# reservation on a small machine (2 logical CPUs: the engine's 1 plus 1 for every other
+# task), which starved the engine of batches: 0.43x plain vLLM at steady state before, see
+# bench/README.md.
+LIGHT_TASK_CPUS = 0.25
+PROCESSOR_DEFAULTS: dict[str, Any] = {
+    "chat_template_stage": False,
+    "tokenize_stage": False,
+    "detokenize_stage": False,
+    "should_continue_on_error": True,
+    # Exporting vLLM's per-step stats to Ray's Prometheus endpoint costs CPU in the engine's
+    # frontend process, which shares its core with everything else here.
+    "log_engine_metrics": False,
+}
+
+
+def init_ray() -> None:
+    """Join the cluster in RAY_ADDRESS, else start a private local one (no dashboard)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=bool(os.environ.get("WORKFLOW_RAY_LOGS")))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_source: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_source)
+
+
+def _keep_aside(row: dict[str, Any], input_columns: list[str]) -> dict[str, Any]:
+    """Input columns the engine would overwrite, saved under another name for the output."""
+    return {_SAVED + c: row[c] for c in input_columns if c in ENGINE_COLUMNS}
+
+
+def _structured(variant_regex: str | None) -> dict[str, Any]:
+    return {"structured_outputs": {"regex": variant_regex}} if variant_regex else {}
+
+
+def _engine_preprocess(row: dict[str, Any], *, model_source: str, sampling_params: dict[str, Any],
+                       input_columns: list[str], render: bool) -> dict[str, Any]:
+    messages = prompts.row_messages(row)
+    out = _keep_aside(row, input_columns)
+    if render:
+        out["prompt"] = prompts.render(_tokenizer(model_source), messages)
+    else:
+        out["messages"] = messages
+    out["sampling_params"] = {**sampling_params, "output_kind": _final_only(), **_structured(row.get("__regex"))}
+    out["model"] = row.get("__adapter") or model_source
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _final_only():
+    """vLLM's ``RequestOutputKind.FINAL_ONLY``: one output per request instead of one per token.
+
+    ``vllm.LLM`` sets it for offline use; ray.data.llm's engine stage leaves the async
+    engine's default (CUMULATIVE), which builds a cumulative output object for every request
+    at every decoding step in the engine's frontend process. The value is an Enum, so Ray
+    Data carries this column pickled rather than as Arrow.
+    """
+    from vllm.sampling_params import RequestOutputKind
+
+    return RequestOutputKind.FINAL_ONLY
+
+
+def _http_preprocess(row: dict[str, Any], *, sampling_params: dict[str, Any], input_columns: list[str]) -> dict:
+    out = _keep_aside(row, input_columns)
+    out["payload"] = {"model": row["__endpoint_model"], "messages": prompts.row_messages(row), **sampling_params,
+                      **_structured(row.get("__regex"))}
+    return out
+
+
+def _select(batch, *, input_columns: list[str], http: bool, extra_columns: tuple[str, ...] = ()):
+    """The output table: the input columns as they came in, then the generation columns."""
+    import pyarrow as pa
+
+    names = batch.column_names
+    cols = {c: batch.column(_SAVED + c if _SAVED + c in names else c) for c in input_columns}
+    cols.update({c: batch.column(c) for c in extra_columns})
+    n = batch.num_rows
+    if http:
+        results = [_http_result(r) for r in batch.column("http_response").to_pylist()]
+        cols.update(generated_text=pa.array([r[0] for r in results], pa.string()),
+                    num_input_tokens=pa.array([r[1] for r in results], pa.int64()),
+                    num_generated_tokens=pa.array([r[2] for r in results], pa.int64()),
+                    error=pa.array([r[3] for r in results], pa.string()))
+    else:
+        error = batch.column("__inference_error__") if "__inference_error__" in names else pa.array([""] * n)
+        cols.update(generated_text=batch.column("generated_text").cast(pa.string()),
+                    num_input_tokens=batch.column("num_input_tokens").cast(pa.int64()),
+                    num_generated_tokens=batch.column("num_generated_tokens").cast(pa.int64()),
+                    error=error.cast(pa.string()))
+    return pa.table(cols)
+
+
+def _http_result(response: dict | None) -> tuple[str, int, int, str]:
+    """(text, prompt tokens, completion tokens, error) from one chat completions response."""
+    response = response or {}
+    choices = response.get("choices")
+    if not choices:
+        error = response.get("error") or response.get("message") or response.get("detail") or "no choices in the response"
+        return "", 0, 0, (error if isinstance(error, str) else json.dumps(error))[:500]
+    usage = response.get("usage") or {}
+    text = (choices[0].get("message") or {}).get("content") or ""
+    return text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), ""
+
+
+def check_input_columns(columns: list[str], where: str) -> None:
+    taken = [c for c in columns if c in OUTPUT_COLUMNS or c.startswith(("__", _SAVED))]
+    if taken:
+        raise WorkflowError(f"{where}: column(s) {taken} are names the output uses", hint="rename them in the input")
+    prompts.check_columns(columns, where)
+
+
+def engine_processor(model_source: str, processor: dict[str, Any], sampling_params: dict[str, Any],
+                     adapters: dict[str, str], input_columns: list[str], where: str = "evaluate.processor"):
+    """The vLLM processor for rows with the given input columns (plus our ``__`` columns)."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    fields = {**PROCESSOR_DEFAULTS, **processor}
+    fields["engine_kwargs"] = lora_engine_kwargs(fields.get("engine_kwargs") or {}, adapters, where)
+    config = vLLMEngineProcessorConfig(model_source=model_source, **fields)
+    render = not _stage_enabled(fields["chat_template_stage"])
+    preprocess = functools.partial(_engine_preprocess, model_source=model_source, sampling_params=sampling_params,
+                                   input_columns=input_columns, render=render)
+    return build_processor(config, preprocess=preprocess, preprocess_map_kwargs={"num_cpus": LIGHT_TASK_CPUS},
+                           postprocess_map_kwargs={"num_cpus": LIGHT_TASK_CPUS})
+
+
+def http_processor(processor: dict[str, Any], sampling_params: dict[str, Any], input_columns: list[str]):
+    from ray.data.llm import HttpRequestProcessorConfig, build_processor
+
+    config = HttpRequestProcessorConfig(**processor)
+    preprocess = functools.partial(_http_preprocess, sampling_params=sampling_params, input_columns=input_columns)
+    return build_processor(config, preprocess=preprocess, preprocess_map_kwargs={"num_cpus": LIGHT_TASK_CPUS},
+                           postprocess_map_kwargs={"num_cpus": LIGHT_TASK_CPUS})
+
+
+def _stage_enabled(value: Any) -> bool:
+    return value.get("enabled", True) if isinstance(value, dict) else bool(value)
+
+
+def run(ds, processor, input_columns: list[str], *, http: bool = False, extra_columns: tuple[str, ...] = ()):
+    """Apply a processor and shape its output (a lazy Ray dataset).
+
+    ``extra_columns`` keeps more of the engine's columns, e.g. ``metrics`` (per-request
+    timestamps) for the throughput benchmark.
+    """
+    out = processor(ds)
+    return out.map_batches(functools.partial(_select, input_columns=input_columns, http=http,
+                                             extra_columns=extra_columns),
+                           batch_format="pyarrow", batch_size=None, zero_copy_batch=True, num_cpus=LIGHT_TASK_CPUS)

@@ -1,0 +1,105 @@
+"""The OpenAI app: the recipe's ``LLMConfig`` completed by the run, and its deployment.
+
+``build_llm_config`` fills in what the run owns (model source, adapters' location, LoRA
+limits); ``validate_llm_config`` checks it against ``ray.serve.llm.LLMConfig``; ``deploy``
+runs ``build_openai_app`` on the connected cluster, through the workflow's ingress
+(``serving/ingress.py``) or, with direct streaming, with vLLM's own OpenAI app in each replica.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from ..config.base import format_validation_error
+from ..config.serve import ServeConfig
+from ..core.errors import WorkflowError
+from ..inference.adapters import supported_lora_rank
+from ..patches import ray_serve_direct_streaming, supported
+
+APP_NAME = "workflow"
+INGRESS = "workflow.serving.ingress"
+INGRESS_TESTED = {"ray": "==2.60.*"}
+
+
+def build_llm_config(cfg: ServeConfig, *, model_source: str, default_model_id: str, adapters_uri: str | None,
+                     lora_rank: int | None) -> dict[str, Any]:
+    """The recipe's ``llm_config`` with what the run owns filled in (the recipe's keys win)."""
+    llm = copy.deepcopy(cfg.llm_config)
+    loading = llm.setdefault("model_loading_config", {})
+    loading.setdefault("model_id", default_model_id)
+    loading.setdefault("model_source", model_source)
+    if adapters_uri is not None:
+        lora = llm.setdefault("lora_config", {})
+        lora.setdefault("dynamic_lora_loading_path", adapters_uri)
+        engine = llm.setdefault("engine_kwargs", {})
+        engine.setdefault("enable_lora", True)
+        # Ray's and vLLM's limits on resident adapters must agree (config/serve.py checks
+        # that they do when both are given); fill in the one that is missing.
+        per_replica = lora.get("max_num_adapters_per_replica", engine.get("max_loras", 16))
+        lora["max_num_adapters_per_replica"] = engine["max_loras"] = per_replica
+        if lora_rank is not None:
+            engine.setdefault("max_lora_rank", supported_lora_rank(lora_rank))
+    return llm
+
+
+def validate_llm_config(llm: dict[str, Any], where: str):
+    """``ray.serve.llm.LLMConfig`` from ``llm``, or a one-line error naming the field."""
+    from pydantic import ValidationError
+    from ray.serve.llm import LLMConfig
+
+    try:
+        return LLMConfig.model_validate(llm)
+    except ValidationError as err:
+        raise WorkflowError(format_validation_error(err, where)) from None
+
+
+def ingress_cls_config(api_key_env: str | None) -> dict[str, Any] | None:
+    """The workflow's ingress (serving/ingress.py): optional API key, OpenAI-format errors.
+
+    It subclasses Ray's private ``OpenAiIngress``, so it is used only with the Ray versions in
+    ``INGRESS_TESTED``; elsewhere Ray's own ingress serves (None), which cannot check a key.
+    """
+    if not supported(INGRESS, INGRESS_TESTED, "Ray's own ingress serves the app: no API key check, "
+                     "errors in FastAPI's form instead of OpenAI's"):
+        if api_key_env:
+            raise WorkflowError(f"serve.api_key_env needs the workflow ingress, which is tested on ray "
+                                f"{INGRESS_TESTED['ray']} only", hint="use that Ray, or set serve.direct_streaming: "
+                                "true (vLLM checks the key there)")
+        return None
+    return {"ingress_cls": f"{INGRESS}:WorkflowIngress",
+            "ingress_extra_kwargs": {"api_key_env": api_key_env} if api_key_env else {}}
+
+
+# The cluster's side of direct streaming (ServeConfig.direct_streaming): HAProxy in front, the
+# LLM replicas as the ingress, request bodies forwarded to the router (adapter routing).
+DIRECT_STREAMING_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1",
+                        "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1"}
+
+
+def direct_streaming_env(api_key: str | None) -> dict[str, str]:
+    """The cluster's environment for direct streaming; the replicas then serve vLLM's own
+    OpenAI app, which checks ``VLLM_API_KEY`` on /v1 routes (there is no workflow ingress)."""
+    return {**DIRECT_STREAMING_ENV, **({"VLLM_API_KEY": api_key} if api_key else {})}
+
+
+def deploy(llm_config, *, host: str, port: int, ingress_cls_config: dict[str, Any] | None,
+           ingress_deployment_config: dict[str, Any], direct_streaming: bool = False) -> None:
+    """Run the OpenAI app on the connected cluster and wait until it is RUNNING.
+
+    ``ingress_cls_config`` None keeps Ray's own ``OpenAiIngress`` (the benchmark's baseline).
+    With ``direct_streaming`` (the cluster started with ``DIRECT_STREAMING_ENV``) the LLM
+    replicas are the ingress: no ingress class or ingress deployment options apply.
+    """
+    from ray import serve
+    from ray.serve.llm import build_openai_app
+
+    # Direct streaming is a build-time switch of Ray's modules in this process (see the patch).
+    ray_serve_direct_streaming.set_direct_streaming(direct_streaming)
+    args: dict[str, Any] = {"llm_configs": [llm_config]}
+    if not direct_streaming:
+        args["ingress_deployment_config"] = ingress_deployment_config
+        if ingress_cls_config is not None:
+            args["ingress_cls_config"] = ingress_cls_config
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_openai_app(args), name=APP_NAME, route_prefix="/", blocking=False)

@@ -1,0 +1,169 @@
+"""Evaluate stage: batch inference over the test split, metrics, report.
+
+Every variant (the base model, each adapter of the run's train stage, each of them again
+with constrained decoding when the recipe asks for it) answers every test row in one pass
+through one vLLM engine (``ray.data.llm``; a row's ``model`` column picks the adapter), or
+through an OpenAI-compatible endpoint when ``evaluate.endpoint`` is set. Then the recipe's
+metrics are computed per variant and written to ``<run>/evaluate/``: ``predictions.parquet``,
+``metrics.json``, ``report.md`` and ``metrics.png`` (the manifest goes last).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..config.evaluate import EvaluateConfig, check_library_fields
+from ..core import manifest, storage
+from ..core.envs import SERVE
+from ..core.errors import WorkflowError
+from ..core.stage import StageContext, StageResult
+from ..evaluation import report
+from ..evaluation.constraints import constraint_regex
+from ..inference import io, processor
+from ..inference.adapters import local_adapters, lora_engine_kwargs, model_for_engine
+from ..prompts import guard
+from ..prompts.messages import expected_output
+
+ENV = SERVE
+CONSTRAINED = "+constrained"
+
+
+def config(ctx: StageContext) -> dict:
+    return ctx.recipe.evaluate.model_dump(mode="json")
+
+
+def inputs(ctx: StageContext) -> dict[str, str]:
+    found = {"ingest": ctx.upstream("ingest")["fingerprint"]}
+    if ctx.recipe.evaluate.endpoint is None:
+        found["model"] = ctx.upstream("model")["fingerprint"]
+        if ctx.recipe.train is not None:
+            found["train"] = ctx.upstream("train")["fingerprint"]
+    return found
+
+
+# ---------------------------------------------------------------- what to evaluate
+
+def load_rows(ctx: StageContext, cfg: EvaluateConfig) -> list[dict[str, Any]]:
+    outputs = ctx.upstream("ingest")["outputs"]
+    if cfg.split not in outputs:
+        splits = [k for k in outputs if k != "dataset_info"]
+        raise WorkflowError(f"evaluate.split: no split {cfg.split!r} in the ingest stage; it has {splits}")
+    rows = [json.loads(line) for line in storage.read_text(outputs[cfg.split]).splitlines() if line.strip()]
+    return rows[: cfg.max_rows] if cfg.max_rows else rows
+
+
+def run_adapters(ctx: StageContext, cfg: EvaluateConfig) -> dict[str, str]:
+    """Adapter name -> URI, for the adapters the train stage wrote (all, or those named)."""
+    if ctx.recipe.train is None:
+        return {}
+    adapters_dir = ctx.upstream("train")["outputs"]["adapters_dir"]
+    found = {rel.split("/")[0] for rel in storage.list_files(adapters_dir) if rel.endswith("adapter_config.json")
+             and rel.count("/") == 1}
+    wanted = cfg.adapters if cfg.adapters is not None else sorted(found)
+    missing = [a for a in wanted if a not in found]
+    if missing:
+        raise WorkflowError(f"evaluate.adapters: {missing} not in {adapters_dir}; it has {sorted(found)}")
+    return {name: storage.join(adapters_dir, name) for name in wanted}
+
+
+def expand_rows(rows: list[dict[str, Any]], variants: list[tuple[str, dict[str, Any]]],
+                cfg: EvaluateConfig) -> list[dict[str, Any]]:
+    """One row per (test row, variant, constrained or not); ``__`` columns steer inference."""
+    modes = [False, True] if cfg.constrained_decoding else [False]
+    out = []
+    for name, steer in variants:
+        for constrained in modes:
+            for i, row in enumerate(rows):
+                out.append({"row_id": i, "variant": name + (CONSTRAINED if constrained else ""), "model": name,
+                            "constrained": constrained, "instruction": row.get("instruction", ""),
+                            "input": row.get("input", ""), "system": row.get("system", ""),
+                            "messages": row.get("messages"),
+                            "expected": metrics_reference(row), **steer,
+                            "__regex": constraint_regex(row, cfg) if constrained else ""})
+    return out
+
+
+def metrics_reference(row: dict[str, Any]) -> str:
+    expected = expected_output(row)
+    if expected is None:
+        raise WorkflowError("evaluate: a test row has no expected output ('output' or a final assistant turn)")
+    return expected
+
+
+# ---------------------------------------------------------------- inference
+
+def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]]):
+    """All variants' predictions for the rows, as one Arrow table."""
+    import pyarrow as pa
+
+    if cfg.endpoint is not None:
+        variants = [(m, {"__endpoint_model": m}) for m in cfg.endpoint.models]
+        adapters: dict[str, str] = {}
+    else:
+        model_source = model_for_engine(ctx.upstream("model")["outputs"]["model"], ctx.scratch("model"))
+        adapters = local_adapters(run_adapters(ctx, cfg), ctx.scratch("adapters"))
+        for path in adapters.values():
+            guard.check_adapter(path, model_source, where="evaluate", allow_mismatch=cfg.allow_prompt_mismatch)
+        lora_engine_kwargs(cfg.processor.get("engine_kwargs") or {}, adapters, "evaluate.processor")
+        variants = ([("base", {"__adapter": ""})] if cfg.base else []) + [
+            (name, {"__adapter": path}) for name, path in adapters.items()]
+        if not variants:
+            raise WorkflowError("evaluate: nothing to evaluate (base: false and the run has no adapters)")
+    items = expand_rows(rows, variants, cfg)
+    if all(r["messages"] is None for r in items):
+        for r in items:
+            del r["messages"]
+    if not any(r["system"] for r in items):
+        for r in items:
+            del r["system"]
+    columns = [c for c in items[0] if not c.startswith("__")]
+    processor.init_ray()
+    print(f"[evaluate] {len(rows)} rows x {len(items) // len(rows)} variants "
+          f"({', '.join(sorted({r['variant'] for r in items}))})", flush=True)
+    if cfg.endpoint is not None:
+        # One pass per request shape: Ray Data cannot merge blocks whose payload structs differ
+        # (with and without structured_outputs). Passes are cheap here: no engine to start.
+        passes = [[r for r in items if r["constrained"] == c] for c in (False, True)]
+        batches = []
+        for part in (p for p in passes if p):
+            http = processor.http_processor(cfg.endpoint.processor, cfg.sampling_params, columns)
+            batch_size = cfg.endpoint.processor.get("batch_size", 64)
+            out = processor.run(io.from_rows(part, batch_size), http, columns, http=True)
+            batches += io.with_progress(out.iter_batches(batch_format="pyarrow", batch_size=None),
+                                               total=len(part), what="evaluate")
+    else:
+        engine = processor.engine_processor(model_source, cfg.processor, cfg.sampling_params, adapters, columns)
+        out = processor.run(io.from_rows(items, cfg.processor.get("batch_size", 32)), engine, columns)
+        batches = list(io.with_progress(out.iter_batches(batch_format="pyarrow", batch_size=None),
+                                               total=len(items), what="evaluate"))
+    n = sum(b.num_rows for b in batches)
+    if n != len(items):
+        raise WorkflowError(f"evaluate: {len(items)} rows went in but {n} came out")
+    return pa.concat_tables(batches).sort_by([("variant", "ascending"), ("row_id", "ascending")])
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg = ctx.recipe.evaluate
+    check_library_fields(cfg)
+    rows = load_rows(ctx, cfg)
+    table = predict(ctx, cfg, rows)
+    results = report.score(table, cfg.metrics)
+    with tempfile.TemporaryDirectory(prefix="workflow-evaluate-") as tmp:
+        out = Path(tmp)
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, out / "predictions.parquet")
+        (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        report.chart(results, cfg.metrics, out / "metrics.png")
+        (out / "report.md").write_text(report.markdown_report(ctx.recipe.name, results, table, cfg))
+        storage.upload_dir(out, ctx.out_uri, last=["metrics.json"])
+    report.print_summary(results, cfg.metrics)
+    outputs = {name: storage.join(ctx.out_uri, name)
+               for name in ("predictions.parquet", "metrics.json", "report.md", "metrics.png")}
+    summary = {"metrics": {v: r["metrics"] for v, r in results.items()},
+               "errors": {v: r["errors"] for v, r in results.items()}, "rows": len(rows),
+               "metrics_sha256": manifest.hash_file(outputs["metrics.json"])}
+    return StageResult(outputs=outputs, summary=summary)

@@ -1,0 +1,146 @@
+"""Model stage: settle which base model the run uses, and where downstream stages load it.
+
+- ``source: tiny`` builds a tiny Qwen2 model whose tokenizer is trained on the ingested
+  train/val text (tests, the CPU demo).
+- A local folder or an ``s3://``/``gs://`` mirror is used as it is; a Hugging Face id is
+  recorded and loaded by each library from the hub (or its cache).
+- ``pretrain`` (LLaMA-Factory keys, ``stage: pt`` and ``finetuning_type: full`` unless set)
+  then trains the tiny base through the same Ray Train code as the train stage
+  (``workflow.training.ray_train``), on plain-text documents made from the ingested rows
+  (``pretrain_text``: which splits and fields): it learns the data's text, not the task.
+  With ``stage: sft`` it trains on the ingested splits named in ``pretrain_text.splits`` as
+  they are. The base, the corpus and the checkpoints go to ``<run>/model/{base,pretrain,
+  checkpoints}``; the trained model to ``weights``.
+- ``mirror: true`` copies the base model into ``<storage>/<run>/model/weights`` (what the
+  reference tutorial's ``upload_model`` does) so cluster nodes load it from the bucket.
+
+The stage's manifest output ``model`` is what train, evaluate and serve load.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from ..config import is_remote
+from ..core import manifest, storage
+from ..core.envs import TRAIN
+from ..core.errors import WorkflowError
+from ..core.stage import StageContext, StageResult
+from ..training.pretrain_corpus import CORPUS, write_corpus
+
+ENV = TRAIN
+WEIGHTS = "weights"
+
+
+PRETRAIN_DEFAULTS = {"stage": "pt", "finetuning_type": "full"}
+
+
+def config(ctx: StageContext) -> dict:
+    out = ctx.recipe.model.model_dump(mode="json")
+    if ctx.recipe.model.pretrain and ctx.recipe.train is not None:
+        out["pretrain_scaling"] = ctx.recipe.train.scaling_config.model_dump(mode="json")
+    return out
+
+
+def inputs(ctx: StageContext) -> dict[str, str]:
+    cfg = ctx.recipe.model
+    if cfg.is_tiny:
+        return {"ingest": ctx.upstream("ingest")["fingerprint"]}
+    if not is_remote(cfg.source) and os.path.isabs(cfg.source):
+        if not Path(cfg.source).is_dir():
+            raise WorkflowError(f"model.source: {cfg.source} does not exist",
+                                hint="give an existing model folder, a Hugging Face id, or s3://... / gs://...")
+        # Names and sizes are enough to notice a changed checkpoint without reading gigabytes.
+        files = sorted((p.relative_to(cfg.source).as_posix(), p.stat().st_size)
+                       for p in Path(cfg.source).rglob("*") if p.is_file())
+        return {"source": manifest.config_hash(files)}
+    return {"source": cfg.source}
+
+
+def _hf_snapshot(model_id: str) -> Path:
+    """A local copy of a hub model (from the HF cache when offline)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model_id, token=os.environ.get("HF_TOKEN")))
+    except Exception as err:  # noqa: BLE001 - hub errors come in many types
+        raise WorkflowError(f"model.source: cannot download {model_id!r} ({type(err).__name__})",
+                            hint="check the model id, HF_TOKEN for gated models, and network access; "
+                                 "or point model.source at a local folder or a bucket mirror") from None
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg = ctx.recipe.model
+    weights_uri = ctx.stage_uri("model", WEIGHTS)
+    if cfg.is_tiny:
+        from ..training.tiny_model import build_tiny_model
+
+        ingest = ctx.upstream("ingest")["outputs"]
+        with tempfile.TemporaryDirectory(prefix="workflow-tiny-") as tmp:
+            data = [_local_file(ingest[s], tmp) for s in ("train", "val") if s in ingest]
+            built = build_tiny_model(data, Path(tmp) / "model", cfg.tiny)
+            if cfg.pretrain:
+                pretrained = _pretrain(ctx, built, ingest, weights_uri)
+                return StageResult(outputs={"model": weights_uri},
+                                   summary={"kind": "tiny", **cfg.tiny.model_dump(), "pretrain": pretrained})
+            storage.upload_dir(built, weights_uri, last=["config.json"])
+        return StageResult(outputs={"model": weights_uri}, summary={"kind": "tiny", **cfg.tiny.model_dump()})
+    source = cfg.source
+    if not cfg.mirror:
+        return StageResult(outputs={"model": source}, summary={"kind": "remote" if is_remote(source) else "path-or-hub"})
+    local = source if (not is_remote(source) and os.path.isdir(source)) else None
+    if local is None and not is_remote(source):
+        local = str(_hf_snapshot(source))
+    print(f"[model] mirroring {source} -> {weights_uri}", flush=True)
+    storage.copy_dir(local or source, weights_uri, last=["config.json"])
+    return StageResult(outputs={"model": weights_uri}, summary={"kind": "mirror", "source": source})
+
+
+def _local_file(uri: str, tmp: str) -> Path:
+    if storage.is_local(uri):
+        return storage.local_path(uri)
+    dest = Path(tmp) / uri.rsplit("/", 1)[-1]
+    dest.write_bytes(storage.read_bytes(uri))
+    return dest
+
+
+def _pretrain(ctx: StageContext, built: Path, ingest: dict, weights_uri: str) -> dict:
+    """Train the freshly built tiny base with LLaMA-Factory in Ray Train; publish it at ``weights_uri``."""
+    from ..training.llamafactory_args import WORKER_OUTPUT, check_llamafactory_keys, llamafactory_args
+    from ..training.ray_train import run_training
+
+    recipe = ctx.recipe
+    keys = {**PRETRAIN_DEFAULTS, **recipe.model.pretrain}
+    check_llamafactory_keys(keys, f"{recipe.path or recipe.name}: model.pretrain")
+    base_uri = ctx.stage_uri("model", "base")
+    storage.upload_dir(built, base_uri, last=["config.json"])
+    if keys["stage"] == "pt":
+        dataset_dir, dataset = ctx.stage_uri("model", CORPUS), CORPUS
+        documents = write_corpus(recipe.model.pretrain_text, ingest, dataset_dir)
+        print(f"[model] pre-training the tiny base on {documents} plain-text documents", flush=True)
+    else:
+        dataset_dir, dataset = ingest["dataset_info"].rsplit("/", 1)[0], ",".join(recipe.model.pretrain_text.splits)
+        documents = None
+    fingerprint = manifest.fingerprint(ctx.stage, config(ctx), inputs(ctx))
+    args = llamafactory_args(keys, model=base_uri, dataset_dir=dataset_dir, output_dir=WORKER_OUTPUT, dataset=dataset)
+    scaling = recipe.train.scaling_config.model_dump() if recipe.train is not None else {}
+    summary = run_training(
+        args,
+        experiment=f"pretrain-{fingerprint[:12]}",
+        checkpoints_uri=ctx.stage_uri("model", "checkpoints"),
+        export_uri=weights_uri,
+        export_last=["config.json"],
+        model_key=fingerprint,
+        data_key=fingerprint,
+        scaling_config=scaling,
+        failure_config=recipe.train.failure_config.model_dump() if recipe.train is not None else {},
+        checkpoint_config={"num_to_keep": 1},
+        tensorboard_uri=ctx.stage_uri("model", "tensorboard"),
+        fresh=ctx.force,
+    )
+    print(f"[model] pre-trained the base: {summary['global_step']} steps, final loss {summary['final_loss']}",
+          flush=True)
+    return {"stage": keys["stage"], "documents": documents, **summary}
+
