@@ -1,0 +1,153 @@
+"""workflow.patches: each patch refuses, with one warning line, outside the versions it was tested on.
+
+Runs in the serve environment, against the real vLLM and Ray modules the patches replace; the
+installed version is what the tests change (``installed_version``), nothing else is stubbed.
+(The PEFT fast path's refusal is tested in test_peft_lora_fast_path.py, in the train environment.)
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+import workflow.patches as patches
+
+
+@pytest.fixture
+def old_versions(monkeypatch):
+    """Every package reads as 0.1.0, outside every patch's tested versions; warnings start afresh."""
+    monkeypatch.setattr(patches, "installed_version", lambda package: "0.1.0")
+    monkeypatch.setattr(patches, "_warned", set())
+
+
+def _one_warning(capsys) -> str:
+    """The one line the gate printed (importing vLLM prints log records of its own)."""
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_installed_versions_are_inside_every_patch_of_this_environment():
+    from workflow.patches import ray_serve_direct_streaming, vllm_cpu_lora, vllm_cpu_placement
+    from workflow.serving import app
+
+    for tested in (vllm_cpu_lora.TESTED, vllm_cpu_placement.TESTED, ray_serve_direct_streaming.TESTED,
+                   app.INGRESS_TESTED):
+        assert patches.outside_tested(tested) is None, tested
+
+
+def test_supported_warns_once_per_patch(old_versions, capsys):
+    assert not patches.supported("p", {"ray": "==2.60.*"}, "it is slower")
+    assert not patches.supported("p", {"ray": "==2.60.*"}, "it is slower")
+    line = _one_warning(capsys)
+    assert line == "warning: p not applied: ray 0.1.0 is outside the versions it was tested on (==2.60.*); it is slower"
+
+
+def test_a_package_that_is_not_installed_is_outside():
+    assert "(not installed)" in patches.outside_tested({"no-such-package-here": ">=1"})
+
+
+def test_replace_attribute_refuses_an_attribute_that_is_not_there():
+    target = types.SimpleNamespace(flag=False)
+    assert patches.replace_attribute(target, "flag", True) is False and target.flag is True
+    with pytest.raises(patches.PatchTargetMissing, match="flg"):
+        patches.replace_attribute(target, "flg", True)
+    assert not hasattr(target, "flg")
+
+
+def test_cpu_lora_ops_are_left_to_vllm_outside_the_tested_versions(old_versions, capsys, monkeypatch):
+    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+    from workflow.patches import vllm_cpu_lora
+
+    monkeypatch.setattr(punica_cpu, "bgmv_shrink", punica_cpu.bgmv_shrink)  # restored after the test
+    before = punica_cpu.bgmv_shrink
+    vllm_cpu_lora.register()
+    assert punica_cpu.bgmv_shrink is before and before is not vllm_cpu_lora.bgmv_shrink
+    line = _one_warning(capsys)
+    assert "workflow.patches.vllm_cpu_lora not applied: vllm 0.1.0" in line and "adapter prompts" in line
+
+
+def test_cpu_lora_ops_are_all_or_none_when_one_is_missing(capsys, monkeypatch):
+    import vllm.lora.ops.torch_ops as package
+    import vllm.lora.ops.torch_ops.lora_ops as ops
+    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+    from workflow.patches import vllm_cpu_lora
+
+    monkeypatch.setattr(patches, "_warned", set())
+    for module in (ops, package, punica_cpu):
+        for name in vllm_cpu_lora.OPS:
+            monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    monkeypatch.delattr(package, "bgmv_expand_slice")
+    before = punica_cpu.bgmv_shrink
+    vllm_cpu_lora.register()
+    assert punica_cpu.bgmv_shrink is before
+    assert "vllm.lora.ops.torch_ops.bgmv_expand_slice does not exist" in _one_warning(capsys)
+
+
+def test_engine_core_placement_is_left_to_vllm_outside_the_tested_versions(old_versions, capsys):
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    from workflow.patches import vllm_cpu_placement
+
+    before = OMPProcessManager.__init__
+    vllm_cpu_placement.register()
+    assert OMPProcessManager.__init__ is before
+    assert "workflow.patches.vllm_cpu_placement not applied: vllm 0.1.0" in _one_warning(capsys)
+
+
+def test_direct_streaming_is_off_outside_the_tested_ray(old_versions, capsys):
+    from workflow.patches import ray_serve_direct_streaming
+
+    assert not ray_serve_direct_streaming.available()
+    assert "serve.direct_streaming is off" in _one_warning(capsys)
+
+
+def test_direct_streaming_is_off_when_a_global_is_gone(capsys, monkeypatch):
+    from ray.serve._private import build_app
+
+    from workflow.patches import ray_serve_direct_streaming
+
+    monkeypatch.setattr(patches, "_warned", set())
+    assert ray_serve_direct_streaming.available()
+    monkeypatch.delattr(build_app, "RAY_SERVE_ENABLE_HA_PROXY")
+    assert not ray_serve_direct_streaming.available()
+    assert "build_app.RAY_SERVE_ENABLE_HA_PROXY does not exist" in _one_warning(capsys)
+    with pytest.raises(patches.PatchTargetMissing):
+        ray_serve_direct_streaming.set_direct_streaming(True)
+
+
+def test_direct_streaming_switch_sets_and_resets_the_builder(monkeypatch):
+    import importlib
+
+    from ray.llm._internal.serve.core.ingress import builder
+
+    from workflow.patches import ray_serve_direct_streaming
+
+    for module, name in ray_serve_direct_streaming.TARGETS:  # restored after the test
+        module = importlib.import_module(module)
+        monkeypatch.setattr(module, name, getattr(module, name))
+    ray_serve_direct_streaming.set_direct_streaming(True)
+    assert builder.RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING is True
+    ray_serve_direct_streaming.set_direct_streaming(False)
+    assert builder.RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING is False
+
+
+def test_workflow_ingress_only_with_the_tested_ray(old_versions, capsys):
+    from workflow.core.errors import WorkflowError
+    from workflow.serving import app
+
+    assert app.ingress_cls_config(None) is None  # Ray's own ingress
+    assert "no API key check" in _one_warning(capsys)
+    with pytest.raises(WorkflowError, match="serve.api_key_env needs the workflow ingress"):
+        app.ingress_cls_config("KEY_ENV")
+
+
+def test_packed_attention_says_why_it_is_not_used_outside_the_tested_versions(old_versions):
+    from workflow.patches import packed_attention
+
+    neat = types.SimpleNamespace(neat_packing=True, block_diag_attn=True)
+    reason = packed_attention.why_not_varlen(model=None, collate_fn=neat)
+    assert reason.startswith("workflow.patches.packed_attention not applied: llamafactory 0.1.0 is outside")
