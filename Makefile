@@ -53,4 +53,4 @@ bench-soak:       ## 32 streaming clients for 60 s on the CPU recipe's serve app
 	$(SERVE_PY) bench/serve_soak.py --model $(BENCH_MODEL) --app $(SOAK_APP)
 
 bench-train:      ## needs a GPU machine (see bench/README.md)
-	$(TRAIN_PY) bench/train_throughput.py
+	$(TRAIN_PY) bench/train_throughput.py --out bench/results/train_throughput

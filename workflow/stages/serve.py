@@ -84,34 +84,6 @@ def _adapters(ctx: StageContext) -> tuple[str | None, list[str], int | None, lis
     return adapters_dir, names, train["summary"].get("lora_rank"), rows
 
 
-def _tokenizer_source(ctx: StageContext, model_source: str) -> str:
-    """Where transformers can load the base model's tokenizer: a local folder, a hub id, or a download."""
-    if storage.is_local(model_source):
-        return model_source
-    dest = ctx.scratch("tokenizer")
-    for rel in storage.list_files(model_source):
-        if "/" not in rel and not rel.endswith((".safetensors", ".bin", ".pt")):
-            (dest / rel).write_bytes(storage.read_bytes(storage.join(model_source, rel)))
-    return str(dest)
-
-
-def check_prompt_formats(ctx: StageContext, model_source: str, adapters_dir: str | None, names: list[str]) -> None:
-    """Refuse to serve an adapter whose training prompt the served tokenizer would render differently."""
-    if adapters_dir is None:
-        return
-    tokenizer = None
-    for name in names:
-        record_uri = storage.join(adapters_dir, name, guard.FILE)
-        if not storage.exists(record_uri):
-            print(f"[serve] adapter {name}: no {guard.FILE}; the prompt format cannot be checked", flush=True)
-            continue
-        local = ctx.scratch("prompt-format", name)
-        (local / guard.FILE).write_bytes(storage.read_bytes(record_uri))
-        tokenizer = tokenizer or _tokenizer_source(ctx, model_source)
-        guard.check_adapter(local, tokenizer, where="serve",
-                                    allow_mismatch=ctx.recipe.serve.allow_prompt_mismatch)
-
-
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.recipe.serve
     started = manifest.now()
@@ -127,7 +99,9 @@ def run(ctx: StageContext) -> StageResult:
                                 hint=f"export {cfg.api_key_env}=<key>, or remove serve.api_key_env for an open endpoint")
     model_source = ctx.upstream("model")["outputs"]["model"]
     adapters_dir, adapter_names, lora_rank, rows = _adapters(ctx)
-    check_prompt_formats(ctx, model_source, adapters_dir, adapter_names)
+    if adapters_dir is not None:
+        guard.check_stored_adapters(adapters_dir, adapter_names, model_source, ctx.scratch("prompt-format"),
+                                    where="serve", allow_mismatch=cfg.allow_prompt_mismatch)
     local_adapters = adapters_dir is not None and storage.is_local(adapters_dir)
     s3_port = cluster.free_port() if local_adapters else None
     # The loopback URI is only known once published; validate with a placeholder of the same form.
