@@ -26,12 +26,23 @@ from .training.llamafactory_args import check_recipe_in_train_env
 
 
 def _cmd_validate(args) -> int:
+    # The library sections are checked here, in the serve env, against the libraries themselves.
+    import logging
+
+    from .config.evaluate import check_library_fields
+    from .serving.app import check_recipe_llm_config
+
+    logging.getLogger("vllm").setLevel(logging.ERROR)  # only its argument types are used: no import-time warnings
     failed = 0
     for path in args.recipes:
         try:
             recipe = load_recipe(path)
             stages = runner.select_stages(recipe)
             check_recipe_in_train_env(recipe)  # LLaMA-Factory keys, against LLaMA-Factory itself
+            if recipe.evaluate is not None:  # vLLMEngineProcessorConfig, vLLM engine args, SamplingParams
+                check_library_fields(recipe.evaluate, where=f"{recipe.path}: evaluate")
+            if recipe.serve is not None:  # LLMConfig as the serve stage builds it, vLLM engine args
+                check_recipe_llm_config(recipe)
             print(f"ok  {path}  ({recipe.name}: {' -> '.join(stages)}; storage {recipe.run_uri})")
         except WorkflowError as err:
             failed += 1

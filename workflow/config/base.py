@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..core.errors import WorkflowError
 
 
 class Section(BaseModel):
@@ -27,3 +32,24 @@ def format_validation_error(err: ValidationError, where: str) -> str:
                 msg += f" (got {e['input']!r})"
         parts.append(f"{loc}: {msg}")
     return f"{where}: " + "; ".join(parts)
+
+
+def check_engine_kwargs(engine_kwargs: dict[str, Any] | None, where: str, *, also: Iterable[str] = ()) -> None:
+    """Reject keys of a vLLM ``engine_kwargs`` mapping that are not ``vllm.AsyncEngineArgs`` fields.
+
+    ``also`` names keys the wrapping library accepts besides them. One line naming ``where``,
+    the keys and, where one is close, the known name meant. Imports vLLM (serve env only).
+    """
+    import dataclasses
+    import difflib
+
+    from vllm import AsyncEngineArgs
+
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)} | set(also)
+    unknown = sorted(set(engine_kwargs or {}) - known)
+    if not unknown:
+        return
+    close = {key: difflib.get_close_matches(key, known, n=1) for key in unknown}
+    meant = [f"{match[0]!r}" + (f" for {key!r}" if len(unknown) > 1 else "") for key, match in close.items() if match]
+    hint = (f"did you mean {', '.join(meant)}? " if meant else "") + "see vllm.AsyncEngineArgs for the names"
+    raise WorkflowError(f"{where}: unknown vLLM engine argument(s) {unknown}", hint=hint)

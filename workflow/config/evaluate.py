@@ -10,14 +10,13 @@ engine starts.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from pydantic import Field, field_validator
 
 from ..core.errors import WorkflowError
 from ..evaluation.metrics import METRICS
-from .base import Section, format_validation_error
+from .base import Section, check_engine_kwargs, format_validation_error
 
 # Filled in from the run; a recipe that sets them is refused.
 RUN_OWNED_PROCESSOR_KEYS = ("model_source",)
@@ -91,18 +90,15 @@ def check_library_fields(cfg: EvaluateConfig, where: str = "evaluate") -> None:
     """
     from pydantic import ValidationError
     from ray.data.llm import HttpRequestProcessorConfig, vLLMEngineProcessorConfig
-    from vllm import AsyncEngineArgs, SamplingParams
+    from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
     try:
         vLLMEngineProcessorConfig(model_source="validation", **cfg.processor)
     except ValidationError as err:
         raise WorkflowError(format_validation_error(err, f"{where}.processor")) from None
-    engine_fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
-    unknown = sorted(set(cfg.processor.get("engine_kwargs") or {}) - engine_fields - {"task_type"})
-    if unknown:
-        raise WorkflowError(f"{where}.processor.engine_kwargs: unknown vLLM engine argument(s) {unknown}",
-                            hint="see vllm.AsyncEngineArgs for the names")
+    # ray.data.llm takes task_type from engine_kwargs besides vLLM's own arguments.
+    check_engine_kwargs(cfg.processor.get("engine_kwargs"), f"{where}.processor.engine_kwargs", also=["task_type"])
     params = dict(cfg.sampling_params)
     structured = params.pop("structured_outputs", None)
     try:

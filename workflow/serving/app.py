@@ -1,7 +1,9 @@
 """The OpenAI app: the recipe's ``LLMConfig`` completed by the run, and its deployment.
 
 ``build_llm_config`` fills in what the run owns (model source, adapters' location, LoRA
-limits); ``validate_llm_config`` checks it against ``ray.serve.llm.LLMConfig``; ``deploy``
+limits); ``validate_llm_config`` checks it against ``ray.serve.llm.LLMConfig`` and its
+``engine_kwargs`` against vLLM's arguments (``check_recipe_llm_config``: a recipe's, before any
+run, for ``workflow validate``); ``deploy``
 runs ``build_openai_app`` on the connected cluster, through the workflow's ingress
 (``serving/ingress.py``) or, with direct streaming, with vLLM's own OpenAI app in each replica.
 """
@@ -11,11 +13,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from ..config.base import format_validation_error
+from ..config.base import check_engine_kwargs, format_validation_error
 from ..config.serve import ServeConfig
+from ..core import storage
 from ..core.errors import WorkflowError
 from ..inference.adapters import supported_lora_rank
 from ..patches import ray_serve_direct_streaming, supported
+from . import adapter_store
 
 APP_NAME = "workflow"
 INGRESS = "workflow.serving.ingress"
@@ -44,14 +48,52 @@ def build_llm_config(cfg: ServeConfig, *, model_source: str, default_model_id: s
 
 
 def validate_llm_config(llm: dict[str, Any], where: str):
-    """``ray.serve.llm.LLMConfig`` from ``llm``, or a one-line error naming the field."""
+    """``ray.serve.llm.LLMConfig`` from ``llm``, or a one-line error naming the field.
+
+    ``engine_kwargs`` is checked too: Ray Serve LLM passes each key to vLLM's engine or its
+    OpenAI front end, and refuses any other only when a replica starts.
+    """
     from pydantic import ValidationError
     from ray.serve.llm import LLMConfig
 
     try:
-        return LLMConfig.model_validate(llm)
+        config = LLMConfig.model_validate(llm)
     except ValidationError as err:
         raise WorkflowError(format_validation_error(err, where)) from None
+    check_engine_kwargs(config.engine_kwargs, f"{where}.engine_kwargs", also=_frontend_arg_names())
+    return config
+
+
+def _frontend_arg_names() -> set[str]:
+    """vLLM's OpenAI front-end arguments, which Ray Serve LLM also takes in ``engine_kwargs``."""
+    import dataclasses
+
+    try:
+        from vllm.entrypoints.launchers.cli_args import FrontendArgs
+    except ImportError:  # vLLM before 0.30 kept them with the OpenAI server
+        from vllm.entrypoints.openai.cli_args import FrontendArgs
+    return {f.name for f in dataclasses.fields(FrontendArgs)}
+
+
+def check_recipe_llm_config(recipe) -> None:
+    """``validate_llm_config`` of a recipe's ``serve.llm_config`` as the serve stage builds it.
+
+    What the run fills in is taken from the recipe where it says (the model source, the LoRA
+    rank) and otherwise stands in with a value of the same form (``workflow validate``).
+    """
+    model = recipe.model
+    model_source = (storage.join(recipe.run_uri, "model", "weights") if model.is_tiny or model.mirror
+                    else model.source)
+    adapters_uri, lora_rank = None, None
+    if recipe.train is not None:
+        adapters_dir = storage.join(recipe.run_uri, "train", "adapters")
+        # Local adapters are served from the loopback S3 server (serving/adapter_store.py).
+        adapters_uri = (f"s3://{adapter_store.LOOPBACK_BUCKET}/{recipe.name}" if storage.is_local(adapters_dir)
+                        else adapters_dir)
+        lora_rank = recipe.train.llamafactory.get("lora_rank", 8)  # LLaMA-Factory's default rank
+    llm = build_llm_config(recipe.serve, model_source=model_source, default_model_id=recipe.name,
+                           adapters_uri=adapters_uri, lora_rank=lora_rank)
+    validate_llm_config(llm, f"{recipe.path or recipe.name}: serve.llm_config")
 
 
 def ingress_cls_config(api_key_env: str | None) -> dict[str, Any] | None:
