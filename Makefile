@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 BENCH_MODEL ?= runs/viggo-cpu/model/weights
 SOAK_APP ?= direct
 
-.PHONY: setup lock demo test test-serve test-train lint validate ingest model train evaluate serve stop show \
+.PHONY: setup lock check-locks demo test test-serve test-train lint validate ingest model train evaluate serve stop show \
         bench-batch bench-serve bench-soak bench-train
 
 setup:            ## build the train and serve environments from envs/*.lock
@@ -16,6 +16,9 @@ setup:            ## build the train and serve environments from envs/*.lock
 
 lock:             ## regenerate envs/*.lock from the environments
 	bash envs/lock.sh
+
+check-locks:      ## check that envs/serve-gpu.lock still resolves on the package index (metadata only, a few seconds)
+	bash envs/check-locks.sh
 
 demo:             ## the whole pipeline on the CPU, offline, then a summary
 	$(WORKFLOW) run $(RECIPE)
