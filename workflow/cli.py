@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 
 from . import runner
@@ -107,10 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     # --debug is accepted after the command too; SUPPRESS keeps the top-level value otherwise.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    # --address: the Ray cluster the stages join (RAY_ADDRESS; see workflow/core/ray_cluster.py).
+    cluster = argparse.ArgumentParser(add_help=False)
+    cluster.add_argument("--address", help="join this Ray cluster (sets RAY_ADDRESS; default: a private "
+                         "local cluster per stage)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add = functools.partial(sub.add_parser, parents=[common])
+    add_on_cluster = functools.partial(sub.add_parser, parents=[common, cluster])
 
-    p = add("run", help="run the recipe's stages in order")
+    p = add_on_cluster("run", help="run the recipe's stages in order")
     p.add_argument("recipe")
     p.add_argument("--stages", help="comma-separated subset, e.g. ingest,train")
     p.add_argument("--from", dest="from_stage", help="start at this stage")
@@ -123,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_validate)
 
     for name, spec in runner.STAGES.items():
-        p = add(name, help=spec.doc)
+        p = add_on_cluster(name, help=spec.doc)
         p.add_argument("recipe")
         p.add_argument("--force", action="store_true")
         if name == "serve":
@@ -136,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.set_defaults(func=_cmd_stage)
 
-    p = add("batch", help=runner.JOBS["batch"].doc)
+    p = add_on_cluster("batch", help=runner.JOBS["batch"].doc)
     p.add_argument("recipe")
     p.add_argument("--input", required=True, help="JSONL, Parquet or CSV (local, s3://, gs://)")
     p.add_argument("--output", required=True, help="where to write (.parquet or .jsonl)")
@@ -161,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "address", None):
+        os.environ["RAY_ADDRESS"] = args.address  # the stage processes inherit it
     try:
         return args.func(args)
     except runner.StageFailed as err:

@@ -23,6 +23,7 @@ import json
 import os
 from typing import Any
 
+from ..core import ray_cluster
 from ..core.errors import WorkflowError
 from ..prompts import messages as prompts
 from .adapters import lora_engine_kwargs
@@ -51,11 +52,9 @@ PROCESSOR_DEFAULTS: dict[str, Any] = {
 
 
 def init_ray() -> None:
-    """Join the cluster in RAY_ADDRESS, else start a private local one (no dashboard)."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=bool(os.environ.get("WORKFLOW_RAY_LOGS")))
+    """Join the cluster in RAY_ADDRESS, else start a private local one (``core.ray_cluster``);
+    the workers' logs reach this process only with ``WORKFLOW_RAY_LOGS`` set."""
+    ray_cluster.init_ray(log_to_driver=bool(os.environ.get("WORKFLOW_RAY_LOGS")))
 
 
 @functools.lru_cache(maxsize=4)

@@ -119,6 +119,9 @@ def run(ctx: StageContext) -> StageResult:
         env_vars.update(app.direct_streaming_env(api_key))
     port = cfg.port or cluster.free_port()
     base_url = f"http://{cfg.host}:{port}/v1"
+    if os.environ.get("RAY_ADDRESS"):
+        print("[serve] RAY_ADDRESS is set, but the app is deployed on a Ray cluster of its own on this machine "
+              "(serving on the user's cluster is not built yet)", flush=True)
     print(f"[serve] starting a Ray cluster ({cfg.num_cpus} logical CPUs) for {model_id}", flush=True)
     state = cluster.start_cluster(ctx.scratch("ray"), num_cpus=cfg.num_cpus, env_vars=env_vars)
     state["base_url"] = base_url

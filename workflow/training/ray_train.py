@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..core import storage
+from ..core import ray_cluster, storage
 from ..core.errors import WorkflowError
 from ..core.secrets import is_secret_name
 from ..patches.packed_attention import packed_attention_callback
@@ -220,9 +220,7 @@ def run_training(args: dict, *, experiment: str, checkpoints_uri: str, export_ur
 
     if fresh:
         storage.remove(storage.join(checkpoints_uri, experiment))
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(include_dashboard=False, log_to_driver=True)
+    started_ray = ray_cluster.init_ray(log_to_driver=True)
     worker_env = {**WORKER_ENV_DEFAULTS,
                   **{k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV_PREFIXES)}}
     # Tokens and keys travel in the loop's config, not the runtime_env: Ray's runtime_env

@@ -1,0 +1,170 @@
+"""workflow.core.ray_cluster: which Ray a stage joins, and which Python its workers run.
+
+Each test starts a real Ray head with ``ray start`` (as a user starts a cluster), from the
+environment that is *not* the stage's, on loopback ports, in a session of its own, with
+token authentication as Ray 2.60's ``ray start`` uses it; the head's process group is
+ended afterwards (never ``ray stop``, which would end every cluster on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import INSTRUCTION, free_port
+
+from workflow.core import envs
+
+REMEMBERED = Path("/tmp/ray/ray_current_cluster")  # where `ray start --head` records its address
+
+
+@dataclass
+class Head:
+    address: str
+    proc: subprocess.Popen
+    log: Path
+
+
+def start_head(env: str, tmp_path: Path, *, num_cpus: int, temp_dir: Path | None) -> Head:
+    """``ray start --head --block`` from ``env``'s Ray; ``temp_dir`` None keeps Ray's default (it records itself)."""
+    ray = Path(envs.python_for(env)).parent / "ray"
+    port = free_port()
+    cmd = [str(ray), "start", "--head", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+           f"--port={port}", f"--num-cpus={num_cpus}", "--include-dashboard=false",
+           f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+           f"--ray-client-server-port={free_port()}", f"--metrics-export-port={free_port()}",
+           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--runtime-env-agent-port={free_port()}"]
+    if temp_dir is not None:
+        cmd.append(f"--temp-dir={temp_dir}")
+    log = tmp_path / f"head-{port}.log"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                            env={**environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"},
+                            start_new_session=True)
+    deadline = time.monotonic() + 180
+    while "Ray runtime started" not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_head(Head(f"127.0.0.1:{port}", proc, log))
+            pytest.fail(f"the Ray head did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.5)
+    return Head(f"127.0.0.1:{port}", proc, log)
+
+
+def stop_head(head: Head) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(head.proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            head.proc.wait(timeout=30)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def python(env: str, script: str, extra_env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in envs.stage_environment(env).items() if not k.startswith("RAY_")}
+    return subprocess.run([envs.python_for(env), "-c", textwrap.dedent(script)], env={**environ, **extra_env},
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+GCS_ADDRESS = """
+    import ray
+    {init}
+    print("GCS", ray.get_runtime_context().gcs_address)
+    ray.shutdown()
+"""
+
+
+def gcs_address(init: str, extra_env: dict[str, str]) -> str:
+    proc = python(envs.SERVE, GCS_ADDRESS.format(init=init), extra_env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("GCS "))
+
+
+def test_without_an_address_a_stage_starts_its_own_ray_not_the_one_ray_remembers(tmp_path):
+    saved = REMEMBERED.read_text() if REMEMBERED.exists() else None
+    ours = "from workflow.core.ray_cluster import init_ray; init_ray(log_to_driver=False)"
+    try:
+        head = start_head(envs.TRAIN, tmp_path, num_cpus=1, temp_dir=None)
+        try:
+            assert REMEMBERED.read_text().strip() == head.address  # Ray remembers this cluster
+            # A plain ray.init() joins it (another project's cluster, say)...
+            assert gcs_address("ray.init()", {"RAY_AUTH_MODE": "token"}) == head.address
+            # ...a stage does not.
+            assert gcs_address(ours, {}) != head.address
+        finally:
+            stop_head(head)
+        # The remembered cluster is gone (killed without `ray stop`): a stage still runs.
+        assert REMEMBERED.read_text().strip() == head.address
+        assert gcs_address(ours, {}) != head.address
+    finally:
+        if saved is None:
+            REMEMBERED.unlink(missing_ok=True)
+        else:
+            REMEMBERED.write_text(saved)
+
+
+TRAIN_ON_CLUSTER = """
+    import json
+    from workflow.training.llamafactory_args import llamafactory_args
+    from workflow.training.ray_train import run_training
+
+    model, data, out = {model!r}, {data!r}, {out!r}
+    args = llamafactory_args(
+        {{"stage": "sft", "finetuning_type": "lora", "lora_rank": 8, "lora_target": "all", "template": "qwen",
+          "cutoff_len": 512, "max_samples": 8, "per_device_train_batch_size": 4, "max_steps": 2, "save_steps": 2,
+          "logging_steps": 1, "use_cpu": True, "preprocessing_num_workers": 1}},
+        model=model, dataset_dir=data, output_dir="unused")
+    summary = run_training(args, experiment="on-a-cluster", checkpoints_uri=out + "/checkpoints",
+                           export_uri=out + "/adapter", export_last=["adapter_config.json"], model_key="m",
+                           data_key="d", scaling_config={{"num_workers": 1, "resources_per_worker": {{"CPU": 1}}}},
+                           failure_config={{"max_failures": 0}}, checkpoint_config={{"num_to_keep": 1}})
+    print("SUMMARY", json.dumps(summary))
+"""
+
+
+@pytest.mark.train_env
+def test_train_workers_run_the_train_environment_on_a_cluster_started_from_the_serve_environment(
+        tiny_model, viggo_alpaca, tmp_path):
+    """The cluster's default Python (the serve env) has no LLaMA-Factory: the workers must run the stage's."""
+    head = start_head(envs.SERVE, tmp_path, num_cpus=2, temp_dir=Path(f"/tmp/wf-ray-{free_port()}"))
+    try:
+        script = TRAIN_ON_CLUSTER.format(model=str(tiny_model), data=str(viggo_alpaca), out=str(tmp_path / "out"))
+        proc = python(envs.TRAIN, script, {"RAY_ADDRESS": head.address, "RAY_AUTH_MODE": "token"})
+    finally:
+        stop_head(head)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    summary = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("SUMMARY "))[8:])
+    assert summary["global_step"] == 2 and summary["workers"] == 1
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_batch_engine_runs_the_serve_environment_on_a_cluster_started_from_the_train_environment(
+        make_run, tmp_path):
+    """``workflow batch --address``: the cluster's default Python (the train env) has no vLLM."""
+    recipe = make_run("batch-on-cluster", evaluate={"sampling_params": {"temperature": 0.0, "max_tokens": 8}})
+    rows = [{"instruction": INSTRUCTION, "input": s} for s in ("Do you like Tetris?", "Portal 2 is great.")]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    head = start_head(envs.TRAIN, tmp_path, num_cpus=2, temp_dir=Path(f"/tmp/wf-ray-{free_port()}"))
+    try:
+        environ = {k: v for k, v in envs.stage_environment(envs.SERVE).items() if not k.startswith("RAY_")}
+        proc = subprocess.run([envs.python_for(envs.SERVE), "-m", "workflow.cli", "batch", str(recipe),
+                               "--address", head.address, "--input", str(source), "--output",
+                               str(tmp_path / "out.jsonl")], env={**environ, "RAY_AUTH_MODE": "token"},
+                              capture_output=True, text=True, timeout=900, check=False)
+    finally:
+        stop_head(head)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(out) == 2 and all(r["generated_text"] and not r["error"] for r in out)
