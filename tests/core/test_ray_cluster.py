@@ -58,7 +58,31 @@ def start_head(env: str, tmp_path: Path, *, num_cpus: int, temp_dir: Path | None
     return Head(f"127.0.0.1:{port}", proc, log)
 
 
+def start_worker_node(env: str, head: Head, tmp_path: Path, *, num_cpus: int) -> Head:
+    """A second node of ``head``'s cluster on this machine (``ray start --address``), in a session of its own."""
+    ray = Path(envs.python_for(env)).parent / "ray"
+    cmd = [str(ray), "start", f"--address={head.address}", "--block", "--disable-usage-stats",
+           "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+           f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+           f"--metrics-export-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+           f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+    log = tmp_path / "worker-node.log"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                            env={**environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"},
+                            start_new_session=True)
+    node = Head(head.address, proc, log)
+    deadline = time.monotonic() + 180
+    while "Ray runtime started" not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_head(node)
+            pytest.fail(f"the worker node did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.5)
+    return node
+
+
 def stop_head(head: Head) -> None:
+    """End a node's process group: SIGTERM, then SIGKILL."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(head.proc.pid, sig)
@@ -168,3 +192,27 @@ def test_batch_engine_runs_the_serve_environment_on_a_cluster_started_from_the_t
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert len(out) == 2 and all(r["generated_text"] and not r["error"] for r in out)
+
+
+def test_local_storage_on_a_cluster_of_several_nodes_is_refused_in_one_line(make_run, tmp_path):
+    recipe = make_run("local-on-cluster")
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"instruction": INSTRUCTION, "input": "Do you like Tetris?"}) + "\n")
+    head = start_head(envs.SERVE, tmp_path, num_cpus=0, temp_dir=Path(f"/tmp/wf-ray-{free_port()}"))
+    try:
+        node = start_worker_node(envs.SERVE, head, tmp_path, num_cpus=1)
+        try:
+            environ = {k: v for k, v in envs.stage_environment(envs.SERVE).items() if not k.startswith("RAY_")}
+            proc = subprocess.run([envs.python_for(envs.SERVE), "-m", "workflow.cli", "batch", str(recipe),
+                                   "--address", head.address, "--input", str(source), "--output",
+                                   str(tmp_path / "out.jsonl")], env={**environ, "RAY_AUTH_MODE": "token"},
+                                  capture_output=True, text=True, timeout=600, check=False)
+        finally:
+            stop_head(node)
+    finally:
+        stop_head(head)
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "is a folder on this machine" in errors[0] and "(2 nodes)" in errors[0]
+    assert "s3://... or gs://..." in errors[0]
+    assert not (tmp_path / "out.jsonl").exists()

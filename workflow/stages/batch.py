@@ -60,7 +60,7 @@ def run(ctx: StageContext) -> StageResult:
     model_source = model_for_engine(ctx.upstream("model")["outputs"]["model"], ctx.scratch("model"))
     local = local_adapters(adapters, ctx.scratch("adapters"))
     lora_engine_kwargs(cfg.processor.get("engine_kwargs") or {}, local, "evaluate.processor")  # refuse early
-    processor.init_ray()
+    processor.init_ray(ctx.run_uri)
     ds = io.read_dataset(source)
     columns = ds.columns()
     processor.check_input_columns(columns, source)

@@ -120,7 +120,7 @@ def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]]):
         for r in items:
             del r["system"]
     columns = [c for c in items[0] if not c.startswith("__")]
-    processor.init_ray()
+    processor.init_ray(ctx.run_uri)
     print(f"[evaluate] {len(rows)} rows x {len(items) // len(rows)} variants "
           f"({', '.join(sorted({r['variant'] for r in items}))})", flush=True)
     if cfg.endpoint is not None:
