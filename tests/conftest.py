@@ -174,42 +174,46 @@ CPU_EVALUATE = {
 
 @pytest.fixture(scope="session")
 def make_run(tmp_path_factory, viggo_alpaca, tiny_model):
-    """``make_run(name, evaluate={...}, rows=N, adapters={name: dir}) -> recipe path``.
+    """``make_run(name, evaluate={...}, rows=N, adapters={name: dir}, storage=URI) -> recipe path``.
 
-    A run folder whose ingest and model stages (and train, when adapters are given) look
-    completed: hand-written manifests pointing at the first N ViGGO test rows, the tiny
-    model and the given adapter folders. The recipe's evaluate section is CPU_EVALUATE
-    updated with ``evaluate``.
+    A run whose ingest and model stages (and train, when adapters are given) look completed:
+    hand-written manifests pointing at the first N ViGGO test rows, the tiny model and the
+    given adapter folders. The recipe's evaluate section is CPU_EVALUATE updated with
+    ``evaluate``. The run lives in a local folder, or with ``storage`` (e.g. ``s3://bucket/runs``)
+    in object storage, the model and the adapters copied into it as the model and train
+    stages would publish them.
     """
-    import shutil
-
     import yaml
 
     from workflow.core import manifest
+    from workflow.core import storage as store
 
-    def make(name: str, evaluate: dict | None = None, rows: int = 12, adapters: dict | None = None) -> Path:
+    def make(name: str, evaluate: dict | None = None, rows: int = 12, adapters: dict | None = None,
+             storage: str | None = None) -> Path:
         tmp_path = tmp_path_factory.mktemp(name)
-        storage = tmp_path / "runs"
-        run = storage / name
-        (run / "ingest").mkdir(parents=True)
+        storage = storage or str(tmp_path / "runs")
+        run = f"{storage}/{name}"
         lines = (viggo_alpaca / "test.jsonl").read_text().splitlines()[:rows]
-        (run / "ingest" / "test.jsonl").write_text("\n".join(lines) + "\n")
+        store.write_text(f"{run}/ingest/test.jsonl", "\n".join(lines) + "\n")
         common = dict(run=name, config={}, inputs={}, started_at=manifest.now())
-        manifest.write(str(run / "ingest"), stage="ingest", outputs={"test": str(run / "ingest" / "test.jsonl")},
-                       **common)
-        manifest.write(str(run / "model"), stage="model", outputs={"model": str(tiny_model)}, **common)
-        recipe = {"name": name, "storage": str(storage), "model": {"source": "tiny"},
+        manifest.write(f"{run}/ingest", stage="ingest", outputs={"test": f"{run}/ingest/test.jsonl"}, **common)
+        model = str(tiny_model)
+        if not store.is_local(storage):
+            model = f"{run}/model/weights"
+            store.upload_dir(tiny_model, model, last=["config.json"])
+        manifest.write(f"{run}/model", stage="model", outputs={"model": model}, **common)
+        recipe = {"name": name, "storage": storage, "model": {"source": "tiny"},
                   "ingest": {"source": str(VIGGO), "splits": {"test": "test.csv"}, "columns": {"input": "ref",
                                                                                               "output": "mr"}},
                   "evaluate": {**CPU_EVALUATE, **(evaluate or {})}}
         if adapters:
-            adapters_dir = run / "train" / "adapters"
+            adapters_dir = f"{run}/train/adapters"
             for adapter_name, src in adapters.items():
-                shutil.copytree(src, adapters_dir / adapter_name)
+                store.upload_dir(src, f"{adapters_dir}/{adapter_name}", last=["adapter_config.json"])
             first = next(iter(adapters))
-            manifest.write(str(run / "train"), stage="train",
-                           outputs={"adapter": str(adapters_dir / first), "adapters_dir": str(adapters_dir)},
-                           summary={"adapter_name": first, "lora_rank": 8, "base_model": str(tiny_model)}, **common)
+            manifest.write(f"{run}/train", stage="train",
+                           outputs={"adapter": f"{adapters_dir}/{first}", "adapters_dir": adapters_dir},
+                           summary={"adapter_name": first, "lora_rank": 8, "base_model": model}, **common)
             recipe["train"] = {"llamafactory": {"stage": "sft", "finetuning_type": "lora"}}
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))

@@ -185,3 +185,30 @@ def test_http_mode_scores_an_openai_endpoint_with_the_same_prompts(make_run, ope
     assert (engine_tokens == http_tokens).all()
     results = json.loads((recipe.parent / "runs" / "eval-http" / "evaluate" / "metrics.json").read_text())
     assert results["tiny+constrained"]["metrics"]["parse_failure_rate"] == 0.0
+
+
+def test_with_storage_in_a_bucket_the_engine_loads_the_model_and_adapter_itself(make_run, tiny_adapter, s3_bucket,
+                                                                                tmp_path):
+    """Nothing of the model's weights or the adapters goes through the driver's disk: the engine loads
+    them from the bucket on its own node (ray.data.llm), the prompt tasks copy the tokenizer files."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from workflow.core import storage
+
+    recipe = make_run("eval-bucket", rows=4, adapters={"viggo": tiny_adapter}, storage=f"{s3_bucket}/runs",
+                      evaluate={"sampling_params": {"temperature": 0.0, "max_tokens": 24}})
+    cache = tmp_path / "cache"
+    proc = subprocess.run([envs.python_for(envs.SERVE), "-m", "workflow.cli", "evaluate", str(recipe)],
+                          env={**envs.stage_environment(envs.SERVE), "WORKFLOW_CACHE": str(cache)},
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = f"{s3_bucket}/runs/eval-bucket/evaluate"
+    df = pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/predictions.parquet"))).to_pandas()
+    assert sorted(df["variant"].unique()) == ["base", "viggo"] and len(df) == 8 and (df["error"] == "").all()
+    answers = df.set_index(["variant", "row_id"])["generated_text"]
+    assert any(answers["viggo"][i] != answers["base"][i] for i in range(4))  # the adapter was applied
+    cached = [p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file()]
+    assert not any(p.endswith(".safetensors") for p in cached), cached
+    assert any(p.endswith("tokenizer.json") for p in cached), cached

@@ -186,10 +186,11 @@ def upload_dir(local_dir: str | Path, uri: str, *, last: Iterable[str] = ()) -> 
         with_retries(lambda rel=rel, target=target: fs.put_file(str(src / rel), target), what=f"upload {uri}/{rel}")
 
 
-def download_dir(uri: str, local_dir: str | Path) -> Path:
-    """Copy ``uri``'s files into ``local_dir`` (staged, then renamed into place)."""
+def download_dir(uri: str, local_dir: str | Path, *, include: Callable[[str], bool] | None = None) -> Path:
+    """Copy ``uri``'s files (those whose relative path ``include`` accepts) into ``local_dir``
+    (staged, then renamed into place)."""
     dest = Path(local_dir)
-    files = list_files(uri)
+    files = [rel for rel in list_files(uri) if include is None or include(rel)]
     if not files:
         raise WorkflowError(f"{uri}: nothing there to download", hint="check the path and that the stage that writes it has run")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -222,3 +223,28 @@ def materialize(uri: str, cache_dir: str | Path) -> Path:
         return local_path(uri)
     name = uri.rstrip("/").split("://", 1)[1].replace("/", "_")
     return download_dir(uri, Path(cache_dir) / name)
+
+
+def node_local_copy(uri: str, key: str, *, include: Callable[[str], bool] | None = None) -> str:
+    """A copy of a remote folder on this node's disk, shared by every process of the node.
+
+    ``key`` identifies the content (e.g. the upstream manifest's fingerprint), so a rebuilt
+    model at the same URI is downloaded again; ``include`` picks files by relative path. A file
+    lock keeps two processes of one node from downloading at once; the ``.complete`` marker
+    makes a finished copy reusable. A local path is returned as it is.
+    """
+    import fcntl
+    import re
+
+    if is_local(uri):
+        return str(local_path(uri))
+    root = Path(os.environ.get("WORKFLOW_CACHE", Path(tempfile.gettempdir()) / "workflow-cache")) / "downloads"
+    dest = root / (re.sub(r"[^A-Za-z0-9._-]", "_", uri.split("://", 1)[1]) + "-" + key[:12])
+    root.mkdir(parents=True, exist_ok=True)
+    with open(f"{dest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (dest / ".complete").exists():
+            print(f"[storage] downloading {uri} -> {dest}", flush=True)
+            download_dir(uri, dest, include=include)
+            (dest / ".complete").touch()
+    return str(dest)

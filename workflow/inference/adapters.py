@@ -1,13 +1,14 @@
-"""LoRA adapters and the base model as a vLLM engine loads them: local folders, rank limits.
+"""LoRA adapters and the base model as a vLLM engine loads them: where from, and rank limits.
 
-vLLM loads LoRA weights from local disk only and accepts a fixed set of ranks
+A model or adapters in object storage reach each engine as URIs that ray.data.llm downloads on
+the engine's own node; local folders are used as they are. vLLM accepts a fixed set of ranks
 (``vllm.config.lora.MaxLoRARanks``); an adapter whose rank the recipe's engine settings cannot
 hold is refused here, before any engine starts.
 """
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,12 @@ def supported_lora_rank(rank: int) -> int:
     raise WorkflowError(f"LoRA rank {rank} is larger than vLLM supports ({LORA_RANKS[-1]})")
 
 
-def adapter_rank(adapter_dir: str | Path) -> int:
-    path = Path(adapter_dir) / "adapter_config.json"
-    if not path.is_file():
-        raise WorkflowError(f"{adapter_dir}: not a LoRA adapter (no adapter_config.json)")
-    return int(json.loads(path.read_text())["r"])
+def adapter_rank(location: str | Path) -> int:
+    """The LoRA rank of the adapter in ``location`` (a local folder or a storage URI)."""
+    config = storage.join(str(location), "adapter_config.json")
+    if not storage.exists(config):
+        raise WorkflowError(f"{location}: not a LoRA adapter (no adapter_config.json)")
+    return int(storage.read_json(config)["r"])
 
 
 def lora_engine_kwargs(engine_kwargs: dict[str, Any], adapters: dict[str, str], where: str) -> dict[str, Any]:
@@ -58,12 +60,34 @@ def lora_engine_kwargs(engine_kwargs: dict[str, Any], adapters: dict[str, str], 
 
 
 def local_adapters(adapters: dict[str, str], cache_dir: Path) -> dict[str, str]:
-    """Adapter name -> local folder (vLLM loads LoRA weights from local disk only)."""
+    """Adapter name -> local folder: the folder itself, or a copy on this machine's disk."""
     return {name: str(storage.materialize(uri, cache_dir)) for name, uri in adapters.items()}
 
 
-def model_for_engine(model_uri: str, cache_dir: Path) -> str:
-    """The base model as vLLM loads it: a local folder (downloaded from s3/gs into ``cache_dir``) or a hub id."""
-    if storage.is_local(model_uri):  # a local folder, or a hub id (which has no scheme either)
-        return str(storage.local_path(model_uri))
-    return str(storage.materialize(model_uri, cache_dir))
+@dataclass(frozen=True)
+class EngineAdapters:
+    """How an engine finds each adapter.
+
+    ``row_model``: the value of a row's ``model`` column for each adapter name; ``loading_path``:
+    the remote folder each engine downloads them from on its own node (``dynamic_lora_loading_path``),
+    or None when the rows name local folders.
+    """
+
+    row_model: dict[str, str]
+    loading_path: str | None
+
+
+def engine_adapters(adapters: dict[str, str], cache_dir: Path) -> EngineAdapters:
+    """Adapters that are the sub-folders of one folder in object storage are loaded by each engine on
+    its own node, by name; any others are copied to this machine (whose engines are on this node)."""
+    parents = {uri.rstrip("/").rsplit("/", 1)[0] for uri in adapters.values()}
+    named_by_folder = all(uri.rstrip("/").rsplit("/", 1)[-1] == name for name, uri in adapters.items())
+    if adapters and len(parents) == 1 and named_by_folder and not storage.is_local(next(iter(parents))):
+        return EngineAdapters({name: name for name in adapters}, parents.pop())
+    return EngineAdapters(local_adapters(adapters, cache_dir), None)
+
+
+def model_for_engine(model_uri: str) -> str:
+    """The base model as the engine loads it: a local folder, a hub id, or an s3/gs URI, which
+    each engine downloads on its own node (ray.data.llm does; nothing goes through this machine)."""
+    return str(storage.local_path(model_uri)) if storage.is_local(model_uri) else model_uri

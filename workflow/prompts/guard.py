@@ -110,6 +110,11 @@ def check_adapter(adapter_dir: str | Path, tokenizer_source: str, *, where: str,
               f"(template {json.loads(recorded.read_text())['template']!r})", flush=True)
 
 
+def is_tokenizer_file(rel: str) -> bool:
+    """A top-level file of a model folder other than weights: tokenizer, chat template, configs."""
+    return "/" not in rel and not rel.endswith((".safetensors", ".bin", ".pt", ".pth"))
+
+
 def _tokenizer_source(model_source: str, cache_dir: Path) -> str:
     """Where transformers can load the base model's tokenizer: a local folder, a hub id, or a download."""
     if storage.is_local(model_source):
@@ -117,7 +122,7 @@ def _tokenizer_source(model_source: str, cache_dir: Path) -> str:
     dest = cache_dir / "tokenizer"
     dest.mkdir(parents=True, exist_ok=True)
     for rel in storage.list_files(model_source):
-        if "/" not in rel and not rel.endswith((".safetensors", ".bin", ".pt")):
+        if is_tokenizer_file(rel):
             (dest / rel).write_bytes(storage.read_bytes(storage.join(model_source, rel)))
     return str(dest)
 

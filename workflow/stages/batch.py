@@ -20,7 +20,7 @@ from ..core.envs import SERVE
 from ..core.errors import WorkflowError
 from ..core.stage import StageContext, StageResult
 from ..inference import io, processor
-from ..inference.adapters import local_adapters, lora_engine_kwargs, model_for_engine
+from ..inference.adapters import engine_adapters, lora_engine_kwargs, model_for_engine
 
 ENV = SERVE
 # A job, not a pipeline stage: it writes where it is told and leaves no manifest.
@@ -57,9 +57,10 @@ def run(ctx: StageContext) -> StageResult:
     if len(adapters) != len(options.get("adapters") or []):
         raise WorkflowError("batch: two --adapter folders have the same name; give each a distinct folder name")
 
-    model_source = model_for_engine(ctx.upstream("model")["outputs"]["model"], ctx.scratch("model"))
-    local = local_adapters(adapters, ctx.scratch("adapters"))
-    lora_engine_kwargs(cfg.processor.get("engine_kwargs") or {}, local, "evaluate.processor")  # refuse early
+    model = ctx.upstream("model")
+    model_source = model_for_engine(model["outputs"]["model"])
+    lora_engine_kwargs(cfg.processor.get("engine_kwargs") or {}, adapters, "evaluate.processor")  # refuse early
+    lora = engine_adapters(adapters, ctx.scratch("adapters"))
     processor.init_ray(ctx.run_uri)
     ds = io.read_dataset(source)
     columns = ds.columns()
@@ -69,11 +70,12 @@ def run(ctx: StageContext) -> StageResult:
             raise WorkflowError(f"{source}: the input has a 'model' column, which names the adapter in the output",
                                 hint="rename it")
         parts = [ds.map_batches(functools.partial(_steer, name=name, path=path), batch_format="pyarrow")
-                 for name, path in local.items()]
+                 for name, path in lora.row_model.items()]
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
         columns = [*columns, "model"]
     total = ds.count()
-    engine = processor.engine_processor(model_source, cfg.processor, cfg.sampling_params, local, columns)
+    engine = processor.engine_processor(model_source, cfg.processor, cfg.sampling_params, adapters, columns,
+                                        model_key=model["fingerprint"], lora_loading_path=lora.loading_path)
     out = processor.run(ds, engine, columns)
     print(f"[batch] {total} rows from {source} -> {dest}", flush=True)
     written = io.write_rows(out.iter_batches(batch_format="pyarrow", batch_size=None), dest, total=total)

@@ -23,7 +23,7 @@ from ..core.stage import StageContext, StageResult
 from ..evaluation import report
 from ..evaluation.constraints import constraint_regex
 from ..inference import io, processor
-from ..inference.adapters import local_adapters, lora_engine_kwargs, model_for_engine
+from ..inference.adapters import engine_adapters, lora_engine_kwargs, model_for_engine
 from ..prompts import guard
 from ..prompts.messages import expected_output
 
@@ -103,13 +103,17 @@ def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]]):
         variants = [(m, {"__endpoint_model": m}) for m in cfg.endpoint.models]
         adapters: dict[str, str] = {}
     else:
-        model_source = model_for_engine(ctx.upstream("model")["outputs"]["model"], ctx.scratch("model"))
-        adapters = local_adapters(run_adapters(ctx, cfg), ctx.scratch("adapters"))
-        for path in adapters.values():
-            guard.check_adapter(path, model_source, where="evaluate", allow_mismatch=cfg.allow_prompt_mismatch)
-        lora_engine_kwargs(cfg.processor.get("engine_kwargs") or {}, adapters, "evaluate.processor")
+        model = ctx.upstream("model")
+        model_source = model_for_engine(model["outputs"]["model"])
+        adapters = run_adapters(ctx, cfg)
+        if adapters:
+            guard.check_stored_adapters(ctx.upstream("train")["outputs"]["adapters_dir"], list(adapters),
+                                        model["outputs"]["model"], ctx.scratch("prompt-format"), where="evaluate",
+                                        allow_mismatch=cfg.allow_prompt_mismatch)
+        lora_engine_kwargs(cfg.processor.get("engine_kwargs") or {}, adapters, "evaluate.processor")  # refuse early
+        lora = engine_adapters(adapters, ctx.scratch("adapters"))
         variants = ([("base", {"__adapter": ""})] if cfg.base else []) + [
-            (name, {"__adapter": path}) for name, path in adapters.items()]
+            (name, {"__adapter": lora.row_model[name]}) for name in adapters]
         if not variants:
             raise WorkflowError("evaluate: nothing to evaluate (base: false and the run has no adapters)")
     items = expand_rows(rows, variants, cfg)
@@ -133,12 +137,13 @@ def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]]):
             batch_size = cfg.endpoint.processor.get("batch_size", 64)
             out = processor.run(io.from_rows(part, batch_size), http, columns, http=True)
             batches += io.with_progress(out.iter_batches(batch_format="pyarrow", batch_size=None),
-                                               total=len(part), what="evaluate")
+                                        total=len(part), what="evaluate")
     else:
-        engine = processor.engine_processor(model_source, cfg.processor, cfg.sampling_params, adapters, columns)
+        engine = processor.engine_processor(model_source, cfg.processor, cfg.sampling_params, adapters, columns,
+                                            model_key=model["fingerprint"], lora_loading_path=lora.loading_path)
         out = processor.run(io.from_rows(items, cfg.processor.get("batch_size", 32)), engine, columns)
         batches = list(io.with_progress(out.iter_batches(batch_format="pyarrow", batch_size=None),
-                                               total=len(items), what="evaluate"))
+                                        total=len(items), what="evaluate"))
     n = sum(b.num_rows for b in batches)
     if n != len(items):
         raise WorkflowError(f"evaluate: {len(items)} rows went in but {n} came out")

@@ -12,7 +12,6 @@ imported inside the functions that need them.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -33,27 +32,6 @@ NOT_PUBLISHED = re.compile(r"^(checkpoint-\d+|runs|tensorboard)(/|$)")
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of reported checkpoints
-
-
-def _node_local_copy(uri: str, key: str) -> str:
-    """A copy of a remote folder on this node's disk, shared by the node's workers.
-
-    ``key`` identifies the content (e.g. the upstream manifest's fingerprint), so a rebuilt
-    model at the same URI is downloaded again. A file lock keeps two workers of one node
-    from downloading at once; the ``.complete`` marker makes a finished copy reusable.
-    """
-    if storage.is_local(uri):
-        return str(storage.local_path(uri))
-    root = Path(os.environ.get("WORKFLOW_CACHE", Path(tempfile.gettempdir()) / "workflow-cache")) / "downloads"
-    dest = root / (re.sub(r"[^A-Za-z0-9._-]", "_", uri.split("://", 1)[1]) + "-" + key[:12])
-    root.mkdir(parents=True, exist_ok=True)
-    with open(f"{dest}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (dest / ".complete").exists():
-            print(f"[training] downloading {uri} -> {dest}", flush=True)
-            storage.download_dir(uri, dest)
-            (dest / ".complete").touch()
-    return str(dest)
 
 
 def _checkpoint_step(path: str) -> int:
@@ -120,8 +98,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
         args = dict(config["args"])
         args["output_dir"] = str(work / "output")
         if not storage.is_local(args["model_name_or_path"]):  # s3:// or gs://; a hub id or a path stays
-            args["model_name_or_path"] = _node_local_copy(args["model_name_or_path"], config["model_key"])
-        args["dataset_dir"] = _node_local_copy(args["dataset_dir"], config["data_key"])
+            args["model_name_or_path"] = storage.node_local_copy(args["model_name_or_path"], config["model_key"])
+        args["dataset_dir"] = storage.node_local_copy(args["dataset_dir"], config["data_key"])
         tensorboard_dir = work / "tensorboard"
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(tensorboard_dir)
 
