@@ -211,4 +211,4 @@ def test_with_storage_in_a_bucket_the_engine_loads_the_model_and_adapter_itself(
     assert any(answers["viggo"][i] != answers["base"][i] for i in range(4))  # the adapter was applied
     cached = [p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file()]
     assert not any(p.endswith(".safetensors") for p in cached), cached
-    assert any(p.endswith("tokenizer.json") for p in cached), cached
+    assert any(p.startswith("downloads/") and p.endswith("/tokenizer.json") for p in cached), cached  # prompt tasks
