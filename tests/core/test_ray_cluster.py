@@ -179,6 +179,15 @@ def test_train_workers_run_the_train_environment_on_a_cluster_started_from_the_s
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
 
 
+def batch_on(head: Head, recipe: Path, source: Path, dest: Path) -> subprocess.CompletedProcess:
+    """``workflow batch RECIPE --address <head>`` with token authentication, as a user runs it."""
+    environ = {k: v for k, v in envs.stage_environment(envs.SERVE).items() if not k.startswith("RAY_")}
+    return subprocess.run([envs.python_for(envs.SERVE), "-m", "workflow.cli", "batch", str(recipe), "--address",
+                           head.address, "--input", str(source), "--output", str(dest)],
+                          env={**environ, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=900,
+                          check=False)
+
+
 def test_batch_engine_runs_the_serve_environment_on_a_cluster_started_from_the_train_environment(
         make_run, tmp_path):
     """``workflow batch --address``: the cluster's default Python (the train env) has no vLLM."""
@@ -188,11 +197,7 @@ def test_batch_engine_runs_the_serve_environment_on_a_cluster_started_from_the_t
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     head = start_head(envs.TRAIN, tmp_path, num_cpus=2, temp_dir=Path(f"/tmp/wf-ray-{free_port()}"))
     try:
-        environ = {k: v for k, v in envs.stage_environment(envs.SERVE).items() if not k.startswith("RAY_")}
-        proc = subprocess.run([envs.python_for(envs.SERVE), "-m", "workflow.cli", "batch", str(recipe),
-                               "--address", head.address, "--input", str(source), "--output",
-                               str(tmp_path / "out.jsonl")], env={**environ, "RAY_AUTH_MODE": "token"},
-                              capture_output=True, text=True, timeout=900, check=False)
+        proc = batch_on(head, recipe, source, tmp_path / "out.jsonl")
     finally:
         stop_head(head)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -208,11 +213,7 @@ def test_local_storage_on_a_cluster_of_several_nodes_is_refused_in_one_line(make
     try:
         node = start_worker_node(envs.SERVE, head, tmp_path, num_cpus=1)
         try:
-            environ = {k: v for k, v in envs.stage_environment(envs.SERVE).items() if not k.startswith("RAY_")}
-            proc = subprocess.run([envs.python_for(envs.SERVE), "-m", "workflow.cli", "batch", str(recipe),
-                                   "--address", head.address, "--input", str(source), "--output",
-                                   str(tmp_path / "out.jsonl")], env={**environ, "RAY_AUTH_MODE": "token"},
-                                  capture_output=True, text=True, timeout=600, check=False)
+            proc = batch_on(head, recipe, source, tmp_path / "out.jsonl")
         finally:
             stop_head(node)
     finally:
