@@ -32,53 +32,54 @@ class Head:
     log: Path
 
 
-def start_head(env: str, tmp_path: Path, *, num_cpus: int, temp_dir: Path | None) -> Head:
-    """``ray start --head --block`` from ``env``'s Ray; ``temp_dir`` None keeps Ray's default (it records itself)."""
+# Ray gives a starting node's raylet 30 s to register (ray/_private/node.py); a loaded 2-core
+# machine can miss that, and `ray start` then exits: such a start is tried again.
+STARTUP_TIMED_OUT = "timed out during startup"
+
+
+def start_node(env: str, args: list[str], log: Path, address: str) -> Head:
+    """``ray start --block ARGS`` from ``env``'s Ray, in a session of its own, once it says it started."""
     ray = Path(envs.python_for(env)).parent / "ray"
-    port = free_port()
-    cmd = [str(ray), "start", "--head", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-           f"--port={port}", f"--num-cpus={num_cpus}", "--include-dashboard=false",
-           f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-           f"--ray-client-server-port={free_port()}", f"--metrics-export-port={free_port()}",
-           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-           f"--runtime-env-agent-port={free_port()}"]
-    if temp_dir is not None:
-        cmd.append(f"--temp-dir={temp_dir}")
-    log = tmp_path / f"head-{port}.log"
     environ = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                            env={**environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"},
-                            start_new_session=True)
-    deadline = time.monotonic() + 180
-    while "Ray runtime started" not in log.read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_head(Head(f"127.0.0.1:{port}", proc, log))
-            pytest.fail(f"the Ray head did not start: {log.read_text()[-2000:]}")
-        time.sleep(0.5)
-    return Head(f"127.0.0.1:{port}", proc, log)
+    for _ in range(3):
+        proc = subprocess.Popen([str(ray), "start", "--block", "--disable-usage-stats", *args],
+                                stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                                env={**environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"},
+                                start_new_session=True)
+        node = Head(address, proc, log)
+        deadline = time.monotonic() + 180
+        while "Ray runtime started" not in log.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop_head(node)
+                if STARTUP_TIMED_OUT in log.read_text(errors="replace"):
+                    break
+                pytest.fail(f"the Ray node did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.5)
+        else:
+            return node
+    pytest.fail(f"the Ray node did not start in 3 tries: {log.read_text()[-2000:]}")
+
+
+def start_head(env: str, tmp_path: Path, *, num_cpus: int, temp_dir: Path | None) -> Head:
+    """``ray start --head`` from ``env``'s Ray; ``temp_dir`` None keeps Ray's default (it records itself)."""
+    port = free_port()
+    args = ["--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={num_cpus}",
+            "--include-dashboard=false", f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--ray-client-server-port={free_port()}", f"--metrics-export-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}"]
+    if temp_dir is not None:
+        args.append(f"--temp-dir={temp_dir}")
+    return start_node(env, args, tmp_path / f"head-{port}.log", f"127.0.0.1:{port}")
 
 
 def start_worker_node(env: str, head: Head, tmp_path: Path, *, num_cpus: int) -> Head:
-    """A second node of ``head``'s cluster on this machine (``ray start --address``), in a session of its own."""
-    ray = Path(envs.python_for(env)).parent / "ray"
-    cmd = [str(ray), "start", f"--address={head.address}", "--block", "--disable-usage-stats",
-           "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
-           f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-           f"--metrics-export-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-           f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
-    log = tmp_path / "worker-node.log"
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                            env={**environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"},
-                            start_new_session=True)
-    node = Head(head.address, proc, log)
-    deadline = time.monotonic() + 180
-    while "Ray runtime started" not in log.read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_head(node)
-            pytest.fail(f"the worker node did not start: {log.read_text()[-2000:]}")
-        time.sleep(0.5)
-    return node
+    """A second node of ``head``'s cluster on this machine (``ray start --address``)."""
+    args = [f"--address={head.address}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+    return start_node(env, args, tmp_path / "worker-node.log", head.address)
 
 
 def stop_head(head: Head) -> None:
