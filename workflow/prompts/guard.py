@@ -119,12 +119,7 @@ def _tokenizer_source(model_source: str, cache_dir: Path) -> str:
     """Where transformers can load the base model's tokenizer: a local folder, a hub id, or a download."""
     if storage.is_local(model_source):
         return model_source
-    dest = cache_dir / "tokenizer"
-    dest.mkdir(parents=True, exist_ok=True)
-    for rel in storage.list_files(model_source):
-        if is_tokenizer_file(rel):
-            (dest / rel).write_bytes(storage.read_bytes(storage.join(model_source, rel)))
-    return str(dest)
+    return str(storage.download_dir(model_source, cache_dir / "tokenizer", include=is_tokenizer_file))
 
 
 def check_stored_adapters(adapters_dir: str, names: list[str], model_source: str, cache_dir: Path, *, where: str,
