@@ -177,15 +177,15 @@ def start_ray_app(args, api_key: str, port: int):
     cfg = ServeConfig(**(DIRECT if args.app == "direct" else TUNED), num_cpus=8)
     llm = app.build_llm_config(cfg, model_source=args.model, default_model_id=MODEL_ID, adapters_uri=None,
                                    lora_rank=None)
-    # The key reaches the app as the serve stage passes it: the ingress reads the inherited
-    # variable; with direct streaming, vLLM's app in the replica gets it from the cluster's env.
+    # The key reaches the app as the serve stage passes it: the ingress gets its digest; with
+    # direct streaming, vLLM's app in the replica gets it from the cluster's env.
     env_vars = app.direct_streaming_env(api_key) if cfg.direct_streaming else {}
     state = cluster.start_cluster(Path(tempfile.mkdtemp(prefix="bench-soak-")), num_cpus=cfg.num_cpus,
                                   env_vars=env_vars)
     try:
         cluster.connect(state)
         app.deploy(app.validate_llm_config(llm, "soak"), host="127.0.0.1", port=port,
-                       ingress_cls_config=app.ingress_cls_config(API_KEY_ENV),
+                       ingress_cls_config=app.ingress_cls_config(api_key),
                        ingress_deployment_config=cfg.ingress_deployment_config, direct_streaming=cfg.direct_streaming)
     except BaseException:
         cluster.stop_cluster(state)

@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
             group.add_argument("--stop", action="store_true", help="shut the app down")
         p.set_defaults(func=_cmd_stage)
 
-    p = add("stop", help="shut down the recipe's served app")
+    p = add_on_cluster("stop", help="shut down the recipe's served app (on the cluster its endpoint.json names)")
     p.add_argument("recipe")
     p.set_defaults(func=_cmd_stage)
 

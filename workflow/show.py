@@ -49,6 +49,30 @@ def show(target: str) -> None:
         for key in ("rows", "adapter_name", "lora_rank", "final_loss", "metrics", "model_ids", "base_url"):
             if key in m.get("summary", {}):
                 print(f"  {key}: {m['summary'][key]}")
+        if stage == "serve" and "endpoint" in m["outputs"]:
+            print(f"  app: {app_status(m['outputs']['endpoint'])}")
+
+
+def app_status(endpoint_uri: str) -> str:
+    """Where the served app runs and whether it answers, from its ``endpoint.json`` and one HTTP request."""
+    import urllib.error
+    import urllib.request
+
+    endpoint = storage.read_json(endpoint_uri) if storage.exists(endpoint_uri) else {}
+    where = (f"application {endpoint['app']} on the Ray cluster at {endpoint['ray_address']}"
+             if endpoint.get("app") else "on a Ray cluster of the workflow's own")
+    if endpoint.get("stopped_at"):
+        return f"{where}, stopped {endpoint['stopped_at']}"
+    if not endpoint.get("detached"):
+        return f"{where}, shut down after its smoke check"
+    try:  # any HTTP answer means the app is up; the models route may want the key
+        urllib.request.urlopen(f"{endpoint['base_url']}/models", timeout=5)
+        answer = "answering"
+    except urllib.error.HTTPError as err:
+        answer = "answering" if err.code in (401, 403) else f"answering HTTP {err.code}"
+    except OSError as err:
+        answer = f"not answering ({type(err).__name__})"
+    return f"{where}, detached: {answer} at {endpoint['base_url']}"
 
 
 def run_summary(recipe) -> str:

@@ -142,7 +142,7 @@ def test_workflow_ingress_only_with_the_tested_ray(old_versions, capsys):
     assert app.ingress_cls_config(None) is None  # Ray's own ingress
     assert "no API key check" in _one_warning(capsys)
     with pytest.raises(WorkflowError, match="serve.api_key_env needs the workflow ingress"):
-        app.ingress_cls_config("KEY_ENV")
+        app.ingress_cls_config("a-key")
 
 
 def test_packed_attention_says_why_it_is_not_used_outside_the_tested_versions(old_versions):

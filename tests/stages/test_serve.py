@@ -59,6 +59,21 @@ def test_api_key_env_is_a_variable_name_not_a_key():
         _parse({"api_key_env": "sk-live abc/123"})
 
 
+def test_an_endpoint_reachable_from_other_hosts_needs_a_key_or_an_explicit_open():
+    with pytest.raises(WorkflowError, match=r"serve: host: 0.0.0.0 is reachable from other hosts, and the endpoint "
+                                            r"has no API key; set serve.api_key_env"):
+        _parse({"host": "0.0.0.0"})
+    assert _parse({"host": "0.0.0.0", "api_key_env": KEY_ENV}).serve.api_key_env == KEY_ENV
+    assert _parse({"host": "0.0.0.0", "allow_unauthenticated": True}).serve.allow_unauthenticated
+    assert _parse({"host": "127.0.0.1"}).serve.host == "127.0.0.1"
+    # The default listens on loopback on the workflow's own cluster, on every interface on a user's cluster.
+    cfg = _parse({}).serve
+    assert cfg.listen_host(on_cluster=False) == "127.0.0.1" and cfg.listen_host(on_cluster=True) == "0.0.0.0"
+    cfg.check_open_endpoint(on_cluster=False)
+    with pytest.raises(ValueError, match="0.0.0.0 is reachable from other hosts"):
+        cfg.check_open_endpoint(on_cluster=True)
+
+
 def test_unknown_own_key_is_refused():
     with pytest.raises(WorkflowError, match=r"serve.prot: unknown key"):
         _parse({"prot": 8001})

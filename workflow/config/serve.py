@@ -20,6 +20,17 @@ from .base import Section
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: assume it is reachable
+        return False
+
+
 class SmokeConfig(Section):
     """What the serve stage checks before it reports the app as good."""
 
@@ -34,14 +45,20 @@ class ServeConfig(Section):
     # Ray Serve deployment options of the OpenAI ingress (e.g. {num_replicas: 1}); Ray's
     # default is 2 to 1000 autoscaled replicas per model replica.
     ingress_deployment_config: dict[str, Any] = {}
-    host: str = "127.0.0.1"
-    # None: pick a free port (printed, and recorded in <run>/serve/endpoint.json).
+    # Where Serve's HTTP proxy listens. None: 127.0.0.1 on the workflow's own local cluster,
+    # 0.0.0.0 (every interface of each node) on a cluster named by RAY_ADDRESS.
+    host: str | None = None
+    # None: a free port on the workflow's own cluster, Serve's 8000 on a user's cluster
+    # (printed, and recorded in <run>/serve/endpoint.json).
     port: int | None = Field(None, ge=1, le=65535)
     # Name of the environment variable that holds the API key (a bearer token). Only the
     # name is kept in recipes, manifests and logs; without it the endpoint is open.
     api_key_env: str | None = None
-    # Logical CPUs the local Ray cluster advertises: Ray Serve needs more than a 2-core
-    # machine's real count or the ingress and proxy replicas never get scheduled.
+    # An endpoint that listens beyond loopback needs api_key_env unless this says it may be open.
+    allow_unauthenticated: bool = False
+    # Logical CPUs the workflow's own local Ray cluster advertises (not used on a user's cluster):
+    # Ray Serve needs more than a 2-core machine's real count or the ingress and proxy
+    # replicas never get scheduled.
     num_cpus: int = Field(8, ge=1)
     smoke: SmokeConfig = Field(default_factory=SmokeConfig)
     # Serve even when the base model's tokenizer renders prompts differently from training (see prompts/guard.py).
@@ -69,6 +86,8 @@ class ServeConfig(Section):
         if model_id is not None and ":" in str(model_id):
             raise ValueError("llm_config.model_loading_config.model_id: must not contain ':' "
                              "(clients ask for an adapter as '<model_id>:<adapter>')")
+        if self.host is not None:
+            self.check_open_endpoint(on_cluster=False)
         lora = self.llm_config.get("lora_config")
         if isinstance(lora, dict):
             engine_kwargs = self.llm_config.get("engine_kwargs") or {}
@@ -78,6 +97,17 @@ class ServeConfig(Section):
                 raise ValueError(f"llm_config.lora_config.max_num_adapters_per_replica ({per_replica}) must equal "
                                  f"llm_config.engine_kwargs.max_loras ({max_loras})")
         return self
+
+    def listen_host(self, on_cluster: bool) -> str:
+        return self.host or ("0.0.0.0" if on_cluster else "127.0.0.1")
+
+    def check_open_endpoint(self, on_cluster: bool) -> None:
+        """An endpoint reachable from other hosts has a key, or the recipe says it may be open."""
+        host = self.listen_host(on_cluster)
+        if not self.api_key_env and not self.allow_unauthenticated and not _is_loopback(host):
+            raise ValueError(f"host: {host} is reachable from other hosts, and the endpoint has no API key; set "
+                             "serve.api_key_env (the name of a variable holding the key), or "
+                             "serve.allow_unauthenticated: true to serve it open")
 
     @property
     def model_id(self) -> str | None:

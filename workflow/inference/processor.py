@@ -55,7 +55,8 @@ PROCESSOR_DEFAULTS: dict[str, Any] = {
 def init_ray(storage_uri: str | None = None) -> None:
     """Join the cluster in RAY_ADDRESS, else start a private local one (``core.ray_cluster``);
     the workers' logs reach this process only with ``WORKFLOW_RAY_LOGS`` set."""
-    ray_cluster.init_ray(log_to_driver=bool(os.environ.get("WORKFLOW_RAY_LOGS")), storage_uri=storage_uri)
+    ray_cluster.init_ray(log_to_driver=bool(os.environ.get("WORKFLOW_RAY_LOGS")), storage_uri=storage_uri,
+                         needs=("vllm",))
 
 
 @functools.lru_cache(maxsize=4)

@@ -21,7 +21,7 @@ from ..inference.adapters import supported_lora_rank
 from ..patches import ray_serve_direct_streaming, supported
 from . import adapter_store
 
-APP_NAME = "workflow"
+APP_NAME = "workflow"  # on the workflow's own cluster; on a user's cluster: app_name(recipe)
 INGRESS = "workflow.serving.ingress"
 INGRESS_TESTED = {"ray": "==2.60.*"}
 
@@ -96,21 +96,25 @@ def check_recipe_llm_config(recipe) -> None:
     validate_llm_config(llm, f"{recipe.path or recipe.name}: serve.llm_config")
 
 
-def ingress_cls_config(api_key_env: str | None) -> dict[str, Any] | None:
-    """The workflow's ingress (serving/ingress.py): optional API key, OpenAI-format errors.
+def ingress_cls_config(api_key: str | None) -> dict[str, Any] | None:
+    """The workflow's ingress (serving/ingress.py): optional API key (passed as its digest), OpenAI-format errors.
 
     It subclasses Ray's private ``OpenAiIngress``, so it is used only with the Ray versions in
     ``INGRESS_TESTED``; elsewhere Ray's own ingress serves (None), which cannot check a key.
     """
     if not supported(INGRESS, INGRESS_TESTED, "Ray's own ingress serves the app: no API key check, "
                      "errors in FastAPI's form instead of OpenAI's"):
-        if api_key_env:
+        if api_key:
             raise WorkflowError(f"serve.api_key_env needs the workflow ingress, which is tested on ray "
                                 f"{INGRESS_TESTED['ray']} only", hint="use that Ray, or set serve.direct_streaming: "
                                 "true (vLLM checks the key there)")
         return None
+    import hashlib
+
+    # hashlib here rather than ingress.key_digest: the ingress module imports Ray Serve LLM's internals.
+    digest = hashlib.sha256(api_key.encode()).hexdigest() if api_key else None
     return {"ingress_cls": f"{INGRESS}:WorkflowIngress",
-            "ingress_extra_kwargs": {"api_key_env": api_key_env} if api_key_env else {}}
+            "ingress_extra_kwargs": {"api_key_sha256": digest} if digest else {}}
 
 
 # The cluster's side of direct streaming (ServeConfig.direct_streaming): HAProxy in front, the
@@ -125,8 +129,13 @@ def direct_streaming_env(api_key: str | None) -> dict[str, str]:
     return {**DIRECT_STREAMING_ENV, **({"VLLM_API_KEY": api_key} if api_key else {})}
 
 
+def app_name(recipe_name: str) -> str:
+    """The Serve application of a recipe on a shared cluster (``workflow stop`` finds it by this name)."""
+    return f"workflow-{recipe_name}"
+
+
 def deploy(llm_config, *, host: str, port: int, ingress_cls_config: dict[str, Any] | None,
-           ingress_deployment_config: dict[str, Any], direct_streaming: bool = False) -> None:
+           ingress_deployment_config: dict[str, Any], direct_streaming: bool = False, name: str = APP_NAME) -> None:
     """Run the OpenAI app on the connected cluster and wait until it is RUNNING.
 
     ``ingress_cls_config`` None keeps Ray's own ``OpenAiIngress`` (the benchmark's baseline).
@@ -144,4 +153,14 @@ def deploy(llm_config, *, host: str, port: int, ingress_cls_config: dict[str, An
         if ingress_cls_config is not None:
             args["ingress_cls_config"] = ingress_cls_config
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_openai_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run(build_openai_app(args), name=name, route_prefix="/", blocking=False)
+
+
+def delete(name: str) -> bool:
+    """Delete the Serve application ``name`` from the connected cluster; True if it was there."""
+    from ray import serve
+
+    if name not in serve.status().applications:
+        return False
+    serve.delete(name)
+    return True

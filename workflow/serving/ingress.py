@@ -2,12 +2,12 @@
 
 ``build_openai_app`` takes the ingress class by name (``ingress_cls_config``); this one is
 ``OpenAiIngress`` whose routes first check ``Authorization: Bearer <key>`` (when
-``api_key_env`` is given) and turn the ``HTTPException``s that Ray raises for an unknown
-model or adapter (FastAPI would answer ``{"detail": ...}``) into OpenAI's error body. The key is
-read in the replica from the environment variable named by ``api_key_env`` (the Ray
-cluster inherits it from the serve stage), so it never appears in Ray's deployment
-config, the recipe or a manifest. Serve's own health check ``/-/healthz`` is answered by
-the proxy and needs no key.
+``api_key_sha256`` is given) and turn the ``HTTPException``s that Ray raises for an unknown
+model or adapter (FastAPI would answer ``{"detail": ...}``) into OpenAI's error body. The
+replica gets the key's SHA-256 digest as an argument, never the key: the digest is all it
+compares against, so the app can be deployed on any cluster (nothing in the nodes'
+environment) and Serve's deployment config, the recipe and the manifests hold no key.
+Serve's own health check ``/-/healthz`` is answered by the proxy and needs no key.
 
 It subclasses a private Ray class: ``serving.app.ingress_cls_config`` names it only for the Ray
 versions it was tested on (``INGRESS_TESTED`` there). Only the Ray replicas import this module.
@@ -16,9 +16,9 @@ versions it was tested on (``INGRESS_TESTED`` there). Only the Ray replicas impo
 from __future__ import annotations
 
 import functools
+import hashlib
 import hmac
 import inspect
-import os
 
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
@@ -31,20 +31,21 @@ def openai_error(status_code: int, message: str, code: str | int | None = None) 
                         content={"error": {"message": message, "type": kind, "param": None, "code": code}})
 
 
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 class WorkflowIngress(OpenAiIngress):
-    def __init__(self, *args, api_key_env: str | None = None, **kwargs):
+    def __init__(self, *args, api_key_sha256: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        key = os.environ.get(api_key_env, "") if api_key_env else None
-        if api_key_env and not key:
-            raise RuntimeError(f"{api_key_env} is not set in the ingress replica's environment")
-        self._api_key = key.encode() if key else None
+        self._api_key_sha256 = api_key_sha256
 
     def _refusal(self, request: Request) -> JSONResponse | None:
         """OpenAI's 401 answer unless the key is off or the request carries ``Authorization: Bearer <key>``."""
-        if self._api_key is None:
+        if self._api_key_sha256 is None:
             return None
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._api_key):
+        if scheme.lower() == "bearer" and hmac.compare_digest(key_digest(token.strip()), self._api_key_sha256):
             return None
         return openai_error(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'.", "invalid_api_key")
 

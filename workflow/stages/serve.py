@@ -2,13 +2,21 @@
 
 ``workflow serve RECIPE`` (and ``workflow run``) deploys, smoke-checks and shuts the app
 down; ``--detach`` leaves it running; ``--stop`` (or ``workflow stop RECIPE``) shuts a
-detached app down. The app runs ``ray.serve.llm.build_openai_app`` on a Ray cluster of its
-own that outlives this process (see workflow/serving/cluster.py); the cluster's process group,
-address and URL are kept in a local state file, ``<scratch>/serve/state.json``.
+detached app down. The app is ``ray.serve.llm.build_openai_app``, deployed
+
+- with ``RAY_ADDRESS`` set, into that cluster's Ray Serve as the application
+  ``workflow-<recipe>``, listening on every node (``0.0.0.0``, Serve's port 8000 unless the
+  recipe says otherwise; such an endpoint needs an API key or ``serve.allow_unauthenticated``).
+  ``endpoint.json`` records the cluster and the application, so ``workflow stop`` finds it
+  from any machine that can reach the cluster and the run's storage;
+- else on a Ray cluster of the workflow's own on this machine that outlives this process
+  (serving/cluster.py); its process group, address and URL are kept in a local state file,
+  ``<scratch>/serve/state.json``.
 
 Written to ``<run>/serve/``: ``smoke.json`` (the model ids served and what each answered),
-``endpoint.json`` (URL, model ids, whether a key is needed; never the key) and a
-manifest naming both. The stage is not cacheable: every call deploys.
+``endpoint.json`` (URL, model ids, whether a key is needed, where the app runs, and once
+stopped when; never the key) and a manifest naming both. The stage is not cacheable: every
+call deploys.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import json
 import os
 from pathlib import Path
 
-from ..core import manifest, storage
+from ..core import manifest, ray_cluster, storage
 from ..core.envs import SERVE
 from ..core.errors import WorkflowError
 from ..core.stage import StageContext, StageResult
@@ -54,15 +62,52 @@ def _read_state(ctx: StageContext) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def stop(ctx: StageContext) -> bool:
-    """Shut down the recipe's detached app, if one runs; True if there was one."""
+def _endpoint_uri(ctx: StageContext) -> str:
+    return storage.join(ctx.out_uri, "endpoint.json")
+
+
+def _recorded_endpoint(ctx: StageContext) -> dict | None:
+    uri = _endpoint_uri(ctx)
+    return storage.read_json(uri) if storage.exists(uri) else None
+
+
+def _mark_stopped(ctx: StageContext) -> None:
+    endpoint = _recorded_endpoint(ctx)
+    if endpoint is not None and not endpoint.get("stopped_at"):
+        storage.write_json(_endpoint_uri(ctx), {**endpoint, "stopped_at": manifest.now()})
+
+
+def _stop_own_cluster(ctx: StageContext) -> bool:
+    """End the workflow's own serving cluster of this recipe on this machine, if one runs."""
     state = _read_state(ctx)
     if state is None:
         return False
     print(f"[serve] stopping the app at {state.get('base_url')} (Ray cluster {state['address']})", flush=True)
     cluster.stop_cluster(state)
     _state_file(ctx).unlink()
+    _mark_stopped(ctx)
     return True
+
+
+def stop(ctx: StageContext) -> bool:
+    """Shut down the recipe's detached app, on this machine's own cluster or on the cluster the
+    run's ``endpoint.json`` names (``RAY_ADDRESS`` wins); True if there was one."""
+    if _stop_own_cluster(ctx):
+        return True
+    endpoint = _recorded_endpoint(ctx) or {}
+    address = os.environ.get(ray_cluster.ADDRESS_ENV) or endpoint.get("ray_address")
+    if not endpoint.get("app") or not address or endpoint.get("stopped_at"):
+        return False
+    print(f"[serve] stopping the application {endpoint['app']} on the Ray cluster at {address}", flush=True)
+    import ray
+
+    ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+    try:
+        found = app.delete(endpoint["app"])
+    finally:
+        ray.shutdown()
+    _mark_stopped(ctx)
+    return found
 
 
 def _adapters(ctx: StageContext) -> tuple[str | None, list[str], int | None, list[dict]]:
@@ -89,8 +134,14 @@ def run(ctx: StageContext) -> StageResult:
     started = manifest.now()
     if ctx.options.get("stop"):
         if not stop(ctx):
-            print(f"[serve] no detached app is recorded for {ctx.recipe.name} ({_state_file(ctx)})", flush=True)
+            print(f"[serve] no detached app is recorded for {ctx.recipe.name} ({_state_file(ctx)}, "
+                  f"{_endpoint_uri(ctx)})", flush=True)
         return StageResult(outputs={})
+    address = os.environ.get(ray_cluster.ADDRESS_ENV)
+    try:
+        cfg.check_open_endpoint(on_cluster=bool(address))
+    except ValueError as err:
+        raise WorkflowError(f"{ctx.recipe.path}: serve: {err}") from None
     api_key = None
     if cfg.api_key_env:
         api_key = os.environ.get(cfg.api_key_env)
@@ -103,63 +154,96 @@ def run(ctx: StageContext) -> StageResult:
         guard.check_stored_adapters(adapters_dir, adapter_names, model_source, ctx.scratch("prompt-format"),
                                     where="serve", allow_mismatch=cfg.allow_prompt_mismatch)
     local_adapters = adapters_dir is not None and storage.is_local(adapters_dir)
+    if address and storage.is_local(ctx.run_uri):
+        raise WorkflowError(f"serve: the run's storage {ctx.run_uri} is a folder on this machine, which the replicas "
+                            f"on the cluster at {address} cannot load the model and adapters from",
+                            hint="set the recipe's storage (or WORKFLOW_STORAGE) to s3://... or gs://..., or unset "
+                                 "RAY_ADDRESS to serve on a cluster of the workflow's own on this machine")
     s3_port = cluster.free_port() if local_adapters else None
     # The loopback URI is only known once published; validate with a placeholder of the same form.
     placeholder = f"s3://{adapter_store.LOOPBACK_BUCKET}/{ctx.recipe.name}" if local_adapters else adapters_dir
     llm = app.build_llm_config(cfg, model_source=model_source, default_model_id=ctx.recipe.name,
-                                   adapters_uri=placeholder, lora_rank=lora_rank)
+                               adapters_uri=placeholder, lora_rank=lora_rank)
     app.validate_llm_config(llm, f"{ctx.recipe.path}: serve.llm_config")
     model_id = llm["model_loading_config"]["model_id"]
+    model_ids = [model_id] + [f"{model_id}:{a}" for a in adapter_names]
+    host = cfg.listen_host(on_cluster=bool(address))
 
-    if stop(ctx):
-        print("[serve] replaced the app that was running", flush=True)
-    env_vars = adapter_store.loopback_env(s3_port) if s3_port else {}
-    direct_streaming = cfg.direct_streaming and ray_serve_direct_streaming.available()
-    if direct_streaming:
-        env_vars.update(app.direct_streaming_env(api_key))
-    port = cfg.port or cluster.free_port()
-    base_url = f"http://{cfg.host}:{port}/v1"
-    if os.environ.get("RAY_ADDRESS"):
-        print("[serve] RAY_ADDRESS is set, but the app is deployed on a Ray cluster of its own on this machine "
-              "(serving on the user's cluster is not built yet)", flush=True)
-    print(f"[serve] starting a Ray cluster ({cfg.num_cpus} logical CPUs) for {model_id}", flush=True)
-    state = cluster.start_cluster(ctx.scratch("ray"), num_cpus=cfg.num_cpus, env_vars=env_vars)
-    state["base_url"] = base_url
-    _state_file(ctx).write_text(json.dumps(state))
+    if address:
+        # The user's cluster: its Ray Serve, its nodes' environments (checked), no state on this machine.
+        if cfg.direct_streaming:
+            print("[serve] serve.direct_streaming applies to the workflow's own cluster (it is a setting of the "
+                  "cluster's Serve controller); on this cluster the app runs behind the workflow ingress", flush=True)
+        direct_streaming = False
+        name = app.app_name(ctx.recipe.name)
+        port = cfg.port or 8000
+        ray_cluster.init_ray(log_to_driver=False, storage_uri=ctx.run_uri, needs=("vllm",))
+        import ray
+
+        public = host if host != "0.0.0.0" else ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
+        base_url = f"http://{public}:{port}/v1"
+        where = {"ray_address": address, "app": name}
+
+        def undeploy() -> None:
+            app.delete(name)
+            ray.shutdown()
+    else:
+        if _stop_own_cluster(ctx):
+            print("[serve] replaced the app that was running", flush=True)
+        env_vars = adapter_store.loopback_env(s3_port) if s3_port else {}
+        direct_streaming = cfg.direct_streaming and ray_serve_direct_streaming.available()
+        if direct_streaming:
+            env_vars.update(app.direct_streaming_env(api_key))
+        name = app.APP_NAME
+        port = cfg.port or cluster.free_port()
+        base_url = f"http://{host}:{port}/v1"
+        where = {}
+        print(f"[serve] starting a Ray cluster ({cfg.num_cpus} logical CPUs) for {model_id}", flush=True)
+        state = cluster.start_cluster(ctx.scratch("ray"), num_cpus=cfg.num_cpus, env_vars=env_vars)
+        state["base_url"] = base_url
+        _state_file(ctx).write_text(json.dumps(state))
+
+        def undeploy() -> None:
+            _stop_own_cluster(ctx)
     try:
-        cluster.connect(state)
+        if not address:
+            cluster.connect(state)
         if local_adapters:
             llm["lora_config"]["dynamic_lora_loading_path"] = adapter_store.publish_adapters_on_loopback(
                 adapters_dir, s3_port, ctx.recipe.name)
-        print(f"[serve] deploying build_openai_app on {base_url} (takes a minute or two on a CPU)", flush=True)
-        app.deploy(app.validate_llm_config(llm, f"{ctx.recipe.path}: serve.llm_config"), host=cfg.host,
-                       port=port, ingress_cls_config=app.ingress_cls_config(cfg.api_key_env),
-                       ingress_deployment_config=cfg.ingress_deployment_config, direct_streaming=direct_streaming)
+        print(f"[serve] deploying build_openai_app as {name} on {base_url} (takes a minute or two on a CPU)",
+              flush=True)
+        app.deploy(app.validate_llm_config(llm, f"{ctx.recipe.path}: serve.llm_config"), host=host,
+                   port=port, ingress_cls_config=app.ingress_cls_config(api_key),
+                   ingress_deployment_config=cfg.ingress_deployment_config, direct_streaming=direct_streaming,
+                   name=name)
         client.wait_until_answering(base_url, model_id, api_key)
-        model_ids = [model_id] + [f"{model_id}:{a}" for a in adapter_names]
         print(client.usage_text(base_url, model_ids, cfg.api_key_env), flush=True)
         smoke = client.smoke_check(base_url, model_id=model_id, adapters=adapter_names, rows=rows or
-                                    [{"instruction": "Say hello.", "output": ""}], api_key=api_key,
-                                    max_tokens=cfg.smoke.max_tokens)
+                                   [{"instruction": "Say hello.", "output": ""}], api_key=api_key,
+                                   max_tokens=cfg.smoke.max_tokens)
         smoke_uri = storage.join(ctx.out_uri, "smoke.json")
         storage.write_json(smoke_uri, smoke)
         endpoint = {"base_url": base_url, "model_ids": model_ids, "api_key_env": cfg.api_key_env,
-                    "detached": bool(ctx.options.get("detach"))}
-        endpoint_uri = storage.join(ctx.out_uri, "endpoint.json")
-        storage.write_json(endpoint_uri, endpoint)
+                    "detached": bool(ctx.options.get("detach")), **where}
+        storage.write_json(_endpoint_uri(ctx), endpoint)
         if not smoke["passed"]:
             raise WorkflowError("serve: smoke check failed: " + "; ".join(smoke["problems"]),
                                 hint=f"details in {smoke_uri}")
         manifest.write(ctx.out_uri, stage=ctx.stage, run=ctx.recipe.name, config=config(ctx), inputs=inputs(ctx),
-                       outputs={"smoke": smoke_uri, "endpoint": endpoint_uri},
+                       outputs={"smoke": smoke_uri, "endpoint": _endpoint_uri(ctx)},
                        started_at=started, summary={"model_ids": model_ids, "base_url": base_url})
         print(f"[serve] smoke check passed; {smoke_uri}", flush=True)
     except BaseException:
-        stop(ctx)
+        undeploy()
+        _mark_stopped(ctx)
         raise
     if ctx.options.get("detach"):
         print(f"[serve] left running at {base_url}; stop it with `workflow stop {ctx.recipe.path}`", flush=True)
+        if address:
+            ray.shutdown()
     else:
-        stop(ctx)
+        undeploy()
+        _mark_stopped(ctx)
         print("[serve] shut down", flush=True)
-    return StageResult(outputs={"smoke": smoke_uri, "endpoint": endpoint_uri}, summary={"model_ids": model_ids})
+    return StageResult(outputs={"smoke": smoke_uri, "endpoint": _endpoint_uri(ctx)}, summary={"model_ids": model_ids})

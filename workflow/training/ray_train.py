@@ -198,7 +198,7 @@ def run_training(args: dict, *, experiment: str, checkpoints_uri: str, export_ur
 
     if fresh:
         storage.remove(storage.join(checkpoints_uri, experiment))
-    started_ray = ray_cluster.init_ray(log_to_driver=True, storage_uri=checkpoints_uri)
+    started_ray = ray_cluster.init_ray(log_to_driver=True, storage_uri=checkpoints_uri, needs=("llamafactory",))
     worker_env = {**WORKER_ENV_DEFAULTS,
                   **{k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV_PREFIXES)}}
     # Tokens and keys travel in the loop's config, not the runtime_env: Ray's runtime_env
