@@ -1,5 +1,9 @@
 """workflow.core.ray_cluster: which Ray a stage joins, and which Python its workers run.
 
+A stage on a cluster of several nodes started from the *other* environment (the train stage
+on a serve-env cluster), the cluster contract check and local storage on such a cluster are
+tested on the namespace cluster of tests/test_on_a_cluster.py.
+
 Each test starts a real Ray head with ``ray start`` (as a user starts a cluster), from the
 environment that is *not* the stage's, on loopback ports, in a session of its own, with
 token authentication as Ray 2.60's ``ray start`` uses it; the head's process group is
@@ -73,15 +77,6 @@ def start_head(env: str, tmp_path: Path, *, num_cpus: int, temp_dir: Path | None
     return start_node(env, args, tmp_path / f"head-{port}.log", f"127.0.0.1:{port}")
 
 
-def start_worker_node(env: str, head: Head, tmp_path: Path, *, num_cpus: int) -> Head:
-    """A second node of ``head``'s cluster on this machine (``ray start --address``)."""
-    args = [f"--address={head.address}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
-            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-            f"--metrics-export-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
-    return start_node(env, args, tmp_path / "worker-node.log", head.address)
-
-
 def stop_head(head: Head) -> None:
     """End a node's process group: SIGTERM, then SIGKILL."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -145,41 +140,6 @@ def test_without_an_address_a_stage_starts_its_own_ray_not_the_one_ray_remembers
             REMEMBERED.write_text(saved)
 
 
-TRAIN_ON_CLUSTER = """
-    import json
-    from workflow.training.llamafactory_args import llamafactory_args
-    from workflow.training.ray_train import run_training
-
-    model, data, out = {model!r}, {data!r}, {out!r}
-    args = llamafactory_args(
-        {{"stage": "sft", "finetuning_type": "lora", "lora_rank": 8, "lora_target": "all", "template": "qwen",
-          "cutoff_len": 512, "max_samples": 8, "per_device_train_batch_size": 4, "max_steps": 2, "save_steps": 2,
-          "logging_steps": 1, "use_cpu": True, "preprocessing_num_workers": 1}},
-        model=model, dataset_dir=data, output_dir="unused")
-    summary = run_training(args, experiment="on-a-cluster", checkpoints_uri=out + "/checkpoints",
-                           export_uri=out + "/adapter", export_last=["adapter_config.json"], model_key="m",
-                           data_key="d", scaling_config={{"num_workers": 1, "resources_per_worker": {{"CPU": 1}}}},
-                           failure_config={{"max_failures": 0}}, checkpoint_config={{"num_to_keep": 1}})
-    print("SUMMARY", json.dumps(summary))
-"""
-
-
-@pytest.mark.train_env
-def test_train_workers_run_the_train_environment_on_a_cluster_started_from_the_serve_environment(
-        tiny_model, viggo_alpaca, tmp_path):
-    """The cluster's default Python (the serve env) has no LLaMA-Factory: the workers must run the stage's."""
-    head = start_head(envs.SERVE, tmp_path, num_cpus=2, temp_dir=Path(f"/tmp/wf-ray-{free_port()}"))
-    try:
-        script = TRAIN_ON_CLUSTER.format(model=str(tiny_model), data=str(viggo_alpaca), out=str(tmp_path / "out"))
-        proc = python(envs.TRAIN, script, {"RAY_ADDRESS": head.address, "RAY_AUTH_MODE": "token"})
-    finally:
-        stop_head(head)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    summary = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("SUMMARY "))[8:])
-    assert summary["global_step"] == 2 and summary["workers"] == 1
-    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
-
-
 def batch_on(head: Head, recipe: Path, source: Path, dest: Path) -> subprocess.CompletedProcess:
     """``workflow batch RECIPE --address <head>`` with token authentication, as a user runs it."""
     environ = {k: v for k, v in envs.stage_environment(envs.SERVE).items() if not k.startswith("RAY_")}
@@ -204,23 +164,3 @@ def test_batch_engine_runs_the_serve_environment_on_a_cluster_started_from_the_t
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert len(out) == 2 and all(r["generated_text"] and not r["error"] for r in out)
-
-
-def test_local_storage_on_a_cluster_of_several_nodes_is_refused_in_one_line(make_run, tmp_path):
-    recipe = make_run("local-on-cluster")
-    source = tmp_path / "in.jsonl"
-    source.write_text(json.dumps({"instruction": INSTRUCTION, "input": "Do you like Tetris?"}) + "\n")
-    head = start_head(envs.SERVE, tmp_path, num_cpus=0, temp_dir=Path(f"/tmp/wf-ray-{free_port()}"))
-    try:
-        node = start_worker_node(envs.SERVE, head, tmp_path, num_cpus=1)
-        try:
-            proc = batch_on(head, recipe, source, tmp_path / "out.jsonl")
-        finally:
-            stop_head(node)
-    finally:
-        stop_head(head)
-    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "is a folder on this machine" in errors[0] and "(2 nodes)" in errors[0]
-    assert "s3://... or gs://..." in errors[0]
-    assert not (tmp_path / "out.jsonl").exists()

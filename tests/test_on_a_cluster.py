@@ -1,0 +1,187 @@
+"""The CPU recipe end to end on a Ray cluster of several nodes that the user started.
+
+One cluster for the module (tests/netns_cluster.py): a head with no CPUs in this machine's
+network namespace and two worker nodes, each in a network namespace (its own IP) and a mount
+namespace (its own ``/tmp`` and home) of its own, every node started with ``ray start`` from
+the serve environment, as a user would start them; storage on an S3-compatible server on the
+bridge. ``workflow run --detach`` of the CPU recipe, shrunk as tests/test_end_to_end.py
+shrinks it, with ``RAY_ADDRESS`` set, then: where the work ran, a chat completion from another
+host, ``workflow show`` and ``workflow stop`` from fresh processes, and the cases that must
+fail in one line on such a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import CI_OVERRIDES, INSTRUCTION, REPO, VIGGO, _merge, free_port
+from netns_cluster import namespace_cluster
+
+from workflow.core import envs
+
+RUN = "viggo-on-a-cluster"
+KEY_ENV, KEY = "WORKFLOW_API_KEY", "cluster-test-key-0123456789"
+# Beyond CI_OVERRIDES: the train (and pretrain) workers spread over the nodes, fewer rows to evaluate.
+CLUSTER_OVERRIDES = {
+    "ingest": {"max_samples": {"test": 16}},
+    "train": {"scaling_config": {"placement_strategy": "SPREAD"}},
+}
+
+
+@pytest.fixture(scope="module")
+def ns_cluster(tmp_path_factory):
+    with namespace_cluster(tmp_path_factory.mktemp("ns-cluster"), workers=2, worker_cpus=4) as found:
+        yield found
+
+
+def workflow(ns_cluster, *args: str, timeout: int = 600, **extra_env: str) -> subprocess.CompletedProcess:
+    """``workflow ARGS`` from a fresh process in the driver's namespace (``RAY_ADDRESS`` set unless overridden)."""
+    env = ns_cluster.driver_env(**{KEY_ENV: KEY, **extra_env})
+    if extra_env.get("RAY_ADDRESS") == "":
+        del env["RAY_ADDRESS"]
+    return subprocess.run([envs.python_for(envs.SERVE), "-m", "workflow", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def cluster_run(ns_cluster, tmp_path_factory):
+    data = _merge(_merge(yaml.safe_load((REPO / "recipes" / "viggo-cpu.yaml").read_text()), CI_OVERRIDES),
+                  CLUSTER_OVERRIDES)
+    data["name"] = RUN
+    data["storage"] = ns_cluster.make_bucket(f"runs-{free_port()}") + "/runs"
+    data["ingest"]["source"] = str(VIGGO)
+    data["serve"]["port"] = free_port()
+    recipe = tmp_path_factory.mktemp("cluster-recipe") / f"{RUN}.yaml"
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    proc = workflow(ns_cluster, "run", str(recipe), "--detach", timeout=2400)
+    print(proc.stdout[-6000:], proc.stderr[-4000:])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    endpoint = json.loads(read_s3(ns_cluster, f"{data['storage']}/{RUN}/serve/endpoint.json"))
+    return {"recipe": recipe, "proc": proc, "endpoint": endpoint, "storage": data["storage"]}
+
+
+def read_s3(ns_cluster, uri: str) -> str:
+    import boto3
+
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    s3 = boto3.client("s3", endpoint_url=ns_cluster.s3_endpoint, region_name=ns_cluster.aws_env["AWS_DEFAULT_REGION"],
+                      aws_access_key_id=ns_cluster.aws_env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=ns_cluster.aws_env["AWS_SECRET_ACCESS_KEY"])
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+
+
+WHERE_ACTORS_RAN = """
+    import json, ray
+    from ray.util.state import list_actors
+    ray.init(log_to_driver=False, logging_level="ERROR")
+    ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    found = {}
+    for actor in list_actors(limit=10000, detail=True, raise_on_missing_output=False):
+        found.setdefault(actor.class_name, set()).add(ips.get(actor.node_id, "?"))
+    print("ACTORS", json.dumps({k: sorted(v) for k, v in found.items()}))
+"""
+
+
+def test_every_stage_ran_on_the_worker_nodes(ns_cluster, cluster_run):
+    out = cluster_run["proc"].stdout
+    assert f"run {RUN}: ingest -> model -> train -> evaluate -> serve" in out
+    proc = subprocess.run([envs.python_for(envs.SERVE), "-c", textwrap.dedent(WHERE_ACTORS_RAN)],
+                          env=ns_cluster.driver_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    actors = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("ACTORS "))[7:])
+    workers = {node.ip for node in ns_cluster.nodes}
+
+    def nodes_of(part: str) -> set[str]:
+        return {ip for name, ips in actors.items() if part in name for ip in ips}
+
+    # The train (and pretrain) workers on both worker nodes; the engine and the replica not on the head.
+    assert nodes_of("RayTrainWorker") == workers, actors
+    assert nodes_of("vLLMEngineStageUDF") and nodes_of("vLLMEngineStageUDF") <= workers, actors
+    assert nodes_of("LLMServer") and nodes_of("LLMServer") <= workers, actors
+    endpoint = cluster_run["endpoint"]
+    assert endpoint["ray_address"] == ns_cluster.address and endpoint["app"] == f"workflow-{RUN}"
+    assert endpoint["base_url"].startswith(f"http://{ns_cluster.head.ip}:")
+
+
+CHAT = """
+    import json, sys, urllib.error, urllib.request
+    base_url, model, key = sys.argv[1:4]
+    body = {"model": model, "messages": [{"role": "user", "content": sys.argv[4]}], "max_tokens": 24,
+            "temperature": 0.0}
+    request = urllib.request.Request(f"{base_url}/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as resp:
+            print("ANSWER", resp.status, json.dumps(json.load(resp)["choices"][0]["message"]["content"]))
+    except urllib.error.HTTPError as err:
+        print("ANSWER", err.code, json.dumps(err.read().decode()[:300]))
+    except OSError as err:
+        print("ANSWER", 0, json.dumps(repr(err)))
+"""
+
+
+def chat_from(ns_cluster, node, base_url: str, model: str, key: str = KEY) -> tuple[int, str]:
+    prompt = f"{INSTRUCTION}\n\nDo you like Tetris?"
+    proc = ns_cluster.run_in(node, [envs.python_for(envs.SERVE), "-c", textwrap.dedent(CHAT), base_url, model, key,
+                                    prompt], capture_output=True, text=True, timeout=300, check=False)
+    line = next((line for line in proc.stdout.splitlines() if line.startswith("ANSWER ")), None)
+    assert line is not None, proc.stderr[-2000:]
+    status, text = line[7:].split(" ", 1)
+    return int(status), json.loads(text)
+
+
+def test_the_endpoint_answers_another_host_for_the_base_and_the_adapter(ns_cluster, cluster_run):
+    base_url, node = cluster_run["endpoint"]["base_url"], ns_cluster.nodes[-1]
+    base = chat_from(ns_cluster, node, base_url, "viggo")
+    adapter = chat_from(ns_cluster, node, base_url, f"viggo:{RUN}")
+    assert base[0] == 200 and adapter[0] == 200, (base, adapter)
+    assert base[1] != adapter[1]
+    assert chat_from(ns_cluster, node, base_url, "viggo", key="wrong-key")[0] == 401
+
+
+def test_show_and_stop_from_fresh_processes_without_the_address(ns_cluster, cluster_run):
+    recipe, base_url = str(cluster_run["recipe"]), cluster_run["endpoint"]["base_url"]
+    shown = workflow(ns_cluster, "show", recipe, RAY_ADDRESS="")
+    assert f"app: application workflow-{RUN} on the Ray cluster at {ns_cluster.address}, detached: answering" \
+        in shown.stdout, shown.stdout + shown.stderr
+    # RAY_ADDRESS unset: `workflow stop` finds the cluster through the run's endpoint.json.
+    stopped = workflow(ns_cluster, "stop", recipe, RAY_ADDRESS="")
+    assert stopped.returncode == 0, (stopped.stdout + stopped.stderr)[-3000:]
+    assert f"stopping the application workflow-{RUN} on the Ray cluster at {ns_cluster.address}" in stopped.stdout
+    assert chat_from(ns_cluster, ns_cluster.nodes[0], base_url, "viggo")[0] != 200
+    shown = workflow(ns_cluster, "show", recipe, RAY_ADDRESS="")
+    assert f"app: application workflow-{RUN} on the Ray cluster at {ns_cluster.address}, stopped" in shown.stdout
+
+
+def one_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]
+
+
+def test_local_storage_on_a_cluster_of_several_nodes_is_refused_in_one_line(ns_cluster, make_run, tmp_path):
+    recipe = make_run("local-on-cluster")
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"instruction": INSTRUCTION, "input": "Do you like Tetris?"}) + "\n")
+    proc = workflow(ns_cluster, "batch", str(recipe), "--input", str(source), "--output", str(tmp_path / "out.jsonl"))
+    error = one_error(proc)
+    assert "is a folder on this machine" in error and "(3 nodes)" in error and "s3://... or gs://..." in error
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_node_without_the_train_environment_is_named_in_one_line(ns_cluster, cluster_run):
+    train_env = Path(envs.python_for(envs.TRAIN)).parents[1]
+    node = ns_cluster.add_node("notrain", hide=[str(train_env)])
+    try:
+        proc = workflow(ns_cluster, "train", str(cluster_run["recipe"]), "--force")
+    finally:
+        ns_cluster.remove_node(node)
+    error = one_error(proc)
+    assert f"node {node.ip} of the cluster at {ns_cluster.address} cannot run this stage's workers" in error, error
+    assert f"it has no interpreter at {envs.python_for(envs.TRAIN)}" in error and "make setup" in error
