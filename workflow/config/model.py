@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from .base import Section
 
@@ -67,7 +67,22 @@ class ModelConfig(Section):
     pretrain_text: PretrainTextConfig = Field(default_factory=PretrainTextConfig)
     # Copy the base model into <storage>/<run>/model/ so cluster nodes load it from the bucket.
     mirror: bool = False
+    # A Hugging Face id's branch, tag or commit (default: main). The model stage resolves it to
+    # the commit hash, records that in its manifest (an upstream change reruns the stage) and every
+    # stage loads that commit.
+    revision: str | None = None
+
+    @model_validator(mode="after")
+    def _revision_of_a_hub_id(self) -> ModelConfig:
+        if self.revision is not None and not self.is_hub:
+            raise ValueError("revision: only for a Hugging Face id (source is a local folder, a bucket or tiny)")
+        return self
 
     @property
     def is_tiny(self) -> bool:
         return self.source == "tiny"
+
+    @property
+    def is_hub(self) -> bool:
+        """A Hugging Face id (recipes make local paths absolute)."""
+        return not self.is_tiny and "://" not in self.source and not self.source.startswith("/")

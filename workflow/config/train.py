@@ -18,7 +18,7 @@ from pydantic import Field, field_validator
 
 from .base import Section
 
-FILLED_IN = ("model_name_or_path", "dataset", "eval_dataset", "dataset_dir", "output_dir")
+FILLED_IN = ("model_name_or_path", "model_revision", "dataset", "eval_dataset", "dataset_dir", "output_dir")
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 

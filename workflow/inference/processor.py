@@ -60,14 +60,14 @@ def init_ray(storage_uri: str | None = None) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(model_source: str, model_key: str):
+def _tokenizer(model_source: str, model_key: str, revision: str | None = None):
     """The model's tokenizer where this task runs: from a local folder or hub id, else from a copy of
     the model's tokenizer files on this node (``model_key`` names the model's content)."""
     from transformers import AutoTokenizer
 
     if not storage.is_local(model_source):
         model_source = storage.node_local_copy(model_source, model_key, include=is_tokenizer_file)
-    return AutoTokenizer.from_pretrained(model_source)
+    return AutoTokenizer.from_pretrained(model_source, revision=revision)
 
 
 def _keep_aside(row: dict[str, Any], input_columns: list[str]) -> dict[str, Any]:
@@ -80,11 +80,11 @@ def _structured(variant_regex: str | None) -> dict[str, Any]:
 
 
 def _engine_preprocess(row: dict[str, Any], *, model_source: str, model_key: str, sampling_params: dict[str, Any],
-                       input_columns: list[str], render: bool) -> dict[str, Any]:
+                       input_columns: list[str], render: bool, revision: str | None = None) -> dict[str, Any]:
     messages = prompts.row_messages(row)
     out = _keep_aside(row, input_columns)
     if render:
-        out["prompt"] = prompts.render(_tokenizer(model_source, model_key), messages)
+        out["prompt"] = prompts.render(_tokenizer(model_source, model_key, revision), messages)
     else:
         out["messages"] = messages
     out["sampling_params"] = {**sampling_params, "output_kind": _final_only(), **_structured(row.get("__regex"))}
@@ -157,23 +157,27 @@ def check_input_columns(columns: list[str], where: str) -> None:
 
 def engine_processor(model_source: str, processor: dict[str, Any], sampling_params: dict[str, Any],
                      adapters: dict[str, str], input_columns: list[str], where: str = "evaluate.processor", *,
-                     model_key: str = "", lora_loading_path: str | None = None):
+                     model_key: str = "", lora_loading_path: str | None = None, revision: str | None = None):
     """The vLLM processor for rows with the given input columns (plus our ``__`` columns).
 
     ``adapters``: name -> location (folder or URI), for the LoRA engine settings; ``lora_loading_path``:
     the storage folder the engines load adapters from by name (``EngineAdapters.loading_path``);
-    ``model_key``: what identifies the model's content (the model stage's fingerprint).
+    ``model_key``: what identifies the model's content (the model stage's fingerprint); ``revision``: the
+    commit the model stage pinned a hub model to (vLLM's ``revision`` and ``tokenizer_revision``).
     """
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     fields = {**PROCESSOR_DEFAULTS, **processor}
     fields["engine_kwargs"] = lora_engine_kwargs(fields.get("engine_kwargs") or {}, adapters, where)
+    if revision is not None:
+        fields["engine_kwargs"] = {"revision": revision, "tokenizer_revision": revision, **fields["engine_kwargs"]}
     if lora_loading_path is not None:
         fields["dynamic_lora_loading_path"] = lora_loading_path
     config = vLLMEngineProcessorConfig(model_source=model_source, **fields)
     render = not _stage_enabled(fields["chat_template_stage"])
     preprocess = functools.partial(_engine_preprocess, model_source=model_source, model_key=model_key,
-                                   sampling_params=sampling_params, input_columns=input_columns, render=render)
+                                   sampling_params=sampling_params, input_columns=input_columns, render=render,
+                                   revision=revision)
     return build_processor(config, preprocess=preprocess, preprocess_map_kwargs={"num_cpus": LIGHT_TASK_CPUS},
                            postprocess_map_kwargs={"num_cpus": LIGHT_TASK_CPUS})
 

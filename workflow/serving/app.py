@@ -27,12 +27,19 @@ INGRESS_TESTED = {"ray": "==2.60.*"}
 
 
 def build_llm_config(cfg: ServeConfig, *, model_source: str, default_model_id: str, adapters_uri: str | None,
-                     lora_rank: int | None) -> dict[str, Any]:
-    """The recipe's ``llm_config`` with what the run owns filled in (the recipe's keys win)."""
+                     lora_rank: int | None, revision: str | None = None) -> dict[str, Any]:
+    """The recipe's ``llm_config`` with what the run owns filled in (the recipe's keys win).
+
+    ``revision``: the commit the model stage pinned a hub model to (vLLM's ``revision`` and ``tokenizer_revision``).
+    """
     llm = copy.deepcopy(cfg.llm_config)
     loading = llm.setdefault("model_loading_config", {})
     loading.setdefault("model_id", default_model_id)
     loading.setdefault("model_source", model_source)
+    if revision is not None:
+        engine = llm.setdefault("engine_kwargs", {})
+        engine.setdefault("revision", revision)
+        engine.setdefault("tokenizer_revision", revision)
     if adapters_uri is not None:
         lora = llm.setdefault("lora_config", {})
         lora.setdefault("dynamic_lora_loading_path", adapters_uri)

@@ -75,7 +75,8 @@ def run(ctx: StageContext) -> StageResult:
         columns = [*columns, "model"]
     total = ds.count()
     engine = processor.engine_processor(model_source, cfg.processor, cfg.sampling_params, adapters, columns,
-                                        model_key=model["fingerprint"], lora_loading_path=lora.loading_path)
+                                        model_key=model["fingerprint"], lora_loading_path=lora.loading_path,
+                                        revision=model.get("summary", {}).get("revision"))
     out = processor.run(ds, engine, columns)
     print(f"[batch] {total} rows from {source} -> {dest}", flush=True)
     written = io.write_rows(out.iter_batches(batch_format="pyarrow", batch_size=None), dest, total=total)

@@ -140,7 +140,8 @@ def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]]):
                                         total=len(part), what="evaluate")
     else:
         engine = processor.engine_processor(model_source, cfg.processor, cfg.sampling_params, adapters, columns,
-                                            model_key=model["fingerprint"], lora_loading_path=lora.loading_path)
+                                            model_key=model["fingerprint"], lora_loading_path=lora.loading_path,
+                                            revision=model.get("summary", {}).get("revision"))
         out = processor.run(io.from_rows(items, cfg.processor.get("batch_size", 32)), engine, columns)
         batches = list(io.with_progress(out.iter_batches(batch_format="pyarrow", batch_size=None),
                                         total=len(items), what="evaluate"))

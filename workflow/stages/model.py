@@ -3,7 +3,11 @@
 - ``source: tiny`` builds a tiny Qwen2 model whose tokenizer is trained on the ingested
   train/val text (tests, the CPU demo).
 - A local folder or an ``s3://``/``gs://`` mirror is used as it is; a Hugging Face id is
-  recorded and loaded by each library from the hub (or its cache).
+  pinned to the commit its ``revision`` (default main) resolves to — from the hub, else from the
+  local Hugging Face cache when offline — and each library loads that commit from the hub (or its
+  cache): the hash is an input of the stage (an upstream change reruns it and everything
+  downstream) and its summary's ``revision``, which the train, evaluate, batch and serve stages pass
+  on (LLaMA-Factory's ``model_revision``, vLLM's ``revision``).
 - ``pretrain`` (LLaMA-Factory keys, ``stage: pt`` and ``finetuning_type: full`` unless set)
   then trains the tiny base through the same Ray Train code as the train stage
   (``workflow.training.ray_train``), on plain-text documents made from the ingested rows
@@ -12,14 +16,18 @@
   they are. The base, the corpus and the checkpoints go to ``<run>/model/{base,pretrain,
   checkpoints}``; the trained model to ``weights``.
 - ``mirror: true`` copies the base model into ``<storage>/<run>/model/weights`` (what the
-  reference tutorial's ``upload_model`` does) so cluster nodes load it from the bucket.
+  reference tutorial's ``upload_model`` does) so cluster nodes load it from the bucket; from
+  the hub, only the files a model needs (``MODEL_FILES``: config, weights, tokenizer).
 
 The stage's manifest output ``model`` is what train, evaluate and serve load.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -35,6 +43,29 @@ WEIGHTS = "weights"
 
 
 PRETRAIN_DEFAULTS = {"stage": "pt", "finetuning_type": "full"}
+# What a mirror takes of a hub repository: no READMEs, images, other formats' weights (*.bin, GGUF, ONNX).
+MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja", "*.py"]
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+@functools.lru_cache(maxsize=8)
+def resolve_revision(model_id: str, revision: str | None) -> str:
+    """The commit hash that ``revision`` (default main) of a hub model names: from the hub, else the
+    local Hugging Face cache (offline, ``HF_HUB_OFFLINE=1``, or the hub unreachable)."""
+    if revision and _COMMIT.match(revision):
+        return revision
+    from huggingface_hub import HfApi, constants
+
+    try:
+        return HfApi().model_info(model_id, revision=revision, token=os.environ.get("HF_TOKEN") or None).sha
+    except Exception as err:  # noqa: BLE001 - hub errors come in many types; the cache may still know
+        ref = Path(constants.HF_HUB_CACHE) / f"models--{model_id.replace('/', '--')}" / "refs" / (revision or "main")
+        if ref.is_file():
+            return ref.read_text().strip()
+        raise WorkflowError(f"model.source: cannot resolve {model_id!r} at revision {revision or 'main'} "
+                            f"({type(err).__name__}), and the Hugging Face cache does not have it",
+                            hint="check the id and revision, HF_TOKEN for gated models and network access; or "
+                                 "point model.source at a local folder or a bucket mirror") from None
 
 
 def config(ctx: StageContext) -> dict:
@@ -56,15 +87,23 @@ def inputs(ctx: StageContext) -> dict[str, str]:
         files = sorted((p.relative_to(cfg.source).as_posix(), p.stat().st_size)
                        for p in Path(cfg.source).rglob("*") if p.is_file())
         return {"source": manifest.config_hash(files)}
+    if cfg.is_hub:
+        return {"source": cfg.source, "revision": resolve_revision(cfg.source, cfg.revision)}
     return {"source": cfg.source}
 
 
-def _hf_snapshot(model_id: str) -> Path:
-    """A local copy of a hub model (from the HF cache when offline)."""
+def _hf_snapshot(model_id: str, revision: str) -> Path:
+    """A local copy of the files a hub model needs at ``revision`` (from the HF cache when offline)."""
     from huggingface_hub import snapshot_download
 
+    fetch = functools.partial(snapshot_download, model_id, revision=revision, allow_patterns=MODEL_FILES,
+                              token=os.environ.get("HF_TOKEN") or None)
     try:
-        return Path(snapshot_download(model_id, token=os.environ.get("HF_TOKEN")))
+        try:
+            return Path(fetch())
+        except Exception:  # noqa: BLE001 - hub unreachable or offline: the cached snapshot of that commit, if any
+            # (huggingface_hub 1.x lists a commit's files from the hub even offline unless told not to)
+            return Path(fetch(local_files_only=True))
     except Exception as err:  # noqa: BLE001 - hub errors come in many types
         raise WorkflowError(f"model.source: cannot download {model_id!r} ({type(err).__name__})",
                             hint="check the model id, HF_TOKEN for gated models, and network access; "
@@ -88,14 +127,30 @@ def run(ctx: StageContext) -> StageResult:
             storage.upload_dir(built, weights_uri, last=["config.json"])
         return StageResult(outputs={"model": weights_uri}, summary={"kind": "tiny", **cfg.tiny.model_dump()})
     source = cfg.source
+    revision = resolve_revision(source, cfg.revision) if cfg.is_hub else None
+    pinned = {"revision": revision} if revision else {}
     if not cfg.mirror:
-        return StageResult(outputs={"model": source}, summary={"kind": "remote" if is_remote(source) else "path-or-hub"})
-    local = source if (not is_remote(source) and os.path.isdir(source)) else None
-    if local is None and not is_remote(source):
-        local = str(_hf_snapshot(source))
-    print(f"[model] mirroring {source} -> {weights_uri}", flush=True)
-    storage.copy_dir(local or source, weights_uri, last=["config.json"])
-    return StageResult(outputs={"model": weights_uri}, summary={"kind": "mirror", "source": source})
+        kind = "hub" if cfg.is_hub else "remote" if is_remote(source) else "path"
+        return StageResult(outputs={"model": source}, summary={"kind": kind, **pinned})
+    print(f"[model] mirroring {source}{f' at {revision}' if revision else ''} -> {weights_uri}", flush=True)
+    if cfg.is_hub:
+        with tempfile.TemporaryDirectory(prefix="workflow-hub-") as tmp:
+            storage.upload_dir(_model_files(_hf_snapshot(source, revision), Path(tmp)), weights_uri,
+                               last=["config.json"])
+    else:
+        storage.copy_dir(source, weights_uri, last=["config.json"])
+    return StageResult(outputs={"model": weights_uri}, summary={"kind": "mirror", "source": source, **pinned})
+
+
+def _model_files(snapshot: Path, into: Path) -> Path:
+    """``into`` holding links to the snapshot's ``MODEL_FILES`` only (a cached snapshot, read offline,
+    can hold more than was asked for)."""
+    for path in sorted(snapshot.rglob("*")):
+        if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in MODEL_FILES):
+            link = into / path.relative_to(snapshot)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(path.resolve())
+    return into
 
 
 def _local_file(uri: str, tmp: str) -> Path:

@@ -148,7 +148,8 @@ def run(ctx: StageContext) -> StageResult:
         if not api_key:
             raise WorkflowError(f"{ctx.recipe.path}: serve.api_key_env: ${cfg.api_key_env} is not set",
                                 hint=f"export {cfg.api_key_env}=<key>, or remove serve.api_key_env for an open endpoint")
-    model_source = ctx.upstream("model")["outputs"]["model"]
+    model = ctx.upstream("model")
+    model_source = model["outputs"]["model"]
     adapters_dir, adapter_names, lora_rank, rows = _adapters(ctx)
     if adapters_dir is not None:
         guard.check_stored_adapters(adapters_dir, adapter_names, model_source, ctx.scratch("prompt-format"),
@@ -163,7 +164,8 @@ def run(ctx: StageContext) -> StageResult:
     # The loopback URI is only known once published; validate with a placeholder of the same form.
     placeholder = f"s3://{adapter_store.LOOPBACK_BUCKET}/{ctx.recipe.name}" if local_adapters else adapters_dir
     llm = app.build_llm_config(cfg, model_source=model_source, default_model_id=ctx.recipe.name,
-                               adapters_uri=placeholder, lora_rank=lora_rank)
+                               adapters_uri=placeholder, lora_rank=lora_rank,
+                               revision=model.get("summary", {}).get("revision"))
     app.validate_llm_config(llm, f"{ctx.recipe.path}: serve.llm_config")
     model_id = llm["model_loading_config"]["model_id"]
     model_ids = [model_id] + [f"{model_id}:{a}" for a in adapter_names]

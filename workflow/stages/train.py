@@ -63,7 +63,8 @@ def run(ctx: StageContext) -> StageResult:
     name = adapter_name(ctx)
     adapter_uri = ctx.stage_uri("train", ADAPTERS, name)
     args = llamafactory_args(cfg.llamafactory, model=base_model, dataset_dir=dataset_dir, output_dir=WORKER_OUTPUT,
-                             eval_dataset="val" if "val" in ingest["outputs"] and _evaluates(cfg.llamafactory) else None)
+                             eval_dataset="val" if "val" in ingest["outputs"] and _evaluates(cfg.llamafactory) else None,
+                             model_revision=model.get("summary", {}).get("revision"))
     experiment = f"{name}-{manifest.fingerprint(ctx.stage, config(ctx), inputs(ctx))[:12]}"
     started = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     summary = run_training(

@@ -40,7 +40,7 @@ WORKER_OUTPUT = "<each worker's local disk>"
 
 
 def llamafactory_args(llamafactory: dict, *, model: str, dataset_dir: str, output_dir: str,
-                      dataset: str = "train", eval_dataset: str | None = None) -> dict:
+                      dataset: str = "train", eval_dataset: str | None = None, model_revision: str | None = None) -> dict:
     """The argument dict the train stage passes to ``run_exp``.
 
     ``DEFAULTS``, then the recipe's LLaMA-Factory keys, then the paths from upstream stages.
@@ -55,6 +55,8 @@ def llamafactory_args(llamafactory: dict, *, model: str, dataset_dir: str, outpu
             "dataset": dataset, "output_dir": output_dir}
     if eval_dataset is not None:
         args["eval_dataset"] = eval_dataset
+    if model_revision is not None:  # the commit the model stage pinned a hub model to
+        args["model_revision"] = model_revision
     return args
 
 

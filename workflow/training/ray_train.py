@@ -181,6 +181,30 @@ WORKER_ENV_DEFAULTS = {
 }
 
 
+def use_the_node_interface_for_gloo() -> None:
+    """Each train worker's process setup hook: gloo's own address on the interface that carries this
+    node's Ray IP, unless ``GLOO_SOCKET_IFNAME`` is set.
+
+    Left alone, gloo takes the address the host name resolves to, which is 127.0.0.1 wherever
+    ``/etc/hosts`` maps the host name to loopback (many containers and VMs): every worker then
+    advertises loopback, and DDP across nodes fails with "Gloo connectFullMesh failed ... Connection
+    refused, remote=[127.0.0.1]". The interface differs per node, so it is found on the node.
+    """
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    import psutil
+    import ray
+
+    ip = ray.util.get_node_ip_address()
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address == ip for a in addresses):
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+            return
+
+
+GLOO_INTERFACE_HOOK = f"{__name__}.use_the_node_interface_for_gloo"
+
+
 def run_training(args: dict, *, experiment: str, checkpoints_uri: str, export_uri: str, export_last: list[str],
                  model_key: str, data_key: str, scaling_config: dict, failure_config: dict,
                  checkpoint_config: dict, tensorboard_uri: str | None = None, fresh: bool = False) -> dict:
@@ -217,7 +241,7 @@ def run_training(args: dict, *, experiment: str, checkpoints_uri: str, export_ur
             storage_path=checkpoints_uri,
             failure_config=FailureConfig(**failure_config),
             checkpoint_config=CheckpointConfig(**checkpoint_config),
-            worker_runtime_env={"env_vars": env_vars},
+            worker_runtime_env={"env_vars": env_vars, "worker_process_setup_hook": GLOO_INTERFACE_HOOK},
         ),
     )
     print(f"[training] {scaling_config.get('num_workers', 1)} worker(s); checkpoints in "
