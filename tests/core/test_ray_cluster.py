@@ -78,17 +78,19 @@ def start_head(env: str, tmp_path: Path, *, num_cpus: int, temp_dir: Path | None
 
 
 def stop_head(head: Head) -> None:
-    """End a node's process group: SIGTERM, then SIGKILL."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(head.proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            head.proc.wait(timeout=30)
-            break
-        except subprocess.TimeoutExpired:
-            continue
+    """End a node: SIGTERM to ``ray start`` alone (it ends its processes; a SIGTERM to the whole group
+    would stop the GCS while the node drains through it, which then waits out Ray's 30 s limit),
+    then SIGKILL to whatever of its process group is left."""
+    try:
+        head.proc.send_signal(signal.SIGTERM)
+        head.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(head.proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    head.proc.wait(timeout=30)
 
 
 def python(env: str, script: str, extra_env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:

@@ -74,6 +74,23 @@ def test_an_endpoint_reachable_from_other_hosts_needs_a_key_or_an_explicit_open(
         cfg.check_open_endpoint(on_cluster=True)
 
 
+def test_local_adapters_with_a_model_in_s3_are_refused_in_one_line(make_run, tiny_adapter):
+    """The loopback adapter store's endpoint would replace the bucket's for the whole serving cluster."""
+    path = make_run("serve-local-s3-model", adapters={"viggo": tiny_adapter})
+    recipe = yaml.safe_load(path.read_text())
+    recipe["serve"] = {"llm_config": LLM_CONFIG}
+    path.write_text(yaml.safe_dump(recipe))
+    model_dir = f"{recipe['storage']}/{recipe['name']}/model"
+    found = manifest.read(model_dir)
+    manifest.write(model_dir, **{**{k: found[k] for k in ("stage", "run", "config", "inputs", "started_at")},
+                                 "outputs": {"model": "s3://models/tiny"}})
+    proc = subprocess.run([envs.python_for(envs.SERVE), "-m", "workflow", "serve", str(path)],
+                          env=envs.stage_environment(envs.SERVE), capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "the run's adapters are in a local folder" in errors[0] and "s3://models/tiny" in errors[0]
+
+
 def test_unknown_own_key_is_refused():
     with pytest.raises(WorkflowError, match=r"serve.prot: unknown key"):
         _parse({"prot": 8001})

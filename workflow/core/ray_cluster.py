@@ -33,11 +33,14 @@ CONTRACT_HINT = ("every node needs the stage's environment at the same path, wit
                  "README: Running on a Ray cluster)")
 
 
-def init_ray(*, log_to_driver: bool, storage_uri: str | None = None, needs: tuple[str, ...] = ()) -> bool:
+def init_ray(*, log_to_driver: bool, storage_uri: str | None = None, needs: tuple[str, ...] = (),
+             setup_hook: str | None = None) -> bool:
     """Join or start Ray (see the module doc); True if this call did, so the caller shuts it down.
 
     ``storage_uri``: the run's storage, which every node must reach (checked on a cluster of several nodes).
     ``needs``: modules the stage's Ray workers import (e.g. ``("vllm",)``), checked on every node of a cluster.
+    ``setup_hook``: on a cluster, a function (``module.name``) every worker process of the stage runs
+    first (Ray takes ``worker_process_setup_hook`` only in the job's runtime_env).
     """
     import ray
 
@@ -58,7 +61,10 @@ def init_ray(*, log_to_driver: bool, storage_uri: str | None = None, needs: tupl
         check_nodes(nodes, address, needs=("workflow", *needs))
     finally:
         ray.shutdown()
-    ray.init(address=address, log_to_driver=log_to_driver, runtime_env={"py_executable": sys.executable})
+    runtime_env = {"py_executable": sys.executable}
+    if setup_hook is not None:
+        runtime_env["worker_process_setup_hook"] = setup_hook
+    ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env)
     return True
 
 

@@ -5,7 +5,10 @@ accepts only remote URIs there. With s3:// or gs:// storage that is the run's
 ``train/adapters`` folder itself. With local storage the adapters are published to an
 S3-compatible server on loopback (moto, run as a detached actor inside the same cluster so
 that it lives and dies with the app), and the cluster's ``AWS_ENDPOINT_URL`` points Ray's
-downloader at it. Adapters trained after the deploy appear on the next deploy.
+downloader at it. Adapters trained after the deploy appear on the next deploy. moto is a
+runtime dependency of both serve environments (envs/serve-*.in). Its endpoint is the whole
+serving cluster's, so the serve stage refuses a run in a local folder whose model is in an
+``s3://`` bucket (the replicas would look for the model on the loopback server).
 
 Ray, boto3 and moto are imported inside the functions that use them.
 """

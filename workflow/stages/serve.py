@@ -148,18 +148,24 @@ def run(ctx: StageContext) -> StageResult:
         if not api_key:
             raise WorkflowError(f"{ctx.recipe.path}: serve.api_key_env: ${cfg.api_key_env} is not set",
                                 hint=f"export {cfg.api_key_env}=<key>, or remove serve.api_key_env for an open endpoint")
-    model = ctx.upstream("model")
-    model_source = model["outputs"]["model"]
-    adapters_dir, adapter_names, lora_rank, rows = _adapters(ctx)
-    if adapters_dir is not None:
-        guard.check_stored_adapters(adapters_dir, adapter_names, model_source, ctx.scratch("prompt-format"),
-                                    where="serve", allow_mismatch=cfg.allow_prompt_mismatch)
-    local_adapters = adapters_dir is not None and storage.is_local(adapters_dir)
     if address and storage.is_local(ctx.run_uri):
         raise WorkflowError(f"serve: the run's storage {ctx.run_uri} is a folder on this machine, which the replicas "
                             f"on the cluster at {address} cannot load the model and adapters from",
                             hint="set the recipe's storage (or WORKFLOW_STORAGE) to s3://... or gs://..., or unset "
                                  "RAY_ADDRESS to serve on a cluster of the workflow's own on this machine")
+    model = ctx.upstream("model")
+    model_source = model["outputs"]["model"]
+    adapters_dir, adapter_names, lora_rank, rows = _adapters(ctx)
+    local_adapters = adapters_dir is not None and storage.is_local(adapters_dir)
+    if local_adapters and model_source.startswith("s3://"):
+        raise WorkflowError(f"serve: the run's adapters are in a local folder ({adapters_dir}) and the model in "
+                            f"{model_source}: the loopback S3 endpoint the adapters are served from would replace "
+                            "the bucket's for the whole serving cluster",
+                            hint="keep the run in a bucket too (storage: s3://...), or copy the model to a local "
+                                 "folder and point model.source at it")
+    if adapters_dir is not None:
+        guard.check_stored_adapters(adapters_dir, adapter_names, model_source, ctx.scratch("prompt-format"),
+                                    where="serve", allow_mismatch=cfg.allow_prompt_mismatch)
     s3_port = cluster.free_port() if local_adapters else None
     # The loopback URI is only known once published; validate with a placeholder of the same form.
     placeholder = f"s3://{adapter_store.LOOPBACK_BUCKET}/{ctx.recipe.name}" if local_adapters else adapters_dir

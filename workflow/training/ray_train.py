@@ -182,7 +182,7 @@ WORKER_ENV_DEFAULTS = {
 
 
 def use_the_node_interface_for_gloo() -> None:
-    """Each train worker's process setup hook: gloo's own address on the interface that carries this
+    """On a cluster, the setup hook of every worker process of the train stage: gloo's own address on the interface that carries this
     node's Ray IP, unless ``GLOO_SOCKET_IFNAME`` is set.
 
     Left alone, gloo takes the address the host name resolves to, which is 127.0.0.1 wherever
@@ -222,7 +222,8 @@ def run_training(args: dict, *, experiment: str, checkpoints_uri: str, export_ur
 
     if fresh:
         storage.remove(storage.join(checkpoints_uri, experiment))
-    started_ray = ray_cluster.init_ray(log_to_driver=True, storage_uri=checkpoints_uri, needs=("llamafactory",))
+    started_ray = ray_cluster.init_ray(log_to_driver=True, storage_uri=checkpoints_uri, needs=("llamafactory",),
+                                       setup_hook=GLOO_INTERFACE_HOOK)
     worker_env = {**WORKER_ENV_DEFAULTS,
                   **{k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV_PREFIXES)}}
     # Tokens and keys travel in the loop's config, not the runtime_env: Ray's runtime_env
@@ -241,7 +242,7 @@ def run_training(args: dict, *, experiment: str, checkpoints_uri: str, export_ur
             storage_path=checkpoints_uri,
             failure_config=FailureConfig(**failure_config),
             checkpoint_config=CheckpointConfig(**checkpoint_config),
-            worker_runtime_env={"env_vars": env_vars, "worker_process_setup_hook": GLOO_INTERFACE_HOOK},
+            worker_runtime_env={"env_vars": env_vars},
         ),
     )
     print(f"[training] {scaling_config.get('num_workers', 1)} worker(s); checkpoints in "
