@@ -75,14 +75,15 @@ def read_s3(ns_cluster, uri: str) -> str:
     return s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
 
 
+# The GCS's actor table (the state API needs the dashboard, which a user's head may not run): every
+# actor of every job so far, dead ones included, with the IP of the node it ran on.
 WHERE_ACTORS_RAN = """
     import json, ray
-    from ray.util.state import list_actors
+    from ray._private import state
     ray.init(log_to_driver=False, logging_level="ERROR")
-    ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
     found = {}
-    for actor in list_actors(limit=10000, detail=True, raise_on_missing_output=False):
-        found.setdefault(actor.class_name, set()).add(ips.get(actor.node_id, "?"))
+    for actor in state.actors().values():
+        found.setdefault(actor["ActorClassName"], set()).add(actor["Address"]["IPAddress"])
     print("ACTORS", json.dumps({k: sorted(v) for k, v in found.items()}))
 """
 
