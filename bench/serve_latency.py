@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from workflow.config import ServeConfig  # noqa: E402
-from workflow.prompts import user_text  # noqa: E402
+from workflow.prompts.messages import user_text  # noqa: E402
 from workflow.serving import app, client, cluster  # noqa: E402
 
 
