@@ -118,7 +118,7 @@ class NamespaceCluster:
         script = _node_script(start, hide)
         argv = ["ip", "netns", "exec", node.netns, "unshare", "--mount", "--propagation", "private",
                 "bash", "-c", script]
-        node.proc = _start(argv, self.node_env, node.log, stop=lambda _: _kill_netns(node.netns))
+        node.proc = start_ray_node(argv, self.node_env, node.log, stop=lambda _: _kill_netns(node.netns))
         return node
 
     def remove_node(self, node: Node) -> None:
@@ -198,7 +198,7 @@ def namespace_cluster(tmp_path: Path, *, workers: int = 2, worker_cpus: int = 4,
         argv = [str(ray), "start", "--head", "--block", "--disable-usage-stats", f"--node-ip-address={bridge_ip}",
                 f"--port={head_port}", "--num-cpus=0", "--include-dashboard=false", f"--temp-dir={temp_dir}",
                 *(f"--{name}-port={free_port()}" for name in ports)]
-        head.proc = _start(argv, node_env, head.log, stop=_kill_group)
+        head.proc = start_ray_node(argv, node_env, head.log, stop=_kill_group)
         for i in range(workers):
             cluster._start_node(f"w{i + 1}", (), worker_cpus)
         cluster.wait_for_nodes()
@@ -271,8 +271,9 @@ def _needed_paths() -> list[Path]:
     return paths
 
 
-def _start(argv: list[str], environ: dict[str, str], log: Path, stop) -> subprocess.Popen:
-    """``argv`` (a ``ray start --block``) in a session of its own, once its log says it started; up to 3 tries."""
+def start_ray_node(argv: list[str], environ: dict[str, str], log: Path, stop) -> subprocess.Popen:
+    """``argv`` (a ``ray start --block``) in a session of its own, once its log says it started; up to 3 tries
+    (``stop(proc)`` ends a start that failed). Also the start of tests/core/test_ray_cluster.py's nodes."""
     for _ in range(3):
         with open(log, "w") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=environ, start_new_session=True)

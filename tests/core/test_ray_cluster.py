@@ -17,12 +17,11 @@ import os
 import signal
 import subprocess
 import textwrap
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 from conftest import INSTRUCTION, free_port
+from netns_cluster import start_ray_node
 
 from workflow.core import envs
 
@@ -36,32 +35,14 @@ class Head:
     log: Path
 
 
-# Ray gives a starting node's raylet 30 s to register (ray/_private/node.py); a loaded 2-core
-# machine can miss that, and `ray start` then exits: such a start is tried again.
-STARTUP_TIMED_OUT = "timed out during startup"
-
-
 def start_node(env: str, args: list[str], log: Path, address: str) -> Head:
     """``ray start --block ARGS`` from ``env``'s Ray, in a session of its own, once it says it started."""
     ray = Path(envs.python_for(env)).parent / "ray"
     environ = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    for _ in range(3):
-        proc = subprocess.Popen([str(ray), "start", "--block", "--disable-usage-stats", *args],
-                                stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                                env={**environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"},
-                                start_new_session=True)
-        node = Head(address, proc, log)
-        deadline = time.monotonic() + 180
-        while "Ray runtime started" not in log.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop_head(node)
-                if STARTUP_TIMED_OUT in log.read_text(errors="replace"):
-                    break
-                pytest.fail(f"the Ray node did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.5)
-        else:
-            return node
-    pytest.fail(f"the Ray node did not start in 3 tries: {log.read_text()[-2000:]}")
+    proc = start_ray_node([str(ray), "start", "--block", "--disable-usage-stats", *args],
+                          {**environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}, log,
+                          stop=lambda started: stop_head(Head(address, started, log)))
+    return Head(address, proc, log)
 
 
 def start_head(env: str, tmp_path: Path, *, num_cpus: int, temp_dir: Path | None) -> Head:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 
@@ -18,6 +19,11 @@ SECRET_ENV_VARS = (
 )
 _SECRET_NAME = re.compile(r"(token|secret|password|api_key|apikey|access_key|credential)", re.I)
 REDACTED = "***"
+
+
+def key_digest(key: str) -> str:
+    """The SHA-256 digest (hex) that stands in for an API key wherever the key itself must not go."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def is_secret_name(name: str) -> bool:

@@ -87,6 +87,14 @@ def engine_adapters(adapters: dict[str, str], cache_dir: Path) -> EngineAdapters
     return EngineAdapters(local_adapters(adapters, cache_dir), None)
 
 
+def with_revision(engine_kwargs: dict[str, Any], revision: str | None) -> dict[str, Any]:
+    """vLLM's engine kwargs loading the commit the model stage pinned a hub model to (``revision`` and
+    ``tokenizer_revision``; the recipe's keys win)."""
+    if revision is None:
+        return engine_kwargs
+    return {"revision": revision, "tokenizer_revision": revision, **engine_kwargs}
+
+
 def model_for_engine(model_uri: str) -> str:
     """The base model as the engine loads it: a local folder, a hub id, or an s3/gs URI, which
     each engine downloads on its own node (ray.data.llm does; nothing goes through this machine)."""

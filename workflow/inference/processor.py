@@ -27,7 +27,7 @@ from ..core import ray_cluster, storage
 from ..core.errors import WorkflowError
 from ..prompts import messages as prompts
 from ..prompts.guard import is_tokenizer_file
-from .adapters import lora_engine_kwargs
+from .adapters import lora_engine_kwargs, with_revision
 
 OUTPUT_COLUMNS = ("generated_text", "num_input_tokens", "num_generated_tokens", "error")
 # Columns the engine stage reads or overwrites; an input column of the same name is kept aside.
@@ -168,9 +168,8 @@ def engine_processor(model_source: str, processor: dict[str, Any], sampling_para
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     fields = {**PROCESSOR_DEFAULTS, **processor}
-    fields["engine_kwargs"] = lora_engine_kwargs(fields.get("engine_kwargs") or {}, adapters, where)
-    if revision is not None:
-        fields["engine_kwargs"] = {"revision": revision, "tokenizer_revision": revision, **fields["engine_kwargs"]}
+    fields["engine_kwargs"] = with_revision(lora_engine_kwargs(fields.get("engine_kwargs") or {}, adapters, where),
+                                            revision)
     if lora_loading_path is not None:
         fields["dynamic_lora_loading_path"] = lora_loading_path
     config = vLLMEngineProcessorConfig(model_source=model_source, **fields)

@@ -17,7 +17,8 @@ from ..config.base import check_engine_kwargs, format_validation_error
 from ..config.serve import ServeConfig
 from ..core import storage
 from ..core.errors import WorkflowError
-from ..inference.adapters import supported_lora_rank
+from ..core.secrets import key_digest
+from ..inference.adapters import supported_lora_rank, with_revision
 from ..patches import ray_serve_direct_streaming, supported
 from . import adapter_store
 
@@ -37,9 +38,7 @@ def build_llm_config(cfg: ServeConfig, *, model_source: str, default_model_id: s
     loading.setdefault("model_id", default_model_id)
     loading.setdefault("model_source", model_source)
     if revision is not None:
-        engine = llm.setdefault("engine_kwargs", {})
-        engine.setdefault("revision", revision)
-        engine.setdefault("tokenizer_revision", revision)
+        llm["engine_kwargs"] = with_revision(llm.get("engine_kwargs") or {}, revision)
     if adapters_uri is not None:
         lora = llm.setdefault("lora_config", {})
         lora.setdefault("dynamic_lora_loading_path", adapters_uri)
@@ -116,12 +115,8 @@ def ingress_cls_config(api_key: str | None) -> dict[str, Any] | None:
                                 f"{INGRESS_TESTED['ray']} only", hint="use that Ray, or set serve.direct_streaming: "
                                 "true (vLLM checks the key there)")
         return None
-    import hashlib
-
-    # hashlib here rather than ingress.key_digest: the ingress module imports Ray Serve LLM's internals.
-    digest = hashlib.sha256(api_key.encode()).hexdigest() if api_key else None
     return {"ingress_cls": f"{INGRESS}:WorkflowIngress",
-            "ingress_extra_kwargs": {"api_key_sha256": digest} if digest else {}}
+            "ingress_extra_kwargs": {"api_key_sha256": key_digest(api_key)} if api_key else {}}
 
 
 # The cluster's side of direct streaming (ServeConfig.direct_streaming): HAProxy in front, the

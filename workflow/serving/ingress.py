@@ -16,7 +16,6 @@ versions it was tested on (``INGRESS_TESTED`` there). Only the Ray replicas impo
 from __future__ import annotations
 
 import functools
-import hashlib
 import hmac
 import inspect
 
@@ -24,15 +23,13 @@ from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, OpenAiIngress
 
+from ..core.secrets import key_digest
+
 
 def openai_error(status_code: int, message: str, code: str | int | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status_code < 500 else "server_error"
     return JSONResponse(status_code=status_code,
                         content={"error": {"message": message, "type": kind, "param": None, "code": code}})
-
-
-def key_digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 class WorkflowIngress(OpenAiIngress):
