@@ -103,3 +103,36 @@ def test_revision_is_for_hub_ids_and_the_pipeline_fills_in_llamafactory_model_re
         parse_recipe({"name": "r", "model": {"source": HUB_ID}, "ingest": {"source": "/d.jsonl"},
                       "train": {"llamafactory": {"stage": "sft", "model_revision": "main"}}},
                      base_dir=Path("."), where="r.yaml")
+
+
+def test_the_prompt_format_guard_reads_the_tokenizer_of_the_pinned_commit(tiny_model, tmp_path, monkeypatch):
+    """Main moved on to a commit whose chat template differs: adapters trained on the pinned commit still pass."""
+    from huggingface_hub import constants
+    from transformers import AutoTokenizer
+
+    from workflow.prompts import guard
+
+    hf_home = tmp_path / "hf"
+    add_commit(hf_home, tiny_model, COMMITS[0], ref="v1")
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_model, changed)
+    config = json.loads((changed / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{%- for m in messages %}{{- m['role'] + ': ' + m['content'] + '\\n' }}{%- endfor %}"
+                               "{%- if add_generation_prompt %}{{- 'assistant: ' }}{%- endif %}")
+    (changed / "tokenizer_config.json").write_text(json.dumps(config))
+    (changed / "chat_template.jinja").unlink(missing_ok=True)
+    add_commit(hf_home, changed, COMMITS[1])
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    messages = [{"role": "user", "content": "Diablo II is a great game."}]
+    trained = AutoTokenizer.from_pretrained(tiny_model)
+    record = {"template": "qwen", "messages": messages,
+              "prompt_ids": guard.chat_template_prompt_ids(trained, messages)}
+    adapters = tmp_path / "adapters"
+    (adapters / "a").mkdir(parents=True)
+    (adapters / "a" / guard.FILE).write_text(json.dumps(record))
+
+    guard.check_stored_adapters(str(adapters), ["a"], HUB_ID, tmp_path / "cache", where="serve", revision=COMMITS[0])
+    with pytest.raises(WorkflowError, match=r"serve: adapter a: the prompt differs .* at token 0"):
+        guard.check_stored_adapters(str(adapters), ["a"], HUB_ID, tmp_path / "cache", where="serve")

@@ -90,20 +90,25 @@ def write_record(model_dir: str | Path, dataset_dir: str | Path, dataset: str, t
 
 
 @functools.lru_cache(maxsize=4)
-def _load_tokenizer(source: str):
-    """One tokenizer load per base model, however many adapters are checked against it."""
+def _load_tokenizer(source: str, revision: str | None = None):
+    """One tokenizer load per base model, however many adapters are checked against it.
+
+    ``revision`` (a hub id's pinned commit) is the one the engines load: the hub's current tokenizer
+    may have changed its chat template since.
+    """
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(source)
+    return AutoTokenizer.from_pretrained(source, revision=revision)
 
 
-def check_adapter(adapter_dir: str | Path, tokenizer_source: str, *, where: str, allow_mismatch: bool = False) -> None:
+def check_adapter(adapter_dir: str | Path, tokenizer_source: str, *, where: str, allow_mismatch: bool = False,
+                  revision: str | None = None) -> None:
     """Check an adapter's recorded prompt against the tokenizer that will serve it (no record: nothing to check)."""
     recorded = Path(adapter_dir) / FILE
     if not recorded.exists():
         print(f"[{where}] {adapter_dir}: no {FILE}; the prompt format cannot be checked", flush=True)
         return
-    tokenizer = _load_tokenizer(tokenizer_source)
+    tokenizer = _load_tokenizer(tokenizer_source, revision)
     if check(json.loads(recorded.read_text()), tokenizer, where=f"{where}: adapter {Path(adapter_dir).name}",
              allow_mismatch=allow_mismatch):
         print(f"[{where}] adapter {Path(adapter_dir).name}: prompt format matches training "
@@ -123,8 +128,11 @@ def _tokenizer_source(model_source: str, cache_dir: Path) -> str:
 
 
 def check_stored_adapters(adapters_dir: str, names: list[str], model_source: str, cache_dir: Path, *, where: str,
-                          allow_mismatch: bool = False) -> None:
-    """``check_adapter`` for adapters in storage, reading only their records (and the base's tokenizer files)."""
+                          allow_mismatch: bool = False, revision: str | None = None) -> None:
+    """``check_adapter`` for adapters in storage, reading only their records (and the base's tokenizer files).
+
+    ``revision``: the commit a hub model is pinned to (the model stage's summary), for the tokenizer.
+    """
     tokenizer = None
     for name in names:
         record_uri = storage.join(adapters_dir, name, FILE)
@@ -135,4 +143,5 @@ def check_stored_adapters(adapters_dir: str, names: list[str], model_source: str
         local.mkdir(parents=True, exist_ok=True)
         (local / FILE).write_bytes(storage.read_bytes(record_uri))
         tokenizer = tokenizer or _tokenizer_source(model_source, cache_dir)
-        check_adapter(local, tokenizer, where=where, allow_mismatch=allow_mismatch)
+        check_adapter(local, tokenizer, where=where, allow_mismatch=allow_mismatch,
+                      revision=revision if tokenizer == model_source else None)

@@ -109,7 +109,8 @@ def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]]):
         if adapters:
             guard.check_stored_adapters(ctx.upstream("train")["outputs"]["adapters_dir"], list(adapters),
                                         model["outputs"]["model"], ctx.scratch("prompt-format"), where="evaluate",
-                                        allow_mismatch=cfg.allow_prompt_mismatch)
+                                        allow_mismatch=cfg.allow_prompt_mismatch,
+                                        revision=model.get("summary", {}).get("revision"))
         lora_engine_kwargs(cfg.processor.get("engine_kwargs") or {}, adapters, "evaluate.processor")  # refuse early
         lora = engine_adapters(adapters, ctx.scratch("adapters"))
         variants = ([("base", {"__adapter": ""})] if cfg.base else []) + [

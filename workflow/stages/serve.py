@@ -165,7 +165,8 @@ def run(ctx: StageContext) -> StageResult:
                                  "folder and point model.source at it")
     if adapters_dir is not None:
         guard.check_stored_adapters(adapters_dir, adapter_names, model_source, ctx.scratch("prompt-format"),
-                                    where="serve", allow_mismatch=cfg.allow_prompt_mismatch)
+                                    where="serve", allow_mismatch=cfg.allow_prompt_mismatch,
+                                    revision=model.get("summary", {}).get("revision"))
     s3_port = cluster.free_port() if local_adapters else None
     # The loopback URI is only known once published; validate with a placeholder of the same form.
     placeholder = f"s3://{adapter_store.LOOPBACK_BUCKET}/{ctx.recipe.name}" if local_adapters else adapters_dir
