@@ -174,10 +174,11 @@ CPU_EVALUATE = {
 
 @pytest.fixture(scope="session")
 def make_run(tmp_path_factory, viggo_alpaca, tiny_model):
-    """``make_run(name, evaluate={...}, rows=N, adapters={name: dir}, storage=URI) -> recipe path``.
+    """``make_run(name, evaluate={...}, rows=N, adapters={name: dir}, storage=URI, data=DIR) -> recipe path``.
 
     A run whose ingest and model stages (and train, when adapters are given) look completed:
-    hand-written manifests pointing at the first N ViGGO test rows, the tiny model and the
+    hand-written manifests pointing at the first N ViGGO test rows (or ``data``'s test.jsonl, Alpaca
+    rows), the training split, the tiny model and the
     given adapter folders. The recipe's evaluate section is CPU_EVALUATE updated with
     ``evaluate``. The run lives in a local folder, or with ``storage`` (e.g. ``s3://bucket/runs``)
     in object storage, the model and the adapters copied into it as the model and train
@@ -189,14 +190,18 @@ def make_run(tmp_path_factory, viggo_alpaca, tiny_model):
     from workflow.core import storage as store
 
     def make(name: str, evaluate: dict | None = None, rows: int = 12, adapters: dict | None = None,
-             storage: str | None = None) -> Path:
+             storage: str | None = None, data: Path | None = None) -> Path:
         tmp_path = tmp_path_factory.mktemp(name)
         storage = storage or str(tmp_path / "runs")
         run = f"{storage}/{name}"
-        lines = (viggo_alpaca / "test.jsonl").read_text().splitlines()[:rows]
+        data = data or viggo_alpaca
+        lines = (data / "test.jsonl").read_text().splitlines()[:rows]
         store.write_text(f"{run}/ingest/test.jsonl", "\n".join(lines) + "\n")
+        # The training split, which the evaluate stage learns its task and constraint vocabulary from.
+        store.write_text(f"{run}/ingest/train.jsonl", (data / "train.jsonl").read_text())
         common = dict(run=name, config={}, inputs={}, started_at=manifest.now())
-        manifest.write(f"{run}/ingest", stage="ingest", outputs={"test": f"{run}/ingest/test.jsonl"}, **common)
+        manifest.write(f"{run}/ingest", stage="ingest", outputs={"test": f"{run}/ingest/test.jsonl",
+                                                                 "train": f"{run}/ingest/train.jsonl"}, **common)
         model = str(tiny_model)
         if not store.is_local(storage):
             model = f"{run}/model/weights"

@@ -159,6 +159,19 @@ def test_show_and_stop_from_fresh_processes_without_the_address(ns_cluster, clus
     assert f"app: application workflow-{RUN} on the Ray cluster at {ns_cluster.address}, stopped" in shown.stdout
 
 
+def test_another_port_than_the_running_serves_is_refused_in_one_line(ns_cluster, cluster_run, tmp_path):
+    # The app was stopped above; Ray Serve itself (controller, proxies) goes on listening where it started.
+    data = yaml.safe_load(cluster_run["recipe"].read_text())
+    listening = data["serve"]["port"]
+    data["serve"]["port"] = free_port()
+    recipe = tmp_path / f"{RUN}.yaml"
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    error = one_error(workflow(ns_cluster, "serve", str(recipe)))
+    assert (f"serve: port: {data['serve']['port']}: Ray Serve already runs on the cluster at {ns_cluster.address}, "
+            f"listening on 0.0.0.0:{listening}") in error, error
+    assert f"set serve.host: 0.0.0.0 and serve.port: {listening}" in error
+
+
 def one_error(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -1,93 +1,248 @@
-"""Metric functions on hand-written cases, prompt building, and the constrained-decoding regex."""
+"""Metrics of every task kind on hand-worked cases, the parsers' edge cases, and the constraints."""
 
+import json
 import re
 
 import pytest
-from conftest import INSTRUCTION
+from conftest import REPO
 
-from workflow.core.errors import WorkflowError
-from workflow.evaluation import constraints, metrics
+from workflow.config.task import CallSyntax, TaskConfig
+from workflow.evaluation import constraints, metrics, tasks
 from workflow.prompts import messages as prompts
 
 REF = "inform(name[Tom Clancy's The Division], genres[role-playing, shooter], rating[average])"
 REORDERED = "inform(rating[average], name[Tom Clancy's The Division], genres[role-playing, shooter])"
+EQ = CallSyntax(assign="=", separator=";")
 
+
+def call_scores(expected: list[str], got: list[str], syntax: CallSyntax | None = None) -> dict[str, float]:
+    task = tasks.build(TaskConfig(kind="call", syntax=syntax), None)
+    out = {}
+    for name, metric in task.metrics.items():
+        e, g = ([task.parse(x) for x in expected], [task.parse(x) for x in got]) if metric.parsed else (expected, got)
+        out[name] = metrics.score(metric, e, g)
+    return out
+
+
+def kind_scores(kind: str, expected: list[str], got: list[str]) -> dict[str, float]:
+    task = tasks.build(TaskConfig(kind=kind), None)
+    return {name: metrics.score(m, [task.parse(x) for x in expected] if m.parsed else expected,
+                                [task.parse(x) for x in got] if m.parsed else got) for name, m in task.metrics.items()}
+
+
+# ---------------------------------------------------------------- call
 
 def test_parse_call_reads_function_and_slots_with_commas_in_values():
-    call = metrics.parse_call(REF)
-    assert call.name == "inform"
+    call = tasks.parse_call(REF)
+    assert call.name == "inform" and call.complete
     assert call.slots == {("name", "Tom Clancy's The Division"), ("genres", "role-playing, shooter"),
                           ("rating", "average")}
-    assert metrics.parse_call("request_attribute(player_perspective[])").slots == {("player_perspective", "")}
+    assert tasks.parse_call("request_attribute(player_perspective[])").slots == {("player_perspective", "")}
+    assert tasks.parse_call("inform(name[ x ], rating[])").slots == {("name", "x"), ("rating", "")}
 
 
-@pytest.mark.parametrize("text", ["", "inform", "inform(name[x]", "inform(name[x] rating[y])", "inform(name[x],)",
-                                  "inform(name)", "'ll'll'll", "inform(name[x]) trailing"])
-def test_parse_call_rejects_malformed(text):
-    assert metrics.parse_call(text) is None
+@pytest.mark.parametrize("text", ["", "inform", "'ll'll'll", "(name[x])", "two words(name[x])"])
+def test_parse_call_without_a_readable_name_is_none(text):
+    assert tasks.parse_call(text) is None
+
+
+@pytest.mark.parametrize("text", ["inform(name[x]", "inform(name[x] rating[y])", "inform(name[x],)", "inform(name)",
+                                  "inform(name[x]) trailing", "inform(name[a[b]])"])
+def test_a_malformed_slot_keeps_the_function_name_and_the_slots_before_it(text):
+    call = tasks.parse_call(text)
+    assert call.name == "inform" and not call.complete
+    assert call.slots <= {("name", "x")}
+
+
+def test_other_syntaxes_and_names_that_start_with_punctuation():
+    call = tasks.parse_call("inform(name=Dirt: Showdown; esrb=E 10+ (for Everyone);genres=racing, sport)", EQ)
+    assert call.complete and call.slots == {("name", "Dirt: Showdown"), ("esrb", "E 10+ (for Everyone)"),
+                                            ("genres", "racing, sport")}
+    assert tasks.parse_call("?compare(a=1;b=2)", EQ) == tasks.FunctionCall("?compare", frozenset({("a", "1"),
+                                                                                                ("b", "2")}))
+    assert not tasks.parse_call("inform(name[x])", EQ).complete
+    assert tasks.parse_call("inform(name=x)").complete is False  # the bracket syntax does not read '='
 
 
 def test_exact_match_is_strict_and_normalized_forgives_case_and_space():
-    expected = [REF, REF, REF]
     got = [REF, REF.upper(), REF.replace(", ", " ,  ")]
-    assert metrics.exact_match(expected, got) == pytest.approx(1 / 3)
-    assert metrics.normalized_exact_match(expected, got) == 1.0
-    assert metrics.exact_match([REF], [REF + " "]) == 0.0
+    scores = call_scores([REF] * 3, got)
+    assert scores["exact_match"] == pytest.approx(1 / 3)
+    assert scores["normalized_exact_match"] == 1.0
+    assert call_scores([REF], [REF + " "])["exact_match"] == 0.0
 
 
 def test_slot_metrics_ignore_attribute_order():
-    assert metrics.exact_match([REF], [REORDERED]) == 0.0
-    assert metrics.slot_f1([REF], [REORDERED]) == 1.0
-    assert metrics.function_accuracy([REF], [REORDERED]) == 1.0
+    scores = call_scores([REF], [REORDERED])
+    assert scores["exact_match"] == 0.0 and scores["slot_f1"] == 1.0 and scores["function_accuracy"] == 1.0
 
 
 def test_slot_precision_recall_f1_on_partial_answers():
     # 2 of 3 expected slots found, plus 2 wrong ones: P = 2/4, R = 2/3.
     got = "give_opinion(name[Tom Clancy's The Division], rating[average], esrb[M], platforms[PC])"
-    assert metrics.slot_precision([REF], [got]) == pytest.approx(0.5)
-    assert metrics.slot_recall([REF], [got]) == pytest.approx(2 / 3)
-    assert metrics.slot_f1([REF], [got]) == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
-    assert metrics.function_accuracy([REF], [got]) == 0.0
+    scores = call_scores([REF], [got])
+    assert scores["slot_precision"] == pytest.approx(0.5)
+    assert scores["slot_recall"] == pytest.approx(2 / 3)
+    assert scores["slot_f1"] == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
+    assert scores["function_accuracy"] == 0.0
 
 
-def test_parse_failures_count_as_wrong_and_in_the_failure_rate():
-    expected = [REF, REF, REF, REF]
-    got = [REF, "inform(name[x]", "", "nonsense"]
-    assert metrics.parse_failure_rate(expected, got) == 0.75
-    assert metrics.function_accuracy(expected, got) == 0.25
-    assert metrics.slot_recall(expected, got) == pytest.approx(0.25)
-    assert metrics.slot_precision(expected, got) == 1.0
+def test_parse_failures_count_in_the_failure_rate_but_a_readable_name_still_counts():
+    got = [REF, "inform(name[Tom Clancy's The Division]", "", "nonsense"]
+    scores = call_scores([REF] * 4, got)
+    assert scores["parse_failure_rate"] == 0.75
+    assert scores["function_accuracy"] == 0.5          # rows 1 and 2 name inform
+    assert scores["slot_recall"] == pytest.approx(3 / 12)  # 3 of 12 expected slots; the cut-off row has none
+    assert scores["slot_precision"] == 1.0
 
 
-def test_registry_and_per_function_breakdown():
+def test_the_same_scores_in_another_syntax():
+    expected = ["inform(name=X;rating=good)", "request(specifier=fun)"]
+    got = ["inform(rating=good;name=X)", "request(specifier=boring)"]
+    scores = call_scores(expected, got, EQ)
+    assert scores["function_accuracy"] == 1.0 and scores["slot_precision"] == pytest.approx(2 / 3)
+    assert scores["slot_f1"] == pytest.approx(2 / 3) and scores["parse_failure_rate"] == 0.0
+    # The default syntax reads none of these slots.
+    assert call_scores(expected, got)["slot_f1"] == 0.0
+
+
+def test_per_function_and_per_attribute_breakdowns():
+    from workflow.evaluation import report
+
     other = "request(specifier[fun], genres[shooter])"
-    names = ["exact_match", "slot_f1"]
-    assert set(names) <= set(metrics.METRICS)
-    out = metrics.per_function(names, [REF, other, other], [REF, other, "request(genres[shooter])"])
-    assert out["inform"] == {"rows": 1, "exact_match": 1.0, "slot_f1": 1.0}
-    assert out["request"]["rows"] == 2 and out["request"]["exact_match"] == 0.5
-    with pytest.raises(WorkflowError, match="unknown metric"):
-        metrics.get(["exact_match", "bleu"])
+    task = tasks.build(TaskConfig(kind="call", metrics=["exact_match", "slot_f1"]), None)
+    expected, got = [REF, other, other], [REF, other, "request(genres[shooter])"]
+    out = report._breakdowns(task, [task.parse(e) for e in expected], [task.parse(g) for g in got], expected, got)
+    assert out["per_function"]["inform"] == {"rows": 1, "exact_match": 1.0, "slot_f1": 1.0}
+    assert out["per_function"]["request"]["rows"] == 2 and out["per_function"]["request"]["exact_match"] == 0.5
+    assert out["per_attribute"]["specifier"] == {"expected": 2, "slot_f1": pytest.approx(2 / 3)}
+    assert out["per_attribute"]["genres"] == {"expected": 3, "slot_f1": 1.0}
 
 
-def test_allowed_names_come_from_the_viggo_instruction():
-    functions, attributes = constraints.allowed_names(INSTRUCTION)
-    assert functions[0] == "inform" and "request_attribute" in functions and len(functions) == 9
-    assert attributes[0] == "name" and "specifier" in attributes and len(attributes) == 14
-    with pytest.raises(WorkflowError, match="constrained_decoding"):
-        constraints.allowed_names("no lists here")
+# ---------------------------------------------------------------- text, json, label
+
+def test_text_metrics_by_hand():
+    scores = kind_scores("text", ["the cat sat on the mat"], ["the cat on the mat"])
+    # Tokens: 5 of 6 expected in 5 generated -> F1 = 2 * 1 * 5/6 / (1 + 5/6); ROUGE-L: LCS 5 -> the same.
+    assert scores["token_f1"] == pytest.approx(2 * (5 / 6) / (1 + 5 / 6))
+    assert scores["rouge_l"] == pytest.approx(2 * (5 / 6) / (1 + 5 / 6))
+    assert scores["exact_match"] == 0.0 and scores["normalized_exact_match"] == 0.0
+    assert 0.5 < scores["chrf"] < 1.0
+    same = kind_scores("text", ["A sentence."], ["A sentence."])
+    assert same["chrf"] == pytest.approx(1.0) and same["rouge_l"] == 1.0 and same["token_f1"] == 1.0
+    assert kind_scores("text", ["abc"], ["xyz"])["chrf"] == 0.0
 
 
-def test_call_regex_accepts_valid_calls_only_and_every_match_parses():
-    functions, attributes = constraints.allowed_names(INSTRUCTION)
-    rx = re.compile(constraints.call_regex(functions, attributes, max_value_chars=40))
-    assert rx.fullmatch(REF) and rx.fullmatch(REORDERED)
-    for bad in ["inform()", "shout(name[x])", "inform(colour[red])", "inform(name[x],rating[y])", "inform(name[a[b]])"]:
+def test_json_metrics_by_hand():
+    expected = json.dumps({"function": "inform", "attributes": {"name": "X", "rating": "good"}})
+    reordered = '{"attributes": {"rating": "good", "name": "X"}, "function": "inform"}'
+    partial = json.dumps({"function": "inform", "attributes": {"name": "X", "rating": "poor"}, "extra": 1})
+    scores = kind_scores("json", [expected] * 3, [reordered, partial, "{not json"])
+    assert scores["json_validity"] == pytest.approx(2 / 3) and scores["parse_failure_rate"] == pytest.approx(1 / 3)
+    assert scores["json_exact_match"] == pytest.approx(1 / 3) and scores["exact_match"] == 0.0
+    # Fields: 9 expected, 3 + 4 generated, 3 + 2 right.
+    assert scores["field_precision"] == pytest.approx(5 / 7) and scores["field_recall"] == pytest.approx(5 / 9)
+    assert tasks.parse_json('{"a": [1, {"b": null}]}').fields == {("a[0]", "1"), ("a[1].b", "null")}
+
+
+def test_label_metrics_by_hand():
+    scores = kind_scores("label", ["a", "a", "b", "c"], ["a", " b", "b ", ""])
+    assert scores["accuracy"] == 0.5 and scores["exact_match"] == 0.25  # "b " is b once stripped
+    # a: P 1, R 1/2; b: P 1/2, R 1; c: 0 -> macro-F1 = (2/3 + 2/3 + 0) / 3
+    assert scores["macro_f1"] == pytest.approx(4 / 9)
+
+
+def test_bootstrap_intervals_hold_the_estimate_and_are_seeded():
+    metric = metrics.METRICS["call"]["slot_f1"]
+    stats = [(1, 2, 2), (0, 1, 3), (2, 2, 2), (1, 1, 2)] * 10
+    low, high = metrics.bootstrap_interval(metric, stats, samples=500)
+    assert low < metric.aggregate(stats) < high
+    assert (low, high) == metrics.bootstrap_interval(metric, stats, samples=500)
+    exact = metrics.METRICS["text"]["exact_match"]
+    assert metrics.bootstrap_interval(exact, [1.0] * 20, samples=100) == (1.0, 1.0)
+    pairs = metrics.METRICS["label"]["macro_f1"]
+    low, high = metrics.bootstrap_interval(pairs, [("a", "a"), ("b", "a"), ("b", "b")] * 5, samples=200)
+    assert 0 <= low <= high <= 1
+
+
+def test_user_metrics_and_parsers_by_import_path():
+    cfg = TaskConfig(kind="text", metrics=["exact_match", "user_metrics:first_word_match"],
+                     parser="user_metrics:upper")
+    task = tasks.build(cfg, None)
+    assert task.parse("abc") == "ABC"
+    got = metrics.score(task.metrics["user_metrics:first_word_match"], ["a b", "c d"], ["a x", "y"])
+    assert got == 0.5
+    with pytest.raises(ValueError, match="cannot import no_such_module"):
+        TaskConfig(kind="text", metrics=["no_such_module:f"])
+    with pytest.raises(ValueError, match="are not metrics of kind 'label'"):
+        TaskConfig(kind="label", metrics=["slot_f1"])
+    with pytest.raises(ValueError, match=r"\['syntax'\] do not apply to kind 'json'"):
+        TaskConfig(kind="json", syntax={"assign": "="})
+
+
+# ---------------------------------------------------------------- inference of the kind, constraints
+
+def bounds():
+    from workflow.config.evaluate import ConstrainedDecoding
+
+    return ConstrainedDecoding(max_value_chars=24)
+
+
+def test_the_kind_is_inferred_from_the_training_outputs(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(REPO / "data" / "viggo"))
+    from make_variants import write
+
+    write(tmp_path)
+    found = {}
+    for variant in ("text", "call-eq", "json", "label"):
+        rows = [json.loads(line) for line in (tmp_path / variant / "train.jsonl").read_text().splitlines()]
+        outputs = [r["output"] if isinstance(r["output"], str) else json.dumps(r["output"]) for r in rows]
+        found[variant] = tasks.infer(outputs)
+    assert {v: t.kind for v, t in found.items()} == {"text": "text", "call-eq": "call", "json": "json",
+                                                      "label": "label"}
+    assert found["call-eq"].call_syntax == EQ
+    assert tasks.infer([REF, REORDERED, "request(specifier[fun])"]) == TaskConfig(kind="call")
+
+
+def test_a_call_constraint_admits_only_calls_that_parse_with_the_learnt_names():
+    outputs = ["inform(name=X;rating=good)", "?compare(name=Y;esrb=E 10+ (for Everyone))"]
+    cfg = TaskConfig(kind="call", syntax=EQ)
+    task = tasks.build(cfg, outputs, constrained=bounds())
+    assert task.vocabulary == {"functions": ["?compare", "inform"], "attributes": ["esrb", "name", "rating"]}
+    rx = re.compile(task.constraint["regex"])
+    for good in outputs + ["inform(rating=)"]:
+        assert rx.fullmatch(good), good
+        assert tasks.parse_call(good, EQ).complete
+    for bad in ["inform()", "shout(name=x)", "inform(colour=red)", "inform(name=x; rating=y)", "inform(name[x])",
+                "inform(name=" + "x" * 25 + ")"]:
         assert rx.fullmatch(bad) is None, bad
-    assert rx.fullmatch("inform(name[" + "x" * 41 + "])") is None
-    two = re.compile(constraints.call_regex(["f"], ["a", "b"]))
-    assert two.fullmatch("f(a[1], b[2])") and not two.fullmatch("f(a[1], b[2], a[3])")
-    assert metrics.parse_call("inform(name[ x ], rating[])") is not None
+    viggo = re.compile(constraints.call_regex(["inform"], ["name", "rating"], max_value_chars=40))
+    assert viggo.fullmatch("inform(name[x], rating[y])") and not viggo.fullmatch("inform(name[a[b]])")
+
+
+def test_a_json_constraint_is_the_schema_of_the_training_outputs():
+    import jsonschema
+
+    outputs = [json.dumps({"function": "inform", "attributes": {"name": "X", "rating": "good"}}),
+               json.dumps({"function": "request", "attributes": {"specifier": "fun"}})]
+    task = tasks.build(TaskConfig(kind="json"), outputs, constrained=bounds())
+    schema = task.constraint["json"]
+    for text in outputs:
+        jsonschema.validate(json.loads(text), schema)
+    assert schema["required"] == ["attributes", "function"] and schema["additionalProperties"] is False
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"function": "inform", "attributes": {"colour": "red"}}, schema)
+    given = tasks.build(TaskConfig(kind="json", schema={"type": "object"}), outputs, constrained=bounds())
+    assert given.constraint == {"json": {"type": "object"}, "disable_any_whitespace": True}
+
+
+def test_a_label_constraint_is_a_choice_and_text_has_none():
+    task = tasks.build(TaskConfig(kind="label"), ["b", "a", "b"], constrained=bounds())
+    assert task.constraint == {"choice": ["a", "b"]}
+    with pytest.raises(Exception, match="a text task has no decoding constraint"):
+        tasks.build(TaskConfig(kind="text"), ["x"], constrained=bounds())
 
 
 def test_alpaca_rows_become_the_messages_training_saw():

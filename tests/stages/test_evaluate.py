@@ -6,17 +6,17 @@ OpenAI-compatible server on loopback.
 """
 
 import json
-import re
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import INSTRUCTION, free_port
+from conftest import free_port
 
+from workflow.config.task import TaskConfig
 from workflow.core import envs
-from workflow.evaluation import constraints, metrics
+from workflow.evaluation import metrics, tasks
 
 ROWS = 12
 # Short values and few slots keep a random model's constrained answers inside max_tokens.
@@ -54,6 +54,7 @@ def test_every_variant_answers_every_row_in_one_run(evaluated):
     assert (df["error"] == "").all()
     assert (df["num_input_tokens"] > 100).all() and (df["num_generated_tokens"] > 0).all()
     assert "[evaluate] base+constrained" in proc.stdout
+    assert "[evaluate] task: inferred kind 'call' from" in proc.stdout and 'evaluate.task: {"kind": "call"}' in proc.stdout
 
 
 def test_adapter_rows_answer_differently_from_base_rows(evaluated):
@@ -62,18 +63,20 @@ def test_adapter_rows_answer_differently_from_base_rows(evaluated):
     assert changed > 0
 
 
-def test_constrained_outputs_always_parse_and_use_allowed_names(evaluated):
+def test_constrained_outputs_always_parse_and_use_the_names_of_the_training_split(evaluated, viggo_alpaca):
     df = predictions(evaluated[1])
-    functions, attributes = constraints.allowed_names(INSTRUCTION)
-    rx = re.compile(constraints.call_regex(functions, attributes, **CONSTRAINED))
+    training = [json.loads(line)["output"] for line in (viggo_alpaca / "train.jsonl").read_text().splitlines()]
+    functions = {tasks.parse_call(o).name for o in training}
+    attributes = {a for o in training for a, _ in tasks.parse_call(o).slots}
     constrained = df[df["constrained"]]
     assert len(constrained) == 2 * ROWS
     for text in constrained["generated_text"]:
-        call = metrics.parse_call(text)
-        assert call is not None and rx.fullmatch(text), text
-        assert call.name in functions and {a for a, _ in call.slots} <= set(attributes)
+        call = tasks.parse_call(text)
+        assert call is not None and call.complete, text
+        assert call.name in functions and {a for a, _ in call.slots} <= attributes
+        assert len(call.slots) <= CONSTRAINED["max_slots"]
     free = df[~df["constrained"] & (df["variant"] == "base")]["generated_text"]
-    assert any(metrics.parse_call(t) is None for t in free)  # the random base left free does not parse
+    assert not all(tasks.parse_call(t) and tasks.parse_call(t).complete for t in free)  # the random base, left free
 
 
 def test_metrics_json_matches_predictions_and_report_has_every_part(evaluated):
@@ -81,15 +84,21 @@ def test_metrics_json_matches_predictions_and_report_has_every_part(evaluated):
     out = run_dir / "evaluate"
     results = json.loads((out / "metrics.json").read_text())
     df = predictions(run_dir)
+    task = tasks.build(TaskConfig(kind="call"), None)
     for variant, group in df.groupby("variant"):
-        expected = metrics.compute(["exact_match", "slot_f1", "parse_failure_rate"], group["expected"].tolist(),
-                                   group["generated_text"].tolist())
-        for name, value in expected.items():
+        expected, got = group["expected"].tolist(), group["generated_text"].tolist()
+        for name in ("exact_match", "slot_f1", "parse_failure_rate"):
+            metric = task.metrics[name]
+            value = metrics.score(metric, [task.parse(e) for e in expected] if metric.parsed else expected,
+                                  [task.parse(g) for g in got] if metric.parsed else got)
             assert results[variant]["metrics"][name] == pytest.approx(value)
+            low, high = results[variant]["intervals"][name]
+            assert low <= value + 1e-9 and value - 1e-9 <= high
     assert results["base+constrained"]["metrics"]["parse_failure_rate"] == 0.0
     report = (out / "report.md").read_text()
     for part in ("| metric | base | base+constrained | viggo | viggo+constrained |", "## Per function",
-                 "| verify_attribute |", "## Worst errors", "### viggo+constrained", "metrics.png"):
+                 "| verify_attribute |", "## Per attribute", "## Worst errors", "### viggo+constrained",
+                 "metrics.png", 'Task: `{"kind": "call"}`'):
         assert part in report, part
     assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stage_manifest = json.loads((out / "manifest.json").read_text())
@@ -177,7 +186,7 @@ def test_http_mode_scores_an_openai_endpoint_with_the_same_prompts(make_run, ope
     df = predictions(recipe.parent / "runs" / "eval-http")
     assert sorted(df["variant"].unique()) == ["tiny", "tiny+constrained", "viggo", "viggo+constrained"]
     assert len(df) == 4 * ROWS and (df["error"] == "").all()
-    assert all(metrics.parse_call(t) is not None for t in df[df["constrained"]]["generated_text"])
+    assert all(tasks.parse_call(t).complete for t in df[df["constrained"]]["generated_text"])
     # The server renders the chat template itself: same prompt token counts as the engine path.
     engine = predictions(evaluated[1])
     engine_tokens = engine[engine["variant"] == "base"].set_index("row_id")["num_input_tokens"]
@@ -185,6 +194,63 @@ def test_http_mode_scores_an_openai_endpoint_with_the_same_prompts(make_run, ope
     assert (engine_tokens == http_tokens).all()
     results = json.loads((recipe.parent / "runs" / "eval-http" / "evaluate" / "metrics.json").read_text())
     assert results["tiny+constrained"]["metrics"]["parse_failure_rate"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def viggo_variants(tmp_path_factory) -> dict[str, Path]:
+    """data/viggo/make_variants.py's four variants as the ingest stage writes them (Alpaca rows, JSON as text)."""
+    import sys
+
+    from conftest import REPO
+
+    from workflow.dataset.formats import canonical_json
+
+    sys.path.insert(0, str(REPO / "data" / "viggo"))
+    from make_variants import INSTRUCTIONS, write
+
+    out = tmp_path_factory.mktemp("variants")
+    write(out / "raw")
+    for variant, instruction in INSTRUCTIONS.items():
+        (out / variant).mkdir()
+        for split in ("train", "test"):
+            rows = [json.loads(line) for line in (out / "raw" / variant / f"{split}.jsonl").read_text().splitlines()]
+            (out / variant / f"{split}.jsonl").write_text("".join(json.dumps(
+                {"instruction": instruction, "input": r["input"],
+                 "output": r["output"] if isinstance(r["output"], str) else canonical_json(r["output"])}) + "\n"
+                for r in rows))
+    return {variant: out / variant for variant in INSTRUCTIONS}
+
+
+@pytest.mark.parametrize("variant,kind", [("text", "text"), ("call-eq", "call"), ("json", "json"), ("label", "label")])
+def test_every_kind_by_yaml_alone_and_its_constrained_answers_parse(make_run, openai_server, viggo_variants,
+                                                                   variant, kind):
+    """No task in the recipe: the stage infers the kind from the training split, scores with the kind's
+    metrics, and (but for text) its constrained answers all parse. Through the OpenAI server of the
+    http test: no engine of its own to start."""
+    endpoint = {"processor": {"url": openai_server + "/v1/chat/completions", "batch_size": 8, "qps": 50},
+                "models": ["tiny"]}
+    evaluate = {"endpoint": endpoint, "sampling_params": {"temperature": 0.0, "max_tokens": 160}, "bootstrap": 200}
+    if kind != "text":
+        evaluate["constrained_decoding"] = {"max_value_chars": 8, "max_slots": 2}
+    recipe = make_run(f"eval-{variant}", rows=8, data=viggo_variants[variant], evaluate=evaluate)
+    proc = run_cli("evaluate", str(recipe))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"[evaluate] task: inferred kind '{kind}'" in proc.stdout
+    run_dir = recipe.parent / "runs" / f"eval-{variant}"
+    results = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    assert set(results["tiny"]["metrics"]) == set(metrics.kind_metrics(kind))
+    assert set(results["tiny"]["intervals"]) == set(metrics.kind_metrics(kind))
+    if kind == "text":
+        return
+    df = predictions(run_dir)
+    task = tasks.build(tasks.infer([json.loads(line)["output"] for line in
+                                    (viggo_variants[variant] / "train.jsonl").read_text().splitlines()]), None)
+    for text in df[df["constrained"]]["generated_text"]:
+        parsed = task.parse(text)
+        assert parsed is not None and getattr(parsed, "complete", True), text
+    assert results["tiny+constrained"]["metrics"].get("parse_failure_rate", 0.0) == 0.0
+    if kind == "label":
+        assert (run_dir / "evaluate" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_with_storage_in_a_bucket_the_engine_loads_the_model_and_adapter_itself(make_run, tiny_adapter, s3_bucket,

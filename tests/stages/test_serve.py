@@ -358,16 +358,17 @@ def test_stop_leaves_no_application_or_replica_behind(served):
     assert again.returncode == 0 and "no detached app is recorded" in again.stdout
 
 
-def test_direct_streaming_serves_base_and_adapters_behind_haproxy(s3_server, tiny_model, tiny_adapter, viggo_alpaca,
+def test_direct_streaming_serves_base_and_adapters_behind_haproxy(tiny_model, tiny_adapter, viggo_alpaca,
                                                                   tmp_path):
-    """serve.direct_streaming: vLLM's app in the LLM replica, HAProxy in front, the key checked by vLLM."""
-    import boto3
+    """serve.direct_streaming: vLLM's app in the LLM replica, HAProxy in front, the key checked by vLLM.
+
+    The run is in a local folder, as the CPU recipe's: the adapters reach the replica through the
+    loopback S3 server, which also picks up an adapter trained into the folder after the deploy.
+    """
     import httpx
     from openai import OpenAI
 
-    bucket = f"serve-direct-{cluster.free_port()}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    storage_uri = f"s3://{bucket}/runs"
+    storage_uri = str(tmp_path / "runs")
     _layout_run(f"{storage_uri}/{RUN}", tiny_model, tiny_adapter, viggo_alpaca)
     port = cluster.free_port()
     serve = {"api_key_env": KEY_ENV, "port": port, "direct_streaming": True, "smoke": {"rows": 2, "max_tokens": 32},
@@ -396,6 +397,17 @@ def test_direct_streaming_serves_base_and_adapters_behind_haproxy(s3_server, tin
         assert answers[f"{RUN}:viggo"] != answers[RUN]
         resp = httpx.post(f"{base_url}/chat/completions", json={"model": RUN, "messages": messages}, timeout=60)
         assert resp.status_code == 401, resp.text
+
+        storage.upload_dir(tiny_adapter, f"{storage_uri}/{RUN}/train/adapters/later", last=["adapter_config.json"])
+        deadline, later = time.monotonic() + 60, None
+        while time.monotonic() < deadline:
+            later = httpx.post(f"{base_url}/chat/completions", headers=_auth(), timeout=120, json={
+                "model": f"{RUN}:later", "messages": messages, "max_tokens": 16, "temperature": 0.0})
+            if later.status_code == 200:
+                break
+            time.sleep(2)
+        assert later.status_code == 200, later.text
+        assert later.json()["choices"][0]["message"]["content"] == answers[f"{RUN}:viggo"]
         for text in (proc.stdout, proc.stderr, json.dumps(smoke)):
             assert KEY not in text
     finally:

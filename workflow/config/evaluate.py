@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..core.errors import WorkflowError
-from ..evaluation.metrics import METRICS
 from .base import Section, check_engine_kwargs, format_validation_error
+from .task import TaskConfig
 
 # Filled in from the run; a recipe that sets them is refused.
 RUN_OWNED_PROCESSOR_KEYS = ("model_source",)
@@ -24,14 +24,11 @@ RUN_OWNED_ENGINE_KEYS = ("model",)
 
 
 class ConstrainedDecoding(Section):
-    """Constrain generation to ``fn(attr[value], ...)`` with vLLM structured outputs.
-
-    The allowed names come from here, or, when left out, from the lists in each row's
-    instruction (ViGGO's prompt names them). The report shows metrics with and without.
+    """Also answer every row constrained by the task's structured output (vLLM structured outputs):
+    a call regex, a JSON schema or a choice of labels (evaluation/constraints.py). The report
+    shows each variant with and without.
     """
 
-    functions: list[str] | None = None
-    attributes: list[str] | None = None
     # Bounds that keep a constrained answer finite even when the model would ramble.
     max_value_chars: int = Field(default=80, ge=1)
     max_slots: int | None = Field(default=None, ge=1)  # None = the number of attributes
@@ -48,8 +45,8 @@ class EndpointConfig(Section):
 
 class EvaluateConfig(Section):
     split: str = "test"
-    metrics: list[str] = ["exact_match", "normalized_exact_match", "function_accuracy", "slot_precision",
-                          "slot_recall", "slot_f1", "parse_failure_rate"]
+    # What the answers are and how they are scored (config/task.py); None = inferred from the training outputs.
+    task: TaskConfig | None = None
     # Evaluate the base model beside the adapters.
     base: bool = True
     # Adapter names under the train stage's adapters folder; None = every one of them.
@@ -59,18 +56,24 @@ class EvaluateConfig(Section):
     constrained_decoding: ConstrainedDecoding | None = None
     endpoint: EndpointConfig | None = None
     max_rows: int | None = Field(default=None, ge=1)
+    # Resamplings of the rows for each metric's 95% interval (0: no intervals).
+    bootstrap: int = Field(default=1000, ge=0)
+    # Sampling seeds, one pass over the rows each (temperature > 0): metrics are their mean, with the spread.
+    seeds: list[int] | None = Field(default=None, min_length=1)
     # How many wrong predictions per variant the report lists.
     worst_errors: int = Field(default=10, ge=0)
     # Run even when the engine's tokenizer renders prompts differently from training (see prompts/guard.py).
     allow_prompt_mismatch: bool = False
 
-    @field_validator("metrics")
-    @classmethod
-    def _known_metrics(cls, v: list[str]) -> list[str]:
-        unknown = [m for m in v if m not in METRICS]
-        if unknown:
-            raise ValueError(f"unknown metric(s) {unknown}; known: {sorted(METRICS)}")
-        return v
+    @model_validator(mode="after")
+    def _consistent(self) -> EvaluateConfig:
+        if self.seeds and not self.sampling_params.get("temperature"):
+            raise ValueError("seeds: greedy decoding (temperature 0) gives one answer whatever the seed; set "
+                             "sampling_params.temperature above 0 or remove seeds")
+        if self.constrained_decoding is not None and self.task is not None and self.task.kind == "text":
+            raise ValueError("constrained_decoding: a text task has no decoding constraint; remove it, or give a "
+                             "task kind that has one (call, json, label)")
+        return self
 
     @field_validator("processor")
     @classmethod

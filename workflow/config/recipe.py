@@ -21,7 +21,11 @@ from .evaluate import EvaluateConfig
 from .ingest import IngestConfig
 from .model import ModelConfig
 from .serve import ServeConfig
+from .task import TaskConfig
 from .train import TrainConfig
+
+# The project's task files: ``evaluate.task: viggo`` is tasks/viggo.yaml.
+TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -86,7 +90,24 @@ def _looks_like_path(value: str, base: Path) -> bool:
     return value.startswith(("./", "../", "/", "~")) or (base / value).exists()
 
 
-def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+def _load_task(name: str, base: Path, where: str) -> dict[str, Any]:
+    """``evaluate.task`` given as a name (a file of the project's tasks/) or a YAML file beside the recipe."""
+    path = base / name if name.endswith((".yaml", ".yml")) or "/" in name else TASKS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
+        raise WorkflowError(f"{where}: evaluate.task: no task file {path}",
+                            hint=f"name one of the project's tasks {known}, a YAML file beside the recipe, or write "
+                                 "the task inline ({kind: call, ...})")
+    try:
+        data = yaml.safe_load(path.read_text())
+        return TaskConfig.model_validate(data).model_dump(mode="json", by_alias=True, exclude_none=True)
+    except yaml.YAMLError as err:
+        raise WorkflowError(f"{path}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    except ValidationError as err:
+        raise WorkflowError(format_validation_error(err, str(path))) from None
+
+
+def _resolve_paths(data: dict[str, Any], base: Path, where: str) -> None:
     if isinstance(data.get("storage"), str):
         data["storage"] = _resolve_path(data["storage"], base)
     ingest = data.get("ingest")
@@ -97,12 +118,15 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         src = model["source"]
         if src != "tiny" and not is_remote(src) and _looks_like_path(src, base):
             model["source"] = _resolve_path(src, base)
+    evaluate = data.get("evaluate")
+    if isinstance(evaluate, dict) and isinstance(evaluate.get("task"), str):
+        evaluate["task"] = _load_task(evaluate["task"], base, where)
 
 
 def parse_recipe(data: Any, *, base_dir: Path, where: str) -> Recipe:
     if not isinstance(data, dict):
         raise WorkflowError(f"{where}: a recipe is a YAML mapping with name, model, ingest, ...; got {type(data).__name__}")
-    _resolve_paths(data, base_dir)
+    _resolve_paths(data, base_dir, where)
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:

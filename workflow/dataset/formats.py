@@ -6,6 +6,7 @@ with a counted reason or, with ``on_invalid: fail``, stops the stage naming the 
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from typing import Any
@@ -16,6 +17,8 @@ from ..core.errors import WorkflowError
 from .read import read_records
 
 ROLES = ("system", "user", "assistant")
+# Counted with the dropped rows' reasons, reported apart: rows kept, their output written as canonical JSON.
+JSON_OUTPUTS = "object- or list-valued outputs kept as canonical JSON text (sorted keys, compact)"
 
 
 class InvalidRow(ValueError):
@@ -35,6 +38,17 @@ def _text(row: dict, column: str, field: str, *, required: bool) -> str:
     return value
 
 
+def canonical_json(value: Any) -> str:
+    """JSON text with sorted keys and no spaces: one spelling per value."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _output_as_text(row: dict, column: str) -> dict:
+    """The row with an object- or list-valued output as canonical JSON text (JSON extraction datasets)."""
+    value = row.get(column)
+    return {**row, column: canonical_json(value)} if isinstance(value, dict | list) else row
+
+
 def to_alpaca(row: dict, cfg: IngestConfig) -> dict[str, str]:
     cols = cfg.columns
     out = {}
@@ -44,7 +58,8 @@ def to_alpaca(row: dict, cfg: IngestConfig) -> dict[str, str]:
         "input" in cols or "input" in row) else ""
     if not (out["instruction"].strip() or out["input"].strip()):
         raise InvalidRow("empty instruction and input")
-    out["output"] = _text(row, cols.get("output", "output"), "output", required=True)
+    out["output"] = _text(_output_as_text(row, cols.get("output", "output")), cols.get("output", "output"), "output",
+                          required=True)
     system = cfg.system if cfg.system is not None else (
         _text(row, cols["system"], "system", required=False) if "system" in cols else "")
     if system:
@@ -109,15 +124,26 @@ def convert(rows: list[dict], cfg: IngestConfig, where: str) -> tuple[list[dict]
     check_columns(rows, cfg, where)
     mapper = to_alpaca if cfg.format == "alpaca" else to_sharegpt
     kept, dropped = [], Counter()
+    output_column = cfg.columns.get("output", "output")
     for i, row in enumerate(rows, 1):
         try:
             kept.append(mapper(row, cfg))
+            if isinstance(row.get(output_column), dict | list):
+                dropped[JSON_OUTPUTS] += 1
         except InvalidRow as reason:
             if cfg.on_invalid == "fail":
                 raise WorkflowError(f"{where}: row {i}: {reason}",
                                     hint="fix the row, or set ingest.on_invalid: drop to skip such rows") from None
             dropped[str(reason)] += 1
     return kept, dropped
+
+
+def _counts(reasons: Counter) -> dict[str, Any]:
+    """``dropped`` reasons, and the outputs kept as JSON text apart (``json_outputs``: count and how)."""
+    found: dict[str, Any] = {"dropped": {k: v for k, v in reasons.items() if k != JSON_OUTPUTS}}
+    if reasons.get(JSON_OUTPUTS):
+        found["json_outputs"] = {"rows": reasons[JSON_OUTPUTS], "written_as": JSON_OUTPUTS}
+    return found
 
 
 def split_sources(cfg: IngestConfig) -> dict[str, str]:
@@ -138,7 +164,7 @@ def load_splits(cfg: IngestConfig) -> tuple[dict[str, list[dict]], dict[str, Any
             if cfg.shuffle:
                 rng.shuffle(rows)
             splits[name] = rows
-            stats[name] = {"source": uri, "read": len(raw), "dropped": dict(dropped)}
+            stats[name] = {"source": uri, "read": len(raw), **_counts(dropped)}
     else:
         raw = read_records(cfg.source, cfg.file_format)
         rows, dropped = convert(raw, cfg, cfg.source)
@@ -153,7 +179,10 @@ def load_splits(cfg: IngestConfig) -> tuple[dict[str, list[dict]], dict[str, Any
             splits[name] = rows[start:end]
             stats[name] = {"source": cfg.source, "read": end - start, "dropped": {}}
             start = end
-        stats["dropped_before_split"] = dict(dropped)
+        counts = _counts(dropped)
+        stats["dropped_before_split"] = counts["dropped"]
+        if "json_outputs" in counts:
+            stats["json_outputs"] = counts["json_outputs"]
     for name, rows in splits.items():
         limit = cfg.max_samples.get(name) if isinstance(cfg.max_samples, dict) else cfg.max_samples
         if limit is not None:

@@ -1,149 +1,228 @@
-"""Evaluation metrics: small plain functions in a registry, picked by name in the recipe.
+"""Evaluation metrics: plain functions in a registry, grouped by task kind.
 
-Each metric takes the expected outputs and the generated ones (equal-length lists of
-strings) and returns one number. ``exact_match`` is the reference tutorial's metric as it
-defines it (``output == generated_text``, no normalisation). The function-call metrics read
-ViGGO-style meaning representations, ``fn(attr[value], attr[value], ...)``: the function
-name, and the slots as a set of (attribute, value) pairs, so attribute order does not count.
+A metric is a per-row statistic and an aggregate over rows (the mean, or a ratio of sums for
+micro-averaged slot and field scores, or macro-F1 over the rows' label pairs): the score on
+the whole split is ``aggregate([per_row(e, g) for each row])``, and the bootstrap interval
+resamples the rows' statistics without recomputing them. ``parsed`` metrics read what the
+task's parser made of each answer (``None`` where it could not parse), the others the raw
+strings. ``exact_match`` is the reference tutorial's metric as it defines it
+(``output == generated_text``, no normalisation).
 """
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-from ..core.errors import WorkflowError
-
-Metric = Callable[[list[str], list[str]], float]
-METRICS: dict[str, Metric] = {}
-
-_CALL = re.compile(r"^\s*([A-Za-z_]\w*)\s*\((.*)\)\s*$", re.S)
-_SLOT = re.compile(r"\s*([A-Za-z_]\w*)\s*\[([^\[\]]*)\]\s*")
+from typing import Any
 
 
-def register(name: str) -> Callable[[Metric], Metric]:
-    def add(fn: Metric) -> Metric:
-        if name in METRICS:
-            raise ValueError(f"metric {name!r} is registered twice")
-        METRICS[name] = fn
-        return fn
+@dataclass(frozen=True)
+class Metric:
+    per_row: Callable[[Any, Any], Any]
+    aggregate: Callable[[list], float]
+    parsed: bool = False
+    # The per-row statistics are numbers (or tuples of numbers) and the aggregate of any rows equals
+    # the aggregate of their mean statistic alone (a mean, a ratio of sums): resampled with numpy.
+    by_mean: bool = True
+
+
+METRICS: dict[str, dict[str, Metric]] = {"text": {}, "call": {}, "json": {}, "label": {}}
+# The metric the summary leads with and the worst errors are ranked by, per kind.
+MAIN_METRIC = {"text": "rouge_l", "call": "slot_f1", "json": "field_f1", "label": "accuracy"}
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def register(name: str, kinds: Sequence[str], *, aggregate: Callable[[list], float] = mean, parsed: bool = False,
+             by_mean: bool = True):
+    """Add ``per_row`` as the metric ``name`` of each of ``kinds``."""
+    def add(per_row: Callable[[Any, Any], Any]):
+        for kind in kinds:
+            if name in METRICS[kind]:
+                raise ValueError(f"metric {name!r} of kind {kind!r} is registered twice")
+            METRICS[kind][name] = Metric(per_row, aggregate, parsed, by_mean)
+        return per_row
 
     return add
 
 
-def get(names: list[str]) -> dict[str, Metric]:
-    unknown = [n for n in names if n not in METRICS]
-    if unknown:
-        raise WorkflowError(f"evaluate.metrics: unknown metric(s) {unknown}; known: {sorted(METRICS)}")
-    return {n: METRICS[n] for n in names}
+def kind_metrics(kind: str) -> list[str]:
+    return list(METRICS[kind])
 
 
-@dataclass(frozen=True)
-class FunctionCall:
-    name: str
-    slots: frozenset[tuple[str, str]]
+def from_function(fn: Callable[[list[str], list[str]], float]) -> Metric:
+    """A user's ``fn(expected, got) -> float`` over the whole split (raw strings) as a Metric."""
+    return Metric(per_row=lambda e, g: (e, g),
+                  aggregate=lambda pairs: float(fn([e for e, _ in pairs], [g for _, g in pairs])), by_mean=False)
 
 
-def parse_call(text: str) -> FunctionCall | None:
-    """``fn(a[x], b[y, z])`` -> FunctionCall; None when the text is not of that form."""
-    m = _CALL.match(text or "")
-    if m is None:
-        return None
-    body = m.group(2).strip()
-    slots = []
-    pos = 0
-    while pos < len(body):
-        s = _SLOT.match(body, pos)
-        if s is None:
-            return None
-        slots.append((s.group(1), s.group(2).strip()))
-        pos = s.end()
-        if pos < len(body):
-            if body[pos] != ",":
-                return None
-            pos += 1
-            if pos == len(body):  # a trailing comma
-                return None
-    return FunctionCall(m.group(1), frozenset(slots))
+def score(metric: Metric, expected: list, got: list) -> float:
+    return metric.aggregate([metric.per_row(e, g) for e, g in zip(expected, got, strict=True)])
 
+
+def bootstrap_interval(metric: Metric, stats: list, *, samples: int, seed: int = 0) -> tuple[float, float]:
+    """The 95% percentile interval of ``metric.aggregate`` over ``samples`` resamplings of the rows (seeded)."""
+    import numpy as np
+
+    if not stats or samples <= 0:
+        return (float("nan"), float("nan"))
+    picks = np.random.default_rng(seed).integers(0, len(stats), size=(samples, len(stats)))
+    if metric.by_mean:
+        means = np.asarray(stats, dtype=float)[picks].mean(axis=1)
+        values = [metric.aggregate([tuple(m) if np.ndim(m) else float(m)]) for m in means]
+    else:
+        values = [metric.aggregate([stats[i] for i in row]) for row in picks]
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+# ---------------------------------------------------------------- text (every kind has these)
 
 def normalize(text: str) -> str:
-    """Lower case, runs of whitespace collapsed, no space around brackets and commas."""
+    """Lower case, runs of whitespace collapsed, no space around brackets, commas and the like."""
     text = " ".join((text or "").lower().split())
-    return re.sub(r"\s*([()\[\],])\s*", r"\1", text)
+    return re.sub(r"\s*([()\[\]{},;:=])\s*", r"\1", text)
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
+@register("exact_match", ("text", "call", "json", "label"))
+def exact_match(expected: str, got: str) -> float:
+    return float(expected == got)
 
 
-@register("exact_match")
-def exact_match(expected: list[str], got: list[str]) -> float:
-    return _mean([float(e == g) for e, g in zip(expected, got, strict=True)])
+@register("normalized_exact_match", ("text", "call"))
+def normalized_exact_match(expected: str, got: str) -> float:
+    return float(normalize(expected) == normalize(got))
 
 
-@register("normalized_exact_match")
-def normalized_exact_match(expected: list[str], got: list[str]) -> float:
-    return _mean([float(normalize(e) == normalize(g)) for e, g in zip(expected, got, strict=True)])
+@register("token_f1", ("text",))
+def token_f1(expected: str, got: str) -> float:
+    """SQuAD's token F1: lower-cased whitespace tokens, counted as a multiset."""
+    e, g = (expected or "").lower().split(), (got or "").lower().split()
+    if not e or not g:
+        return float(e == g)
+    common = sum((Counter(e) & Counter(g)).values())
+    if not common:
+        return 0.0
+    p, r = common / len(g), common / len(e)
+    return 2 * p * r / (p + r)
 
 
-@register("function_accuracy")
-def function_accuracy(expected: list[str], got: list[str]) -> float:
-    """Share of rows whose generated function name is the expected one (unparseable = wrong)."""
-    hits = []
-    for e, g in zip(expected, got, strict=True):
-        pe, pg = parse_call(e), parse_call(g)
-        hits.append(float(pe is not None and pg is not None and pe.name == pg.name))
-    return _mean(hits)
+_ROUGE = None
 
 
-def slot_counts(expected: list[str], got: list[str]) -> tuple[int, int, int]:
-    """(true positives, generated slots, expected slots), summed over rows (micro-averaged)."""
-    tp = n_got = n_expected = 0
-    for e, g in zip(expected, got, strict=True):
-        pe, pg = parse_call(e), parse_call(g)
-        exp_slots = pe.slots if pe else frozenset()
-        got_slots = pg.slots if pg else frozenset()
-        tp += len(exp_slots & got_slots)
-        n_got += len(got_slots)
-        n_expected += len(exp_slots)
-    return tp, n_got, n_expected
+@register("rouge_l", ("text",))
+def rouge_l(expected: str, got: str) -> float:
+    """ROUGE-L F-measure of the answer against the reference (Google's rouge-score, stemmed)."""
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge_score import rouge_scorer
+
+        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return _ROUGE.score(expected or "", got or "")["rougeL"].fmeasure
 
 
-@register("slot_precision")
-def slot_precision(expected: list[str], got: list[str]) -> float:
-    tp, n_got, _ = slot_counts(expected, got)
-    return tp / n_got if n_got else 0.0
+_CHRF = None
 
 
-@register("slot_recall")
-def slot_recall(expected: list[str], got: list[str]) -> float:
-    tp, _, n_expected = slot_counts(expected, got)
-    return tp / n_expected if n_expected else 0.0
+@register("chrf", ("text",))
+def chrf(expected: str, got: str) -> float:
+    """Sentence chrF (sacrebleu's defaults), scaled to 0-1; the split's score is the rows' mean."""
+    global _CHRF
+    if _CHRF is None:
+        from sacrebleu.metrics import CHRF
+
+        _CHRF = CHRF()
+    return _CHRF.sentence_score(got or "", [expected or ""]).score / 100
 
 
-@register("slot_f1")
-def slot_f1(expected: list[str], got: list[str]) -> float:
-    p, r = slot_precision(expected, got), slot_recall(expected, got)
-    return 2 * p * r / (p + r) if p + r else 0.0
+# ---------------------------------------------------------------- call: FunctionCall values (tasks.parse_call)
+
+def _ratio_f1(kind: str) -> Callable[[list], float]:
+    def aggregate(counts: list) -> float:
+        tp, n_got, n_expected = (sum(c[i] for c in counts) for i in range(3))
+        p = tp / n_got if n_got else 0.0
+        r = tp / n_expected if n_expected else 0.0
+        return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}[kind]
+
+    return aggregate
 
 
-@register("parse_failure_rate")
-def parse_failure_rate(expected: list[str], got: list[str]) -> float:
-    """Share of generated outputs that are not of the form ``fn(attr[value], ...)``."""
-    return _mean([float(parse_call(g) is None) for g in got])
+def slot_counts(expected, got) -> tuple[int, int, int]:
+    """(true positives, generated slots, expected slots) of one row; unparseable = no slots."""
+    e = expected.slots if expected is not None else frozenset()
+    g = got.slots if got is not None else frozenset()
+    return len(e & g), len(g), len(e)
 
 
-def compute(names: list[str], expected: list[str], got: list[str]) -> dict[str, float]:
-    return {name: fn(expected, got) for name, fn in get(names).items()}
+@register("function_accuracy", ("call",), parsed=True)
+def function_accuracy(expected, got) -> float:
+    """The generated function name is the expected one (an answer with no readable name is wrong)."""
+    return float(expected is not None and got is not None and expected.name == got.name)
 
 
-def per_function(names: list[str], expected: list[str], got: list[str]) -> dict[str, dict[str, float]]:
-    """The metrics for each expected function name separately, plus its row count."""
-    groups: dict[str, list[int]] = {}
-    for i, e in enumerate(expected):
-        call = parse_call(e)
-        groups.setdefault(call.name if call else "(unparseable reference)", []).append(i)
-    return {fn: {"rows": len(idx), **compute(names, [expected[i] for i in idx], [got[i] for i in idx])}
-            for fn, idx in sorted(groups.items())}
+for _part in ("precision", "recall", "f1"):
+    register(f"slot_{_part}", ("call",), aggregate=_ratio_f1(_part), parsed=True)(slot_counts)
+
+
+@register("parse_failure_rate", ("call", "json"), parsed=True)
+def parse_failure_rate(expected, got) -> float:
+    """The answer does not parse in full (a call with a malformed slot, invalid JSON)."""
+    return float(got is None or getattr(got, "complete", True) is False)
+
+
+# ---------------------------------------------------------------- json: canonical JSON values (tasks.parse_json)
+
+@register("json_validity", ("json",), parsed=True)
+def json_validity(expected, got) -> float:
+    return float(got is not None)
+
+
+@register("json_exact_match", ("json",), parsed=True)
+def json_exact_match(expected, got) -> float:
+    """Equal after canonicalisation (key order and whitespace do not count)."""
+    return float(got is not None and expected is not None and got.canonical == expected.canonical)
+
+
+def field_counts(expected, got) -> tuple[int, int, int]:
+    e = expected.fields if expected is not None else frozenset()
+    g = got.fields if got is not None else frozenset()
+    return len(e & g), len(g), len(e)
+
+
+for _part in ("precision", "recall", "f1"):
+    register(f"field_{_part}", ("json",), aggregate=_ratio_f1(_part), parsed=True)(field_counts)
+
+
+# ---------------------------------------------------------------- label: stripped strings
+
+@register("accuracy", ("label",), parsed=True)
+def accuracy(expected, got) -> float:
+    return float(expected == got)
+
+
+def macro_f1_of_pairs(pairs: list) -> float:
+    """Macro-F1 over the labels that occur as expected or predicted (an unparseable answer is no label)."""
+    labels = {e for e, _ in pairs} | {g for _, g in pairs if g is not None}
+    scores = []
+    for label in labels:
+        tp = sum(1 for e, g in pairs if e == label and g == label)
+        n_got = sum(1 for _, g in pairs if g == label)
+        n_expected = sum(1 for e, _ in pairs if e == label)
+        p = tp / n_got if n_got else 0.0
+        r = tp / n_expected if n_expected else 0.0
+        scores.append(2 * p * r / (p + r) if p + r else 0.0)
+    return mean(scores)
+
+
+@register("macro_f1", ("label",), aggregate=macro_f1_of_pairs, parsed=True, by_mean=False)
+def label_pair(expected, got):
+    return (expected, got)
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -1,43 +1,108 @@
-"""The evaluation report: per-variant scores, worst errors, ``report.md``, the chart, the console table."""
+"""The evaluation report: per-variant scores with intervals, the task's breakdowns, worst errors,
+``report.md``, the charts and the console table."""
 
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
 from ..config.evaluate import EvaluateConfig
+from ..config.task import dump
 from . import metrics
+from .tasks import Task
 
 
-def score(table, names: list[str]) -> dict[str, Any]:
-    """Per variant: the metrics, the per-function breakdown, row and error counts, token totals."""
+def _rows_scores(task: Task, expected: list[str], got: list[str], bootstrap: int) -> dict[str, Any]:
+    """The task's metrics on these rows, each with its bootstrap interval, and the per-row statistics."""
+    parsed_expected, parsed_got = [task.parse(e) for e in expected], [task.parse(g) for g in got]
+    scores, intervals, stats = {}, {}, {}
+    for name, metric in task.metrics.items():
+        e, g = (parsed_expected, parsed_got) if metric.parsed else (expected, got)
+        stats[name] = [metric.per_row(a, b) for a, b in zip(e, g, strict=True)]
+        scores[name] = metric.aggregate(stats[name])
+        if bootstrap:
+            intervals[name] = list(metrics.bootstrap_interval(metric, stats[name], samples=bootstrap))
+    return {"metrics": scores, "intervals": intervals, "stats": stats, "parsed": (parsed_expected, parsed_got)}
+
+
+def _breakdowns(task: Task, parsed_expected: list, parsed_got: list, expected: list[str],
+                got: list[str]) -> dict[str, Any]:
+    """Call: per function and per attribute; label: per label and the confusion counts."""
+    if task.kind == "call":
+        groups: dict[str, list[int]] = {}
+        for i, call in enumerate(parsed_expected):
+            groups.setdefault(call.name if call else "(unparseable reference)", []).append(i)
+        per_function = {}
+        for fn, idx in sorted(groups.items()):
+            per_function[fn] = {"rows": len(idx)}
+            for name, metric in task.metrics.items():
+                e, g = (parsed_expected, parsed_got) if metric.parsed else (expected, got)
+                per_function[fn][name] = metrics.score(metric, [e[i] for i in idx], [g[i] for i in idx])
+        per_attribute: dict[str, list[int]] = {}
+        for e, g in zip(parsed_expected, parsed_got, strict=True):
+            e_slots = e.slots if e else frozenset()
+            g_slots = g.slots if g else frozenset()
+            for attr in {a for a, _ in e_slots | g_slots}:
+                mine_e = {s for s in e_slots if s[0] == attr}
+                mine_g = {s for s in g_slots if s[0] == attr}
+                counts = per_attribute.setdefault(attr, [0, 0, 0])
+                counts[0] += len(mine_e & mine_g)
+                counts[1] += len(mine_g)
+                counts[2] += len(mine_e)
+        f1 = metrics.METRICS["call"]["slot_f1"].aggregate
+        return {"per_function": per_function,
+                "per_attribute": {a: {"expected": c[2], "slot_f1": f1([tuple(c)])} for a, c in sorted(per_attribute.items())}}
+    if task.kind == "label":
+        confusion: dict[str, dict[str, int]] = {}
+        for e, g in zip(parsed_expected, parsed_got, strict=True):
+            row = confusion.setdefault(str(e), {})
+            row[str(g)] = row.get(str(g), 0) + 1
+        return {"confusion": confusion}
+    return {}
+
+
+def score(table, task: Task, *, bootstrap: int = 1000) -> dict[str, Any]:
+    """Per variant: the metrics (the mean over seeds where there are several, and their spread),
+    95% intervals, the task's breakdowns, row and error counts, token totals."""
     df = table.to_pandas()
     results = {}
     for variant, group in df.groupby("variant", sort=True):
-        expected, got = group["expected"].tolist(), group["generated_text"].tolist()
-        results[variant] = {
-            "metrics": metrics.compute(names, expected, got),
-            "per_function": metrics.per_function(names, expected, got),
-            "rows": len(group),
+        seeds = sorted(group["seed"].dropna().unique()) if "seed" in group else []
+        passes = [group[group["seed"] == s] for s in seeds] if len(seeds) > 1 else [group]
+        per_pass = [_rows_scores(task, p["expected"].tolist(), p["generated_text"].tolist(), 0) for p in passes]
+        pooled = _rows_scores(task, group["expected"].tolist(), group["generated_text"].tolist(), bootstrap)
+        entry: dict[str, Any] = {
+            "metrics": {m: statistics.fmean(p["metrics"][m] for p in per_pass) for m in task.metrics},
+            "intervals": pooled["intervals"],
+            "rows": len(passes[0]),
             "errors": int((group["error"] != "").sum()),
             "generated_tokens": int(group["num_generated_tokens"].sum()),
+            **_breakdowns(task, *pooled["parsed"], group["expected"].tolist(), group["generated_text"].tolist()),
         }
+        if len(passes) > 1:
+            entry["seeds"] = {str(int(s)): p["metrics"] for s, p in zip(seeds, per_pass, strict=True)}
+            entry["spread"] = {m: statistics.stdev(p["metrics"][m] for p in per_pass) for m in task.metrics}
+        results[variant] = entry
     return results
 
 
-def worst_errors(table, variant: str, limit: int) -> list[dict[str, Any]]:
-    """The variant's wrong answers, worst first (unparseable, then lowest slot F1)."""
+def worst_errors(table, variant: str, task: Task, limit: int) -> list[dict[str, Any]]:
+    """The variant's wrong answers, worst first by the task's main metric on each row."""
     df = table.to_pandas()
     df = df[(df["variant"] == variant) & (df["expected"] != df["generated_text"])]
+    if "seed" in df and df["seed"].notna().any():
+        df = df[df["seed"] == df["seed"].min()]
+    metric = task.metrics[task.main_metric]
     ranked = []
     for row in df.itertuples():
-        unparseable = metrics.parse_call(row.generated_text) is None
-        f1 = metrics.slot_f1([row.expected], [row.generated_text])
-        ranked.append((not unparseable, f1, row.row_id, row))
-    ranked.sort(key=lambda t: t[:3])
+        e, g = (task.parse(row.expected), task.parse(row.generated_text)) if metric.parsed else (
+            row.expected, row.generated_text)
+        ranked.append((metric.aggregate([metric.per_row(e, g)]), row.row_id, row))
+    ranked.sort(key=lambda t: t[:2])
     return [{"row_id": int(r.row_id), "input": r.input, "expected": r.expected, "got": r.generated_text,
-             "error": r.error} for *_, r in ranked[:limit]]
+             "error": r.error, task.main_metric: value} for value, _, r in ranked[:limit]]
 
 
 def _cell(text: str, limit: int = 160) -> str:
@@ -45,43 +110,83 @@ def _cell(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def markdown_report(run_name: str, results: dict[str, Any], table, cfg: EvaluateConfig) -> str:
+def _value(result: dict[str, Any], name: str) -> str:
+    text = f"{result['metrics'][name]:.3f}"
+    if "spread" in result:
+        text += f" ±{result['spread'][name]:.3f}"
+    if name in result.get("intervals", {}):
+        lo, hi = result["intervals"][name]
+        text += f" [{lo:.3f}, {hi:.3f}]"
+    return text
+
+
+def markdown_report(run_name: str, results: dict[str, Any], table, cfg: EvaluateConfig, task: Task) -> str:
     variants = list(results)
+    names = list(task.metrics)
+    first = results[variants[0]]
+    seeds = f"; seeds {cfg.seeds} (each cell: mean ±sd over seeds)" if cfg.seeds else ""
     lines = [f"# Evaluation: {run_name}", "",
-             f"Split `{cfg.split}`, {results[variants[0]]['rows']} rows per variant; sampling "
-             f"`{json.dumps(cfg.sampling_params)}`.", "", "## Metrics", "",
+             f"Split `{cfg.split}`, {first['rows']} rows per variant; sampling `{json.dumps(cfg.sampling_params)}`"
+             f"{seeds}.", "",
+             f"Task: `{json.dumps(dump(task.config))}`; main metric `{task.main_metric}`."
+             + (f" Constraint vocabulary: `{json.dumps(task.vocabulary)}`." if task.vocabulary else ""), "",
+             "## Metrics", "",
+             (f"95% intervals: bootstrap over rows ({cfg.bootstrap} resamplings)." if cfg.bootstrap else ""), "",
              "| metric | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
-    for name in cfg.metrics:
-        lines.append(f"| {name} | " + " | ".join(f"{results[v]['metrics'][name]:.3f}" for v in variants) + " |")
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(_value(results[v], name) for v in variants) + " |")
     lines.append("| error rows | " + " | ".join(str(results[v]["errors"]) for v in variants) + " |")
     lines.append("| generated tokens | " + " | ".join(str(results[v]["generated_tokens"]) for v in variants) + " |")
+    if task.kind == "call":
+        lines += _per_function(results, variants, names) + _per_attribute(results, variants)
+    if task.kind == "label":
+        lines += ["", "## Per label", "", "Confusion matrices: ![confusion](confusion.png)", ""]
+    lines += ["", "## Worst errors", "", f"Ranked by `{task.main_metric}` on the row, lowest first.", ""]
+    for v in variants:
+        worst = worst_errors(table, v, task, cfg.worst_errors)
+        lines += [f"### {v}", ""]
+        if not worst:
+            lines += ["No wrong answers.", ""]
+            continue
+        lines += [f"| row | input | expected | got | {task.main_metric} |", "|---|---|---|---|---|"]
+        for w in worst:
+            got = w["got"] if not w["error"] else f"(error: {w['error']})"
+            lines.append(f"| {w['row_id']} | {_cell(w['input'])} | {_cell(w['expected'])} | {_cell(got)} | "
+                         f"{w[task.main_metric]:.2f} |")
+        lines.append("")
+    lines += ["![metrics](metrics.png)", ""]
+    return "\n".join(lines)
+
+
+def _per_function(results: dict[str, Any], variants: list[str], names: list[str]) -> list[str]:
     functions = sorted({fn for v in variants for fn in results[v]["per_function"]})
-    shown = [m for m in ("function_accuracy", "slot_f1", "exact_match") if m in cfg.metrics] or cfg.metrics[:2]
-    lines += ["", "## Per function", "", f"Each cell: {' / '.join(shown)} (rows).", "",
-              "| function | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    shown = [m for m in ("function_accuracy", "slot_f1", "exact_match") if m in names] or names[:2]
+    lines = ["", "## Per function", "", f"Each cell: {' / '.join(shown)} (rows).", "",
+             "| function | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
     for fn in functions:
         cells = []
         for v in variants:
             got = results[v]["per_function"].get(fn)
             cells.append(" / ".join(f"{got[m]:.2f}" for m in shown) + f" ({got['rows']})" if got else "-")
         lines.append(f"| {fn} | " + " | ".join(cells) + " |")
-    lines += ["", "## Worst errors", ""]
-    for v in variants:
-        worst = worst_errors(table, v, cfg.worst_errors)
-        lines += [f"### {v}", ""]
-        if not worst:
-            lines += ["No wrong answers.", ""]
-            continue
-        lines += ["| row | input | expected | got |", "|---|---|---|---|"]
-        for w in worst:
-            got = w["got"] if not w["error"] else f"(error: {w['error']})"
-            lines.append(f"| {w['row_id']} | {_cell(w['input'])} | {_cell(w['expected'])} | {_cell(got)} |")
-        lines.append("")
-    lines += ["![metrics](metrics.png)", ""]
-    return "\n".join(lines)
+    return lines
+
+
+def _per_attribute(results: dict[str, Any], variants: list[str]) -> list[str]:
+    attributes = sorted({a for v in variants for a in results[v]["per_attribute"]})
+    lines = ["", "## Per attribute", "", "Each cell: slot F1 of the attribute (expected slots).", "",
+             "| attribute | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    for attr in attributes:
+        cells = []
+        for v in variants:
+            got = results[v]["per_attribute"].get(attr)
+            cells.append(f"{got['slot_f1']:.2f} ({got['expected']})" if got else "-")
+        lines.append(f"| {attr} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def chart(results: dict[str, Any], names: list[str], path: Path) -> None:
+    """Bars per metric and variant, with the 95% intervals as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,11 +197,46 @@ def chart(results: dict[str, Any], names: list[str], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(names)), 4))
     for i, v in enumerate(variants):
         xs = [j + i * width for j in range(len(names))]
-        ax.bar(xs, [results[v]["metrics"][n] for n in names], width, label=v)
+        values = [results[v]["metrics"][n] for n in names]
+        intervals = results[v].get("intervals", {})
+        errors = None
+        if all(n in intervals for n in names):
+            errors = [[max(0.0, val - intervals[n][0]) for n, val in zip(names, values, strict=True)],
+                      [max(0.0, intervals[n][1] - val) for n, val in zip(names, values, strict=True)]]
+        ax.bar(xs, values, width, label=v, yerr=errors, capsize=2)
     ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(names))], names, rotation=20, ha="right")
-    ax.set_ylim(0, 1)
-    ax.set_title("Evaluation metrics by variant")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Evaluation metrics by variant (95% intervals)")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def confusion_chart(results: dict[str, Any], path: Path) -> None:
+    """One confusion matrix per variant (rows: expected label, columns: answer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(results)
+    labels = sorted({e for v in variants for e in results[v]["confusion"]})
+    answers = labels + sorted({g for v in variants for row in results[v]["confusion"].values() for g in row}
+                              - set(labels))
+    fig, axes = plt.subplots(1, len(variants), figsize=(4.5 * len(variants), 4.2), squeeze=False)
+    for ax, v in zip(axes[0], variants, strict=True):
+        matrix = [[results[v]["confusion"].get(e, {}).get(g, 0) for g in answers] for e in labels]
+        ax.imshow(matrix, cmap="Blues")
+        ax.set_xticks(range(len(answers)), [a[:14] for a in answers], rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(labels)), [a[:14] for a in labels], fontsize=7)
+        for i, row in enumerate(matrix):
+            for j, n in enumerate(row):
+                if n:
+                    ax.text(j, i, str(n), ha="center", va="center", fontsize=6)
+        ax.set_title(v, fontsize=9)
+        ax.set_xlabel("answer", fontsize=8)
+        ax.set_ylabel("expected", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -2,7 +2,7 @@
 
 One vLLM engine (``ray.data.llm.build_processor`` with ``vLLMEngineProcessorConfig``) serves
 every row; a row's ``model`` column picks the base model or a LoRA adapter, and its
-``sampling_params`` may carry a structured-output regex. The other way in is any
+``sampling_params`` may carry a decoding constraint and a seed of its own. The other way in is any
 OpenAI-compatible chat completions URL (``HttpRequestProcessorConfig``). Either way the
 output has every input column plus ``generated_text``, ``num_input_tokens``,
 ``num_generated_tokens`` and ``error`` (empty when the row succeeded), one output row per
@@ -75,8 +75,19 @@ def _keep_aside(row: dict[str, Any], input_columns: list[str]) -> dict[str, Any]
     return {_SAVED + c: row[c] for c in input_columns if c in ENGINE_COLUMNS}
 
 
-def _structured(variant_regex: str | None) -> dict[str, Any]:
-    return {"structured_outputs": {"regex": variant_regex}} if variant_regex else {}
+def _per_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Sampling settings a row carries: its decoding constraint (vLLM ``structured_outputs`` as JSON
+    text: ``{"regex": ...}``, ``{"json": schema}``, ``{"choice": [...]}``) and its sampling seed."""
+    found: dict[str, Any] = {}
+    if row.get("__constraint"):
+        constraint = json.loads(row["__constraint"])
+        # A schema as JSON text: nested dicts of mixed types do not make one Arrow struct type across rows.
+        if isinstance(constraint.get("json"), dict):
+            constraint["json"] = json.dumps(constraint["json"])
+        found["structured_outputs"] = constraint
+    if row.get("__seed") is not None:
+        found["seed"] = int(row["__seed"])
+    return found
 
 
 def _engine_preprocess(row: dict[str, Any], *, model_source: str, model_key: str, sampling_params: dict[str, Any],
@@ -87,7 +98,7 @@ def _engine_preprocess(row: dict[str, Any], *, model_source: str, model_key: str
         out["prompt"] = prompts.render(_tokenizer(model_source, model_key, revision), messages)
     else:
         out["messages"] = messages
-    out["sampling_params"] = {**sampling_params, "output_kind": _final_only(), **_structured(row.get("__regex"))}
+    out["sampling_params"] = {**sampling_params, "output_kind": _final_only(), **_per_row(row)}
     out["model"] = row.get("__adapter") or model_source
     return out
 
@@ -109,7 +120,7 @@ def _final_only():
 def _http_preprocess(row: dict[str, Any], *, sampling_params: dict[str, Any], input_columns: list[str]) -> dict:
     out = _keep_aside(row, input_columns)
     out["payload"] = {"model": row["__endpoint_model"], "messages": prompts.row_messages(row), **sampling_params,
-                      **_structured(row.get("__regex"))}
+                      **_per_row(row)}
     return out
 
 

@@ -5,7 +5,7 @@ accepts only remote URIs there. With s3:// or gs:// storage that is the run's
 ``train/adapters`` folder itself. With local storage the adapters are published to an
 S3-compatible server on loopback (moto, run as a detached actor inside the same cluster so
 that it lives and dies with the app), and the cluster's ``AWS_ENDPOINT_URL`` points Ray's
-downloader at it. Adapters trained after the deploy appear on the next deploy. moto is a
+downloader at it; the actor copies adapters trained into the folder after the deploy too. moto is a
 runtime dependency of both serve environments (envs/serve-*.in). Its endpoint is the whole
 serving cluster's, so the serve stage refuses a run in a local folder whose model is in an
 ``s3://`` bucket (the replicas would look for the model on the loopback server).
@@ -15,6 +15,8 @@ Ray, boto3 and moto are imported inside the functions that use them.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..core import storage
 
 LOOPBACK_BUCKET = "workflow-adapters"
@@ -22,16 +24,63 @@ LOOPBACK_S3_ACTOR = "workflow-loopback-s3"
 
 
 class LoopbackS3:
-    """A moto S3 server on 127.0.0.1, hosted by a detached actor of the serving cluster."""
+    """A moto S3 server on 127.0.0.1, hosted by a detached actor of the serving cluster, that mirrors a
+    local adapters folder: the adapters there at the deploy, and every adapter published into it later
+    (checked every ``interval_s``; a new adapter is served on its first request, no redeploy).
 
-    def __init__(self, port: int):
+    An adapter is uploaded once its ``adapter_config.json`` is there (the train stage writes it last)
+    and again when that file changes; ``adapter_config.json`` goes up last, as Ray lists an adapter
+    once that file is there.
+    """
+
+    def __init__(self, port: int, root: str, prefix: str, interval_s: float = 2.0):
+        import threading
+
+        import boto3
         from moto.server import ThreadedMotoServer
 
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         self._server.start()
+        env = loopback_env(port)
+        self._client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
+                                    aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                                    aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+        self._client.create_bucket(Bucket=LOOPBACK_BUCKET)
+        self._root, self._prefix, self._published = Path(root), prefix, {}
+        self._lock = threading.Lock()
+        self.sync()
+        threading.Thread(target=self._poll, args=(interval_s,), daemon=True).start()
 
-    def ready(self) -> bool:
-        return True
+    def sync(self) -> list[str]:
+        """Upload the adapters that are new or changed since the last sync; return their names."""
+        with self._lock:
+            uploaded = []
+            for config in sorted(self._root.glob("*/adapter_config.json")):
+                try:
+                    stamp = config.stat().st_mtime_ns
+                except FileNotFoundError:  # being rewritten: the next round takes it
+                    continue
+                name = config.parent.name
+                if self._published.get(name) == stamp:
+                    continue
+                files = sorted((p for p in config.parent.rglob("*") if p.is_file()),
+                               key=lambda p: (p == config, str(p)))
+                for path in files:
+                    self._client.upload_file(str(path), LOOPBACK_BUCKET,
+                                             f"{self._prefix}/{name}/{path.relative_to(config.parent).as_posix()}")
+                self._published[name] = stamp
+                uploaded.append(name)
+            return uploaded
+
+    def _poll(self, interval_s: float) -> None:
+        import time
+
+        while True:
+            time.sleep(interval_s)
+            try:
+                self.sync()
+            except Exception as err:  # noqa: BLE001 - a failed round is retried on the next one
+                print(f"[serve] adapters sync to the loopback server failed, retrying: {err}", flush=True)
 
 
 def loopback_env(port: int) -> dict[str, str]:
@@ -41,20 +90,9 @@ def loopback_env(port: int) -> dict[str, str]:
 
 
 def publish_adapters_on_loopback(adapters_uri: str, port: int, run_name: str) -> str:
-    """Start the loopback S3 server in the cluster and copy the adapters into it; return their URI."""
-    import boto3
+    """Start the loopback S3 server in the cluster, mirroring the local adapters folder; return their URI."""
     import ray
 
     actor = ray.remote(num_cpus=0)(LoopbackS3).options(name=LOOPBACK_S3_ACTOR, lifetime="detached")
-    ray.get(actor.remote(port).ready.remote(), timeout=60)
-    env = loopback_env(port)
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
-    client.create_bucket(Bucket=LOOPBACK_BUCKET)
-    root = storage.local_path(adapters_uri)
-    # adapter_config.json last: Ray lists an adapter once that file is there.
-    files = sorted(root.rglob("*"), key=lambda p: (p.name == "adapter_config.json", str(p)))
-    for path in files:
-        if path.is_file():
-            client.upload_file(str(path), LOOPBACK_BUCKET, f"{run_name}/{path.relative_to(root).as_posix()}")
+    ray.get(actor.remote(port, str(storage.local_path(adapters_uri)), run_name).sync.remote(), timeout=120)
     return f"s3://{LOOPBACK_BUCKET}/{run_name}"

@@ -136,6 +136,19 @@ def app_name(recipe_name: str) -> str:
     return f"workflow-{recipe_name}"
 
 
+def running_http_options() -> tuple[str, int] | None:
+    """Host and port of the connected cluster's Serve proxies, or None where Serve does not run yet.
+
+    Serve fixes its HTTP options when it starts: a later ``serve.start`` with other options is
+    ignored with a log warning only, and the app would answer somewhere else than asked.
+    (Read through the client that ``serve.start`` itself uses; Serve has no public reader.)
+    """
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return None if client is None else (client.http_config.host, client.http_config.port)
+
+
 def deploy(llm_config, *, host: str, port: int, ingress_cls_config: dict[str, Any] | None,
            ingress_deployment_config: dict[str, Any], direct_streaming: bool = False, name: str = APP_NAME) -> None:
     """Run the OpenAI app on the connected cluster and wait until it is RUNNING.

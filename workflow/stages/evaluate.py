@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from ..config.evaluate import EvaluateConfig, check_library_fields
+from ..config.task import dump
 from ..core import manifest, storage
 from ..core.envs import SERVE
 from ..core.errors import WorkflowError
 from ..core.stage import StageContext, StageResult
-from ..evaluation import report
-from ..evaluation.constraints import constraint_regex
+from ..evaluation import report, tasks
 from ..inference import io, processor
 from ..inference.adapters import engine_adapters, lora_engine_kwargs, model_for_engine
 from ..prompts import guard
@@ -69,20 +69,31 @@ def run_adapters(ctx: StageContext, cfg: EvaluateConfig) -> dict[str, str]:
     return {name: storage.join(adapters_dir, name) for name in wanted}
 
 
+def training_outputs(ctx: StageContext) -> list[str] | None:
+    """The expected outputs of the ingest stage's training split (what a task is learnt from), if it has one."""
+    train_uri = ctx.upstream("ingest")["outputs"].get("train")
+    if not train_uri:
+        return None
+    rows = [json.loads(line) for line in storage.read_text(train_uri).splitlines() if line.strip()]
+    return [o for o in map(expected_output, rows) if o is not None]
+
+
 def expand_rows(rows: list[dict[str, Any]], variants: list[tuple[str, dict[str, Any]]],
-                cfg: EvaluateConfig) -> list[dict[str, Any]]:
-    """One row per (test row, variant, constrained or not); ``__`` columns steer inference."""
+                cfg: EvaluateConfig, task: tasks.Task) -> list[dict[str, Any]]:
+    """One row per (test row, variant, constrained or not, seed); ``__`` columns steer inference."""
     modes = [False, True] if cfg.constrained_decoding else [False]
+    constraint = json.dumps(task.constraint) if task.constraint else ""
     out = []
-    for name, steer in variants:
-        for constrained in modes:
-            for i, row in enumerate(rows):
-                out.append({"row_id": i, "variant": name + (CONSTRAINED if constrained else ""), "model": name,
-                            "constrained": constrained, "instruction": row.get("instruction", ""),
-                            "input": row.get("input", ""), "system": row.get("system", ""),
-                            "messages": row.get("messages"),
-                            "expected": metrics_reference(row), **steer,
-                            "__regex": constraint_regex(row, cfg) if constrained else ""})
+    for seed in cfg.seeds or [None]:
+        for name, steer in variants:
+            for constrained in modes:
+                for i, row in enumerate(rows):
+                    out.append({"row_id": i, "variant": name + (CONSTRAINED if constrained else ""), "model": name,
+                                "constrained": constrained, "seed": seed, "instruction": row.get("instruction", ""),
+                                "input": row.get("input", ""), "system": row.get("system", ""),
+                                "messages": row.get("messages"),
+                                "expected": metrics_reference(row), **steer,
+                                "__constraint": constraint if constrained else "", "__seed": seed})
     return out
 
 
@@ -95,7 +106,7 @@ def metrics_reference(row: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------- inference
 
-def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]]):
+def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]], task: tasks.Task):
     """All variants' predictions for the rows, as one Arrow table."""
     import pyarrow as pa
 
@@ -117,16 +128,18 @@ def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]]):
             (name, {"__adapter": lora.row_model[name]}) for name in adapters]
         if not variants:
             raise WorkflowError("evaluate: nothing to evaluate (base: false and the run has no adapters)")
-    items = expand_rows(rows, variants, cfg)
-    if all(r["messages"] is None for r in items):
-        for r in items:
-            del r["messages"]
+    items = expand_rows(rows, variants, cfg, task)
+    for column in ("messages", "seed", "__seed"):
+        if all(r[column] is None for r in items):
+            for r in items:
+                del r[column]
     if not any(r["system"] for r in items):
         for r in items:
             del r["system"]
     columns = [c for c in items[0] if not c.startswith("__")]
     processor.init_ray(ctx.run_uri)
-    print(f"[evaluate] {len(rows)} rows x {len(items) // len(rows)} variants "
+    passes = f" x {len(cfg.seeds)} seeds" if cfg.seeds else ""
+    print(f"[evaluate] {len(rows)} rows x {len({r['variant'] for r in items})} variants{passes} "
           f"({', '.join(sorted({r['variant'] for r in items}))})", flush=True)
     if cfg.endpoint is not None:
         # One pass per request shape: Ray Data cannot merge blocks whose payload structs differ
@@ -156,21 +169,28 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.recipe.evaluate
     check_library_fields(cfg)
     rows = load_rows(ctx, cfg)
-    table = predict(ctx, cfg, rows)
-    results = report.score(table, cfg.metrics)
+    task = tasks.build(cfg.task, training_outputs(ctx), constrained=cfg.constrained_decoding,
+                       where=f"{ctx.recipe.path}: evaluate.task")
+    table = predict(ctx, cfg, rows, task)
+    results = report.score(table, task, bootstrap=cfg.bootstrap)
+    names = list(task.metrics)
+    files = ["predictions.parquet", "metrics.json", "report.md", "metrics.png"]
     with tempfile.TemporaryDirectory(prefix="workflow-evaluate-") as tmp:
         out = Path(tmp)
         import pyarrow.parquet as pq
 
         pq.write_table(table, out / "predictions.parquet")
         (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-        report.chart(results, cfg.metrics, out / "metrics.png")
-        (out / "report.md").write_text(report.markdown_report(ctx.recipe.name, results, table, cfg))
+        report.chart(results, names, out / "metrics.png")
+        if task.kind == "label":
+            report.confusion_chart(results, out / "confusion.png")
+            files.append("confusion.png")
+        (out / "report.md").write_text(report.markdown_report(ctx.recipe.name, results, table, cfg, task))
         storage.upload_dir(out, ctx.out_uri, last=["metrics.json"])
-    report.print_summary(results, cfg.metrics)
-    outputs = {name: storage.join(ctx.out_uri, name)
-               for name in ("predictions.parquet", "metrics.json", "report.md", "metrics.png")}
+    report.print_summary(results, names)
+    outputs = {name: storage.join(ctx.out_uri, name) for name in files}
     summary = {"metrics": {v: r["metrics"] for v, r in results.items()},
                "errors": {v: r["errors"] for v, r in results.items()}, "rows": len(rows),
+               "task": dump(task.config), "main_metric": task.main_metric,
                "metrics_sha256": manifest.hash_file(outputs["metrics.json"])}
     return StageResult(outputs=outputs, summary=summary)

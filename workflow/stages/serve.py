@@ -129,6 +129,28 @@ def _adapters(ctx: StageContext) -> tuple[str | None, list[str], int | None, lis
     return adapters_dir, names, train["summary"].get("lora_rank"), rows
 
 
+def _serve_listening_at(ctx: StageContext, host: str, port: int, address: str) -> tuple[str, int]:
+    """Where the cluster's Serve will answer: ours if Serve is not running yet, else where it already listens.
+
+    A recipe that names another host or port than the running Serve's is refused (Serve would
+    ignore it); with the defaults the app joins the running Serve, and one line says where.
+    """
+    running = app.running_http_options()
+    if running is None or running == (host, port):
+        return host, port
+    cfg = ctx.recipe.serve
+    clashes = [f"{key}: {asked}" for key, asked, there in (("host", cfg.host, running[0]), ("port", cfg.port, running[1]))
+               if asked is not None and asked != there]
+    if clashes:
+        raise WorkflowError(f"{ctx.recipe.path}: serve: {', '.join(clashes)}: Ray Serve already runs on the cluster at "
+                            f"{address}, listening on {running[0]}:{running[1]} (its HTTP options are fixed while it "
+                            "runs)", hint=f"set serve.host: {running[0]} and serve.port: {running[1]} (or remove them), "
+                                          "or serve on a cluster whose Serve is not started yet")
+    print(f"[serve] Ray Serve already runs on the cluster, listening on {running[0]}:{running[1]}: the app joins it "
+          "there", flush=True)
+    return running
+
+
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.recipe.serve
     started = manifest.now()
@@ -188,6 +210,8 @@ def run(ctx: StageContext) -> StageResult:
         port = cfg.port or 8000
         ray_cluster.init_ray(log_to_driver=False, storage_uri=ctx.run_uri, needs=("vllm",))
         import ray
+
+        host, port = _serve_listening_at(ctx, host, port, address)
 
         public = host if host != "0.0.0.0" else ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
         base_url = f"http://{public}:{port}/v1"
