@@ -222,20 +222,35 @@ def test_a_call_constraint_admits_only_calls_that_parse_with_the_learnt_names():
     assert viggo.fullmatch("inform(name[x], rating[y])") and not viggo.fullmatch("inform(name[a[b]])")
 
 
-def test_a_json_constraint_is_the_schema_of_the_training_outputs():
+def test_a_json_constraint_is_the_schema_of_the_training_outputs_written_compact():
     import jsonschema
 
-    outputs = [json.dumps({"function": "inform", "attributes": {"name": "X", "rating": "good"}}),
-               json.dumps({"function": "request", "attributes": {"specifier": "fun"}})]
-    task = tasks.build(TaskConfig(kind="json"), outputs, constrained=bounds())
-    schema = task.constraint["json"]
-    for text in outputs:
-        jsonschema.validate(json.loads(text), schema)
-    assert schema["required"] == ["attributes", "function"] and schema["additionalProperties"] is False
+    values = [{"function": "inform", "attributes": {"name": "X", "rating": "good"}, "tags": [1, 2.5]},
+              {"function": "request", "attributes": {"specifier": "fun"}, "tags": []}]
+    outputs = [json.dumps(v) for v in values]
+    schema = constraints.infer_schema(values, max_value_chars=24)
+    for value in values:
+        jsonschema.validate(value, schema)
+    assert schema["required"] == ["attributes", "function", "tags"] and schema["additionalProperties"] is False
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({"function": "inform", "attributes": {"colour": "red"}}, schema)
+        jsonschema.validate({"function": "inform", "attributes": {"colour": "red"}, "tags": []}, schema)
+
+    task = tasks.build(TaskConfig(kind="json"), outputs, constrained=bounds())
+    rx = re.compile(task.constraint["regex"])
+    for value in values + [{"function": "x", "attributes": {}, "tags": [3, 4]}]:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+        assert rx.fullmatch(text), text
+        assert tasks.parse_json(text) is not None
+    for bad in ['{"attributes":{},"function":"x"}',                      # a required key missing
+                '{"function":"x","attributes":{},"tags":[]}',            # keys out of order
+                '{"attributes": {}, "function": "x", "tags": []}',       # whitespace
+                '{"attributes":{"colour":"red"},"function":"x","tags":[]}',
+                '{"attributes":{},"function":"' + "x" * 25 + '","tags":[]}',
+                '{"attributes":{},"function":"x","tags":[1,2,3]}']:      # more items than seen
+        assert rx.fullmatch(bad) is None, bad
+    # A schema beyond the compact form's reach goes to the engine as a JSON schema.
     given = tasks.build(TaskConfig(kind="json", schema={"type": "object"}), outputs, constrained=bounds())
-    assert given.constraint == {"json": {"type": "object"}, "disable_any_whitespace": True}
+    assert given.constraint == {"json": {"type": "object"}}
 
 
 def test_a_label_constraint_is_a_choice_and_text_has_none():

@@ -65,9 +65,74 @@ def infer_schema(values: list[Any], *, max_value_chars: int = 80) -> dict[str, A
     items = [item for v in values if isinstance(v, list) for item in v]
     if items:
         schema["items"] = infer_schema(items, max_value_chars=max_value_chars)
+    if any(isinstance(v, list) for v in values):
+        schema["maxItems"] = max(len(v) for v in values if isinstance(v, list))
     if "string" in types:
         schema["maxLength"] = max_value_chars
     return schema
+
+
+_STRING_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
+_SCALARS = {"integer": r"-?(?:0|[1-9][0-9]{0,17})",
+            "number": r"-?(?:0|[1-9][0-9]{0,17})(?:\.[0-9]{1,17})?(?:[eE][+-]?[0-9]{1,3})?",
+            "boolean": "(?:true|false)", "null": "null"}
+
+
+def compact_json_regex(schema: dict[str, Any], *, max_value_chars: int = 80) -> str | None:
+    """A regex for the JSON values ``schema`` admits, written as ingest writes JSON outputs: sorted keys,
+    no whitespace. None for a schema beyond what it covers (``type``, ``properties``, ``required``,
+    ``additionalProperties: false``, ``items``, ``maxItems``, ``maxLength``), which is then given to the
+    engine as a JSON schema (whose whitespace is the engine's ``structured_outputs_config``'s to allow).
+
+    Why a regex: vLLM 0.32 reads ``disable_any_whitespace`` from the engine's configuration only, so a
+    schema constraint lets a weak model spend its tokens on whitespace and never close the value.
+    """
+    known = {"type", "properties", "required", "additionalProperties", "items", "maxItems", "maxLength"}
+    if not isinstance(schema, dict) or set(schema) - known or "type" not in schema:
+        return None
+    types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+    options = []
+    for kind in types:
+        if kind in _SCALARS:
+            options.append(_SCALARS[kind])
+        elif kind == "string":
+            options.append('"' + _STRING_CHAR + "{0," + str(schema.get("maxLength", max_value_chars)) + '}"')
+        elif kind == "array":
+            item = compact_json_regex(schema.get("items", {"type": "null"}), max_value_chars=max_value_chars)
+            if item is None or "maxItems" not in schema:
+                return None
+            more = max(0, schema["maxItems"] - 1)
+            options.append(r"\[(?:" + item + "(?:," + item + "){0," + str(more) + r"})?\]")
+        elif kind == "object":
+            if schema.get("additionalProperties", True) is not False:
+                return None
+            members = []
+            for key in sorted(schema.get("properties", {})):
+                value = compact_json_regex(schema["properties"][key], max_value_chars=max_value_chars)
+                if value is None:
+                    return None
+                members.append((re.escape(json.dumps(key, ensure_ascii=False)) + ":" + value,
+                                key in schema.get("required", [])))
+            options.append(r"\{" + _members(members) + r"\}")
+        else:
+            return None
+    return "(?:" + "|".join(options) + ")"
+
+
+def _members(members: list[tuple[str, bool]]) -> str:
+    """Object members in key order, the required ones always, a comma before all but the first written."""
+    def tail(start: int) -> str:
+        return "".join("(?:," + m + ")" + ("" if required else "?") for m, required in members[start:])
+
+    firsts = []
+    for i, (member, _) in enumerate(members):
+        firsts.append(member + tail(i + 1))
+        if members[i][1]:  # a required member: no later one can come first
+            break
+    if not firsts:
+        return ""
+    body = "(?:" + "|".join(firsts) + ")"
+    return body if any(required for _, required in members) else body + "?"
 
 
 def for_task(cfg: TaskConfig, parsed: list[Any], outputs: list[str], constrained, *,
@@ -89,15 +154,15 @@ def for_task(cfg: TaskConfig, parsed: list[Any], outputs: list[str], constrained
                            max_slots=constrained.max_slots, allow_empty=any(not c.slots for c in calls))
         return {"regex": regex}, {"functions": functions, "attributes": attributes}
     if cfg.kind == "json":
-        # Compact JSON, as ingest writes JSON outputs (and no room for endless whitespace).
-        if cfg.schema_ is not None:
-            return {"json": cfg.schema_, "disable_any_whitespace": True}, {}
-        values = [json.loads(v.canonical) for v in parsed if v is not None]
-        if not values:
-            raise WorkflowError(f"{where}: no JSON schema to constrain decoding to (none given, no valid JSON "
-                                "output in a training split)", hint="set evaluate.task.schema")
-        return {"json": infer_schema(values, max_value_chars=constrained.max_value_chars),
-                "disable_any_whitespace": True}, {}
+        schema = cfg.schema_
+        if schema is None:
+            values = [json.loads(v.canonical) for v in parsed if v is not None]
+            if not values:
+                raise WorkflowError(f"{where}: no JSON schema to constrain decoding to (none given, no valid JSON "
+                                    "output in a training split)", hint="set evaluate.task.schema")
+            schema = infer_schema(values, max_value_chars=constrained.max_value_chars)
+        regex = compact_json_regex(schema, max_value_chars=constrained.max_value_chars)
+        return ({"regex": regex} if regex else {"json": schema}), {}
     if cfg.kind == "label":
         labels = cfg.labels or sorted({p for p in parsed if p is not None})
         if not labels:
