@@ -17,6 +17,7 @@ from typing import Any
 
 from ..config.evaluate import EvaluateConfig, check_library_fields
 from ..core import manifest, storage
+from ..core.console import say
 from ..core.envs import SERVE
 from ..core.errors import WorkflowError
 from ..core.stage import StageContext, StageResult
@@ -125,8 +126,8 @@ def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]]):
             del r["system"]
     columns = [c for c in items[0] if not c.startswith("__")]
     processor.init_ray(ctx.run_uri)
-    print(f"[evaluate] {len(rows)} rows x {len(items) // len(rows)} variants "
-          f"({', '.join(sorted({r['variant'] for r in items}))})", flush=True)
+    say(f"[evaluate] {len(rows)} rows x {len(items) // len(rows)} variants "
+        f"({', '.join(sorted({r['variant'] for r in items}))})")
     if cfg.endpoint is not None:
         # One pass per request shape: Ray Data cannot merge blocks whose payload structs differ
         # (with and without structured_outputs). Passes are cheap here: no engine to start.
