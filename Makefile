@@ -1,4 +1,5 @@
-# One target per stage; `make setup` once, then `make demo` or `make test`.
+# One target per stage; `make demo` or `make test` builds the environments first (`make setup`, which
+# skips an environment that is up to date).
 RECIPE ?= recipes/viggo-cpu.yaml
 VENVS ?= .venvs
 TRAIN_PY := $(VENVS)/train/bin/python
@@ -20,40 +21,40 @@ lock:             ## regenerate envs/*.lock from the environments
 check-locks:      ## check that envs/serve-gpu.lock still resolves on the package index (metadata only, a few seconds)
 	bash envs/check-locks.sh
 
-demo:             ## the whole pipeline on the CPU, offline, then a summary
+demo: setup       ## the whole pipeline on the CPU, offline, then a summary
 	$(WORKFLOW) run $(RECIPE)
 
 test: test-serve test-train   ## the whole suite, in both environments
 
-test-serve:
+test-serve: setup
 	$(SERVE_PY) -m pytest -m "not train_env" $(PYTEST_ARGS)
 
-test-train:
+test-train: setup
 	$(TRAIN_PY) -m pytest -m train_env $(PYTEST_ARGS)
 
-lint:
+lint: setup
 	$(SERVE_PY) -m ruff check workflow tests bench
 
-validate:
+validate: setup
 	$(WORKFLOW) validate recipes/*.yaml
 
-ingest model train evaluate serve:
+ingest model train evaluate serve: setup
 	$(WORKFLOW) $@ $(RECIPE)
 
-stop:
+stop: setup
 	$(WORKFLOW) stop $(RECIPE)
 
-show:
+show: setup
 	$(WORKFLOW) show $(RECIPE)
 
-bench-batch:
+bench-batch: setup
 	$(SERVE_PY) bench/batch_throughput.py
 
-bench-serve:      ## needs a model folder: BENCH_MODEL (default: the CPU demo's tiny model)
+bench-serve: setup ## needs a model folder: BENCH_MODEL (default: the CPU demo's tiny model)
 	$(SERVE_PY) bench/serve_latency.py --model $(BENCH_MODEL)
 
-bench-soak:       ## 32 streaming clients for 60 s on the CPU recipe's serve app (SOAK_APP=vllm: plain vLLM): failures, memory, shutdown
+bench-soak: setup ## 32 streaming clients for 60 s on the CPU recipe's serve app (SOAK_APP=vllm: plain vLLM): failures, memory, shutdown
 	$(SERVE_PY) bench/serve_soak.py --model $(BENCH_MODEL) --app $(SOAK_APP)
 
-bench-train:      ## needs a GPU machine (see bench/README.md)
+bench-train: setup ## needs a GPU machine (see bench/README.md)
 	$(TRAIN_PY) bench/train_throughput.py --out bench/results/train_throughput

@@ -46,7 +46,7 @@ def test_every_stage_completed_with_its_outputs(demo_run):
     out = demo_run["proc"].stdout
     assert "run viggo-cpu: ingest -> model -> train -> evaluate -> serve" in out
     # The closing summary: the metrics table and the command to serve the adapter.
-    assert "function_acc" in out and "viggo-cpu+constrained" in out and "serve the adapter:  workflow serve" in out
+    assert "function_acc" in out and "viggo-cpu+constrained" in out and "serve the adapter:  bin/workflow serve" in out
 
 
 def test_manifest_chain_links_dataset_to_served_models(demo_run):

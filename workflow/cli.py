@@ -9,7 +9,9 @@
     workflow tiny-model --data FILE... --out DIR
     workflow show RECIPE|RUN_URI
 
-Errors print one line (``--debug`` adds the traceback) and exit non-zero.
+Errors print one line (``--debug`` adds the traceback) and exit non-zero. A stage shows its own
+progress lines and writes everything the libraries print to ``<run>/logs/<stage>.log``;
+``--verbose`` (or ``WORKFLOW_VERBOSE=1``) shows everything on the console too.
 """
 
 from __future__ import annotations
@@ -102,12 +104,19 @@ def _cmd_show(args) -> int:
     return 0
 
 
+VERBOSE_HELP = (f"show everything the stages print (sets {runner.VERBOSE_ENV}=1; by default the libraries' "
+                "output goes only to <run>/logs/<stage>.log)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workflow", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    # --debug is accepted after the command too; SUPPRESS keeps the top-level value otherwise.
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (and everything, as --verbose)")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    # --debug and --verbose are accepted after the command too; SUPPRESS keeps the top-level value otherwise.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks (and everything, as --verbose)")
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     # --address: the Ray cluster the stages join (RAY_ADDRESS; see workflow/core/ray_cluster.py).
     cluster = argparse.ArgumentParser(add_help=False)
     cluster.add_argument("--address", help="join this Ray cluster (sets RAY_ADDRESS; default: a private "
@@ -169,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "address", None):
         os.environ["RAY_ADDRESS"] = args.address  # the stage processes inherit it
+    if args.verbose:
+        os.environ[runner.VERBOSE_ENV] = "1"
     try:
         return args.func(args)
     except runner.StageFailed as err:

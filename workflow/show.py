@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from .config import load_recipe
-from .core import manifest, storage
+from .core import envs, manifest, storage
 from .runner import ORDER
 
 
@@ -82,6 +82,7 @@ def run_summary(recipe) -> str:
     for stage, m in stages.items():
         shown = {k: v for k, v in m["outputs"].items() if not k.endswith((".parquet", ".md"))}
         lines.append(f"  {stage:<9} " + ", ".join(f"{k}: {v}" for k, v in shown.items()))
+    lines.append(f"  {'logs':<9} {storage.join(recipe.run_uri, 'logs')} (each stage's full output)")
     evaluation = stages.get("evaluate", {}).get("summary", {}).get("metrics")
     if evaluation:
         names = list(next(iter(evaluation.values())))
@@ -91,6 +92,7 @@ def run_summary(recipe) -> str:
     served = stages.get("serve", {}).get("summary", {}).get("model_ids")
     if served:
         lines.append(f"\n  served and smoke-checked: {', '.join(served)}")
-    lines.append(f"\n  serve the adapter:  workflow serve {recipe.path} --detach   (stop: workflow stop {recipe.path})")
-    lines.append(f"  lineage:            workflow show {recipe.path}")
+    command = envs.command()
+    lines.append(f"\n  serve the adapter:  {command} serve {recipe.path} --detach   (stop: {command} stop {recipe.path})")
+    lines.append(f"  lineage:            {command} show {recipe.path}")
     return "\n".join(lines)

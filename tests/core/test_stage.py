@@ -74,7 +74,7 @@ def test_failure_leaves_no_manifest_and_rerun_starts_clean(recipe):
 
 def test_upstream_missing_says_which_command_to_run(recipe):
     ctx = StageContext(recipe=recipe, stage="train")
-    with pytest.raises(WorkflowError, match=r"the ingest stage has not completed.*run `workflow ingest .*r\.yaml` first"):
+    with pytest.raises(WorkflowError, match=r"the ingest stage has not completed.*run `bin/workflow ingest .*r\.yaml` first"):
         ctx.upstream("ingest")
 
 

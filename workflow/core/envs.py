@@ -32,6 +32,16 @@ def python_for(env: str) -> str:
                         hint=f"run `make setup`, or point WORKFLOW_{env.upper()}_PYTHON at an interpreter that has it")
 
 
+def command() -> str:
+    """How a person types the ``workflow`` command here, for the hints the pipeline prints.
+
+    ``make setup`` puts the CLI in ``.venvs/serve/bin``, not on PATH; ``bin/workflow`` in the
+    checkout runs it from anywhere. An installed package (no checkout) has ``workflow`` on PATH.
+    """
+    launcher = REPO_ROOT / "bin" / "workflow"
+    return os.path.relpath(launcher) if launcher.exists() else "workflow"
+
+
 def stage_environment(env: str) -> dict[str, str]:
     """Environment variables for a stage process."""
     out = dict(os.environ)

@@ -48,6 +48,9 @@ def init_ray(*, log_to_driver: bool, storage_uri: str | None = None, needs: tupl
         return False
     address = os.environ.get(ADDRESS_ENV)
     if not address:
+        # The private cluster's one node is this machine, which no cloud preempts: Ray Train's preemption
+        # watcher (an actor restarted forever) has nothing to watch, and Ray core logs an error about it.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver)
         return True
     # First with the cluster's own interpreter, which runs the check; then with the stage's.

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Recipe, load_recipe
-from . import manifest, storage
+from . import envs, manifest, storage
+from .console import say
 from .errors import WorkflowError
 from .secrets import redact
 
@@ -57,16 +58,20 @@ class StageContext:
             raise WorkflowError(
                 f"{self.stage}: the {stage} stage has not completed for run {self.recipe.name!r} "
                 f"(no manifest in {self.stage_uri(stage)})",
-                hint=f"run `workflow {stage} {self.recipe.path or 'RECIPE'}` first",
+                hint=f"run `{envs.command()} {stage} {self.recipe.path or 'RECIPE'}` first",
             )
         return found
 
     def scratch(self, *parts: str) -> Path:
         """A local working folder for this stage (kept between runs, never the source of truth)."""
-        root = Path(os.environ.get("WORKFLOW_CACHE", Path(tempfile.gettempdir()) / "workflow-cache"))
-        p = root.joinpath(self.recipe.name, self.stage, *parts)
+        p = cache_dir(self.recipe.name).joinpath(self.stage, *parts)
         p.mkdir(parents=True, exist_ok=True)
         return p
+
+
+def cache_dir(run_name: str) -> Path:
+    """This machine's working folder for a run: ``$WORKFLOW_CACHE/<run>``, else under the temp folder."""
+    return Path(os.environ.get("WORKFLOW_CACHE", Path(tempfile.gettempdir()) / "workflow-cache")) / run_name
 
 
 @dataclass
@@ -84,18 +89,18 @@ def execute(module: Any, ctx: StageContext) -> dict | None:
     if cacheable and not ctx.force:
         existing = manifest.read(ctx.out_uri)
         if existing is not None and existing.get("fingerprint") == fp:
-            print(f"[{ctx.stage}] up to date ({ctx.out_uri}); skipped (use --force to rerun)", flush=True)
+            say(f"[{ctx.stage}] up to date ({ctx.out_uri}); skipped (use --force to rerun)")
             return existing
     if cacheable:
         manifest.invalidate(ctx.out_uri)
     started = manifest.now()
-    print(f"[{ctx.stage}] running -> {ctx.out_uri}", flush=True)
+    say(f"[{ctx.stage}] running -> {ctx.out_uri}")
     result = module.run(ctx)
     if not cacheable:
         return None
     written = manifest.write(ctx.out_uri, stage=ctx.stage, run=ctx.recipe.name, config=config, inputs=inputs,
                              outputs=result.outputs, started_at=started, summary=result.summary)
-    print(f"[{ctx.stage}] done; manifest {manifest.manifest_uri(ctx.out_uri)}", flush=True)
+    say(f"[{ctx.stage}] done; manifest {manifest.manifest_uri(ctx.out_uri)}")
     return written
 
 

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.core import url_to_fs
 
+from .console import say
 from .errors import WorkflowError
 
 T = TypeVar("T")
@@ -83,7 +84,7 @@ def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 5, base_dela
                 raise WorkflowError(f"{what}: failed after {attempts} attempts: {type(err).__name__}: {err}",
                                     hint="check the storage endpoint and credentials") from err
             delay = base_delay * 2 ** (attempt - 1) * (0.5 + random.random())
-            print(f"[storage] {what}: {type(err).__name__}; retry {attempt}/{attempts - 1} in {delay:.1f}s", flush=True)
+            say(f"[storage] {what}: {type(err).__name__}; retry {attempt}/{attempts - 1} in {delay:.1f}s")
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -244,7 +245,7 @@ def node_local_copy(uri: str, key: str, *, include: Callable[[str], bool] | None
     with open(f"{dest}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (dest / ".complete").exists():
-            print(f"[storage] downloading {uri} -> {dest}", flush=True)
+            say(f"[storage] downloading {uri} -> {dest}")
             download_dir(uri, dest, include=include)
             (dest / ".complete").touch()
     return str(dest)

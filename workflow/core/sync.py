@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from . import storage
+from .console import say
 from .errors import WorkflowError
 
 HF_SCHEME = "hf://"
@@ -66,16 +67,16 @@ def sync(src: str, dest: str) -> None:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="workflow-sync-") as tmp:
         if src.startswith(HF_SCHEME):
-            print(f"[sync] downloading {src} from the Hugging Face hub", flush=True)
+            say(f"[sync] downloading {src} from the Hugging Face hub")
             local = _hf_snapshot(src)
         elif storage.is_local(src):
             local = storage.local_path(src)
             if not local.is_dir():
                 raise WorkflowError(f"{src}: no such folder", hint="sync copies folders; give a folder path or URI")
         else:
-            print(f"[sync] downloading {src}", flush=True)
+            say(f"[sync] downloading {src}")
             local = storage.download_dir(src, Path(tmp) / "data")
         size = _size(local)
-        print(f"[sync] publishing {size / 1e6:.1f} MB -> {dest}", flush=True)
+        say(f"[sync] publishing {size / 1e6:.1f} MB -> {dest}")
         publish_dir(local, dest)
-    print(f"[sync] {src} -> {dest} done in {time.monotonic() - started:.1f}s", flush=True)
+    say(f"[sync] {src} -> {dest} done in {time.monotonic() - started:.1f}s")

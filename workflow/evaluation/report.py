@@ -10,6 +10,7 @@ from typing import Any
 
 from ..config.evaluate import EvaluateConfig
 from ..config.task import dump
+from ..core.console import say
 from . import metrics
 from .tasks import Task
 
@@ -244,7 +245,7 @@ def confusion_chart(results: dict[str, Any], path: Path) -> None:
 
 def print_summary(results: dict[str, Any], names: list[str]) -> None:
     width = max(len(v) for v in results) + 2
-    print("[evaluate] " + "variant".ljust(width) + "".join(n[:12].rjust(13) for n in names) + "   errors", flush=True)
+    say("[evaluate] " + "variant".ljust(width) + "".join(n[:12].rjust(13) for n in names) + "   errors")
     for v, r in results.items():
-        print("[evaluate] " + v.ljust(width) + "".join(f"{r['metrics'][n]:13.3f}" for n in names)
-              + f"   {r['errors']:6d}", flush=True)
+        say("[evaluate] " + v.ljust(width) + "".join(f"{r['metrics'][n]:13.3f}" for n in names)
+            + f"   {r['errors']:6d}")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config.task import CallSyntax, TaskConfig, dump, import_function
+from ..core.console import say
 from ..core.errors import WorkflowError
 from . import constraints
 from .metrics import METRICS, Metric, canonical_json, from_function
@@ -186,8 +187,8 @@ def build(cfg: TaskConfig | None, train_outputs: list[str] | None, *, constraine
             raise WorkflowError(f"{where}: no task given and no training split to infer it from",
                                 hint="set evaluate.task (e.g. {kind: text}; see tasks/)")
         cfg = infer(train_outputs)
-        print(f"[evaluate] task: inferred kind {cfg.kind!r} from {len(train_outputs)} training outputs; to pin it, "
-              f"set evaluate.task: {json.dumps(dump(cfg))}", flush=True)
+        say(f"[evaluate] task: inferred kind {cfg.kind!r} from {len(train_outputs)} training outputs; to pin it, "
+            f"set evaluate.task: {json.dumps(dump(cfg))}")
     parse = _parser(cfg)
     task = Task(cfg, parse, _metrics(cfg), cfg.main())
     if constrained is not None:

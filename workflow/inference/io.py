@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core import storage
+from ..core.console import say
 from ..core.errors import WorkflowError
 
 
@@ -60,7 +61,7 @@ def with_progress(batches: Iterator, *, total: int | None, what: str) -> Iterato
         if now - last_report >= 5 or (total and rows == total):
             last_report = now
             of = f"/{total}" if total else ""
-            print(f"[{what}] {rows}{of} rows, {rows / max(now - started, 1e-9):.1f} rows/s", flush=True)
+            say(f"[{what}] {rows}{of} rows, {rows / max(now - started, 1e-9):.1f} rows/s")
         yield batch
 
 

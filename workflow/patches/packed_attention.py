@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.console import say
 from . import outside_tested
 
 PATCH = "workflow.patches.packed_attention"
@@ -144,9 +145,8 @@ def packed_attention_callback():
                 return
             reason = why_not_varlen(model, train_dataloader.collate_fn)
             if args.process_index == 0 and reason != "not neat packing":
-                print("[training] neat packing: " + (f"LLaMA-Factory's padded packs and masked attention ({reason})"
-                                                     if reason else "padding dropped, FlashAttention varlen"),
-                      flush=True)
+                say("[training] neat packing: " + (f"LLaMA-Factory's padded packs and masked attention ({reason})"
+                                                   if reason else "padding dropped, FlashAttention varlen"))
             if reason:
                 return
             collate = copy.copy(train_dataloader.collate_fn)  # the evaluation loader keeps its masks

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core import storage
+from ..core.console import say
 from ..core.errors import WorkflowError
 from .messages import row_messages
 
@@ -106,13 +107,13 @@ def check_adapter(adapter_dir: str | Path, tokenizer_source: str, *, where: str,
     """Check an adapter's recorded prompt against the tokenizer that will serve it (no record: nothing to check)."""
     recorded = Path(adapter_dir) / FILE
     if not recorded.exists():
-        print(f"[{where}] {adapter_dir}: no {FILE}; the prompt format cannot be checked", flush=True)
+        say(f"[{where}] {adapter_dir}: no {FILE}; the prompt format cannot be checked")
         return
     tokenizer = _load_tokenizer(tokenizer_source, revision)
     if check(json.loads(recorded.read_text()), tokenizer, where=f"{where}: adapter {Path(adapter_dir).name}",
              allow_mismatch=allow_mismatch):
-        print(f"[{where}] adapter {Path(adapter_dir).name}: prompt format matches training "
-              f"(template {json.loads(recorded.read_text())['template']!r})", flush=True)
+        say(f"[{where}] adapter {Path(adapter_dir).name}: prompt format matches training "
+            f"(template {json.loads(recorded.read_text())['template']!r})")
 
 
 def is_tokenizer_file(rel: str) -> bool:
@@ -137,7 +138,7 @@ def check_stored_adapters(adapters_dir: str, names: list[str], model_source: str
     for name in names:
         record_uri = storage.join(adapters_dir, name, FILE)
         if not storage.exists(record_uri):
-            print(f"[{where}] adapter {name}: no {FILE}; the prompt format cannot be checked", flush=True)
+            say(f"[{where}] adapter {name}: no {FILE}; the prompt format cannot be checked")
             continue
         local = cache_dir / name
         local.mkdir(parents=True, exist_ok=True)

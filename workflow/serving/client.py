@@ -10,6 +10,7 @@ import json
 import time
 from typing import Any
 
+from ..core.console import say
 from ..core.errors import WorkflowError
 from ..prompts.messages import expected_output, row_messages
 
@@ -95,8 +96,8 @@ def smoke_check(base_url: str, *, model_id: str, adapters: list[str], rows: list
             "mean_similarity": round(sum(a["similarity"] for a in answers) / len(answers), 4),
             "samples": answers,
         }
-        print(f"[serve] smoke {model}: exact {results['models'][model]['exact']}/{len(rows)}, "
-              f"similarity {results['models'][model]['mean_similarity']:.3f}", flush=True)
+        say(f"[serve] smoke {model}: exact {results['models'][model]['exact']}/{len(rows)}, "
+            f"similarity {results['models'][model]['mean_similarity']:.3f}")
     # Listed after the requests: with direct streaming /v1/models shows the adapters loaded so far.
     results["listed"] = listed = list_models(base_url, api_key)
     base = results["models"][model_id]

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..core.console import say
 from ..core.errors import WorkflowError
 from ..core.secrets import redact
 
@@ -116,7 +117,7 @@ def stop_cluster(state: dict[str, Any], *, timeout_s: float = 60) -> None:
 
             serve.shutdown()
         except Exception as err:  # noqa: BLE001 - a half-dead cluster is ended below anyway
-            print(f"[serve] Serve shutdown: {type(err).__name__}: {redact(str(err))[:200]}", flush=True)
+            say(f"[serve] Serve shutdown: {type(err).__name__}: {redact(str(err))[:200]}")
     import ray
 
     if ray.is_initialized():
@@ -160,8 +161,8 @@ def _end_leftovers(procs: list, *, timeout_s: float) -> None:
     left = list({p.pid: p for p in procs if p.is_running()}.values())  # is_running: False if the pid was reused
     if not left:
         return
-    print(f"[serve] ending {len(left)} process(es) the cluster left behind: "
-          f"{', '.join(sorted({_title(p) for p in left}))}", flush=True)
+    say(f"[serve] ending {len(left)} process(es) the cluster left behind: "
+        f"{', '.join(sorted({_title(p) for p in left}))}")
     for proc in left:
         with contextlib.suppress(psutil.Error):
             proc.terminate()

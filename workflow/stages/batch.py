@@ -16,6 +16,7 @@ import functools
 from pathlib import Path
 
 from ..config.evaluate import check_library_fields
+from ..core.console import say
 from ..core.envs import SERVE
 from ..core.errors import WorkflowError
 from ..core.stage import StageContext, StageResult
@@ -78,9 +79,9 @@ def run(ctx: StageContext) -> StageResult:
                                         model_key=model["fingerprint"], lora_loading_path=lora.loading_path,
                                         revision=model.get("summary", {}).get("revision"))
     out = processor.run(ds, engine, columns)
-    print(f"[batch] {total} rows from {source} -> {dest}", flush=True)
+    say(f"[batch] {total} rows from {source} -> {dest}")
     written = io.write_rows(out.iter_batches(batch_format="pyarrow", batch_size=None), dest, total=total)
     if written != total:
         raise WorkflowError(f"batch: {total} rows went in but {written} came out")
-    print(f"[batch] wrote {written} rows to {dest}", flush=True)
+    say(f"[batch] wrote {written} rows to {dest}")
     return StageResult(outputs={"output": dest}, summary={"rows": written})

@@ -18,6 +18,7 @@ from typing import Any
 from ..config.evaluate import EvaluateConfig, check_library_fields
 from ..config.task import dump
 from ..core import manifest, storage
+from ..core.console import say
 from ..core.envs import SERVE
 from ..core.errors import WorkflowError
 from ..core.stage import StageContext, StageResult
@@ -139,8 +140,8 @@ def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]], 
     columns = [c for c in items[0] if not c.startswith("__")]
     processor.init_ray(ctx.run_uri)
     passes = f" x {len(cfg.seeds)} seeds" if cfg.seeds else ""
-    print(f"[evaluate] {len(rows)} rows x {len({r['variant'] for r in items})} variants{passes} "
-          f"({', '.join(sorted({r['variant'] for r in items}))})", flush=True)
+    say(f"[evaluate] {len(rows)} rows x {len({r['variant'] for r in items})} variants{passes} "
+        f"({', '.join(sorted({r['variant'] for r in items}))})")
     if cfg.endpoint is not None:
         # One pass per request shape: Ray Data cannot merge blocks whose payload structs differ
         # (with and without structured_outputs). Passes are cheap here: no engine to start.

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from ..core import manifest, storage
+from ..core.console import say
 from ..core.envs import SERVE
 from ..core.stage import StageContext, StageResult
 from ..dataset.formats import dataset_info, load_splits, split_sources
@@ -58,10 +59,10 @@ def run(ctx: StageContext) -> StageResult:
     for name in splits:
         s = stats[name]
         dropped = ", ".join(f"{k}: {v}" for k, v in s["dropped"].items()) or "none"
-        print(f"[ingest] {name}: read {s['read']}, kept {s['kept']}, dropped {sum(s['dropped'].values())} ({dropped})")
+        say(f"[ingest] {name}: read {s['read']}, kept {s['kept']}, dropped {sum(s['dropped'].values())} ({dropped})")
     for where in [n for n in splits if "json_outputs" in stats[n]] + (["source"] if "json_outputs" in stats else []):
         found = stats[where]["json_outputs"] if where in splits else stats["json_outputs"]
-        print(f"[ingest] {where}: {found['rows']} {found['written_as']}")
+        say(f"[ingest] {where}: {found['rows']} {found['written_as']}")
     outputs = {name: storage.join(ctx.out_uri, f"{name}.jsonl") for name in splits}
     outputs["dataset_info"] = storage.join(ctx.out_uri, "dataset_info.json")
     hashes = {name: manifest.hash_file(uri) for name, uri in outputs.items()}

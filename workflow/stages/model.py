@@ -33,6 +33,7 @@ from pathlib import Path
 
 from ..config import is_remote
 from ..core import manifest, storage
+from ..core.console import say
 from ..core.envs import TRAIN
 from ..core.errors import WorkflowError
 from ..core.stage import StageContext, StageResult
@@ -132,7 +133,7 @@ def run(ctx: StageContext) -> StageResult:
     if not cfg.mirror:
         kind = "hub" if cfg.is_hub else "remote" if is_remote(source) else "path"
         return StageResult(outputs={"model": source}, summary={"kind": kind, **pinned})
-    print(f"[model] mirroring {source}{f' at {revision}' if revision else ''} -> {weights_uri}", flush=True)
+    say(f"[model] mirroring {source}{f' at {revision}' if revision else ''} -> {weights_uri}")
     if cfg.is_hub:
         with tempfile.TemporaryDirectory(prefix="workflow-hub-") as tmp:
             storage.upload_dir(_model_files(_hf_snapshot(source, revision), Path(tmp)), weights_uri,
@@ -174,7 +175,7 @@ def _pretrain(ctx: StageContext, built: Path, ingest: dict, weights_uri: str) ->
     if keys["stage"] == "pt":
         dataset_dir, dataset = ctx.stage_uri("model", CORPUS), CORPUS
         documents = write_corpus(recipe.model.pretrain_text, ingest, dataset_dir)
-        print(f"[model] pre-training the tiny base on {documents} plain-text documents", flush=True)
+        say(f"[model] pre-training the tiny base on {documents} plain-text documents")
     else:
         dataset_dir, dataset = ingest["dataset_info"].rsplit("/", 1)[0], ",".join(recipe.model.pretrain_text.splits)
         documents = None
@@ -195,7 +196,6 @@ def _pretrain(ctx: StageContext, built: Path, ingest: dict, weights_uri: str) ->
         tensorboard_uri=ctx.stage_uri("model", "tensorboard"),
         fresh=ctx.force,
     )
-    print(f"[model] pre-trained the base: {summary['global_step']} steps, final loss {summary['final_loss']}",
-          flush=True)
+    say(f"[model] pre-trained the base: {summary['global_step']} steps, final loss {summary['final_loss']}")
     return {"stage": keys["stage"], "documents": documents, **summary}
 

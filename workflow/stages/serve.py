@@ -25,7 +25,8 @@ import json
 import os
 from pathlib import Path
 
-from ..core import manifest, ray_cluster, storage
+from ..core import envs, manifest, ray_cluster, storage
+from ..core.console import say
 from ..core.envs import SERVE
 from ..core.errors import WorkflowError
 from ..core.stage import StageContext, StageResult
@@ -82,7 +83,7 @@ def _stop_own_cluster(ctx: StageContext) -> bool:
     state = _read_state(ctx)
     if state is None:
         return False
-    print(f"[serve] stopping the app at {state.get('base_url')} (Ray cluster {state['address']})", flush=True)
+    say(f"[serve] stopping the app at {state.get('base_url')} (Ray cluster {state['address']})")
     cluster.stop_cluster(state)
     _state_file(ctx).unlink()
     _mark_stopped(ctx)
@@ -98,7 +99,7 @@ def stop(ctx: StageContext) -> bool:
     address = os.environ.get(ray_cluster.ADDRESS_ENV) or endpoint.get("ray_address")
     if not endpoint.get("app") or not address or endpoint.get("stopped_at"):
         return False
-    print(f"[serve] stopping the application {endpoint['app']} on the Ray cluster at {address}", flush=True)
+    say(f"[serve] stopping the application {endpoint['app']} on the Ray cluster at {address}")
     import ray
 
     ray.init(address=address, log_to_driver=False, logging_level="WARNING")
@@ -146,8 +147,8 @@ def _serve_listening_at(ctx: StageContext, host: str, port: int, address: str) -
                             f"{address}, listening on {running[0]}:{running[1]} (its HTTP options are fixed while it "
                             "runs)", hint=f"set serve.host: {running[0]} and serve.port: {running[1]} (or remove them), "
                                           "or serve on a cluster whose Serve is not started yet")
-    print(f"[serve] Ray Serve already runs on the cluster, listening on {running[0]}:{running[1]}: the app joins it "
-          "there", flush=True)
+    say(f"[serve] Ray Serve already runs on the cluster, listening on {running[0]}:{running[1]}: the app joins it "
+        "there")
     return running
 
 
@@ -156,8 +157,8 @@ def run(ctx: StageContext) -> StageResult:
     started = manifest.now()
     if ctx.options.get("stop"):
         if not stop(ctx):
-            print(f"[serve] no detached app is recorded for {ctx.recipe.name} ({_state_file(ctx)}, "
-                  f"{_endpoint_uri(ctx)})", flush=True)
+            say(f"[serve] no detached app is recorded for {ctx.recipe.name} ({_state_file(ctx)}, "
+                f"{_endpoint_uri(ctx)})")
         return StageResult(outputs={})
     address = os.environ.get(ray_cluster.ADDRESS_ENV)
     try:
@@ -203,8 +204,8 @@ def run(ctx: StageContext) -> StageResult:
     if address:
         # The user's cluster: its Ray Serve, its nodes' environments (checked), no state on this machine.
         if cfg.direct_streaming:
-            print("[serve] serve.direct_streaming applies to the workflow's own cluster (it is a setting of the "
-                  "cluster's Serve controller); on this cluster the app runs behind the workflow ingress", flush=True)
+            say("[serve] serve.direct_streaming applies to the workflow's own cluster (it is a setting of the "
+                "cluster's Serve controller); on this cluster the app runs behind the workflow ingress")
         direct_streaming = False
         name = app.app_name(ctx.recipe.name)
         port = cfg.port or 8000
@@ -222,7 +223,7 @@ def run(ctx: StageContext) -> StageResult:
             ray.shutdown()
     else:
         if _stop_own_cluster(ctx):
-            print("[serve] replaced the app that was running", flush=True)
+            say("[serve] replaced the app that was running")
         env_vars = adapter_store.loopback_env(s3_port) if s3_port else {}
         direct_streaming = cfg.direct_streaming and ray_serve_direct_streaming.available()
         if direct_streaming:
@@ -231,7 +232,7 @@ def run(ctx: StageContext) -> StageResult:
         port = cfg.port or cluster.free_port()
         base_url = f"http://{host}:{port}/v1"
         where = {}
-        print(f"[serve] starting a Ray cluster ({cfg.num_cpus} logical CPUs) for {model_id}", flush=True)
+        say(f"[serve] starting a Ray cluster ({cfg.num_cpus} logical CPUs) for {model_id}")
         state = cluster.start_cluster(ctx.scratch("ray"), num_cpus=cfg.num_cpus, env_vars=env_vars)
         state["base_url"] = base_url
         _state_file(ctx).write_text(json.dumps(state))
@@ -244,14 +245,13 @@ def run(ctx: StageContext) -> StageResult:
         if local_adapters:
             llm["lora_config"]["dynamic_lora_loading_path"] = adapter_store.publish_adapters_on_loopback(
                 adapters_dir, s3_port, ctx.recipe.name)
-        print(f"[serve] deploying build_openai_app as {name} on {base_url} (takes a minute or two on a CPU)",
-              flush=True)
+        say(f"[serve] deploying build_openai_app as {name} on {base_url} (takes a minute or two on a CPU)")
         app.deploy(app.validate_llm_config(llm, f"{ctx.recipe.path}: serve.llm_config"), host=host,
                    port=port, ingress_cls_config=app.ingress_cls_config(api_key),
                    ingress_deployment_config=cfg.ingress_deployment_config, direct_streaming=direct_streaming,
                    name=name)
         client.wait_until_answering(base_url, model_id, api_key)
-        print(client.usage_text(base_url, model_ids, cfg.api_key_env), flush=True)
+        say(client.usage_text(base_url, model_ids, cfg.api_key_env))
         smoke = client.smoke_check(base_url, model_id=model_id, adapters=adapter_names, rows=rows or
                                    [{"instruction": "Say hello.", "output": ""}], api_key=api_key,
                                    max_tokens=cfg.smoke.max_tokens)
@@ -266,17 +266,17 @@ def run(ctx: StageContext) -> StageResult:
         manifest.write(ctx.out_uri, stage=ctx.stage, run=ctx.recipe.name, config=config(ctx), inputs=inputs(ctx),
                        outputs={"smoke": smoke_uri, "endpoint": _endpoint_uri(ctx)},
                        started_at=started, summary={"model_ids": model_ids, "base_url": base_url})
-        print(f"[serve] smoke check passed; {smoke_uri}", flush=True)
+        say(f"[serve] smoke check passed; {smoke_uri}")
     except BaseException:
         undeploy()
         _mark_stopped(ctx)
         raise
     if ctx.options.get("detach"):
-        print(f"[serve] left running at {base_url}; stop it with `workflow stop {ctx.recipe.path}`", flush=True)
+        say(f"[serve] left running at {base_url}; stop it with `{envs.command()} stop {ctx.recipe.path}`")
         if address:
             ray.shutdown()
     else:
         undeploy()
         _mark_stopped(ctx)
-        print("[serve] shut down", flush=True)
+        say("[serve] shut down")
     return StageResult(outputs={"smoke": smoke_uri, "endpoint": _endpoint_uri(ctx)}, summary={"model_ids": model_ids})

@@ -22,6 +22,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from ..core import manifest
+from ..core.console import say
 from ..core.envs import TRAIN
 from ..core.stage import StageContext, StageResult
 
@@ -83,8 +84,8 @@ def run(ctx: StageContext) -> StageResult:
     )
     summary = {"adapter_name": name, "lora_rank": cfg.llamafactory.get("lora_rank", DEFAULT_LORA_RANK),
                "base_model": base_model, "adapter": adapter_uri, **summary}
-    print(f"[train] {summary['global_step']} steps (resumed from step {summary['resumed_from_step']}), "
-          f"{summary['train_samples_per_second']} samples/s, final loss {summary['final_loss']}; "
-          f"adapter {adapter_uri}", flush=True)
+    say(f"[train] {summary['global_step']} steps (resumed from step {summary['resumed_from_step']}), "
+        f"{summary['train_samples_per_second']} samples/s, final loss {summary['final_loss']}; "
+        f"adapter {adapter_uri}")
     return StageResult(outputs={"adapter": adapter_uri, "adapters_dir": ctx.stage_uri("train", ADAPTERS)},
                        summary=summary)

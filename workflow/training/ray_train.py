@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from ..core import ray_cluster, storage
+from ..core.console import say
 from ..core.errors import WorkflowError
 from ..core.secrets import is_secret_name
 from ..patches.packed_attention import packed_attention_callback
@@ -61,7 +62,7 @@ def _make_callbacks(rank: int, tensorboard_dir: Path, tensorboard_uri: str | Non
                 metrics["loss"] = losses[-1]
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{state.global_step:06d}")
             if rank == 0:
-                print(f"[training] checkpoint at step {state.global_step} is in storage", flush=True)
+                say(f"[training] checkpoint at step {state.global_step} is in storage")
             if rank == 0 and tensorboard_uri and tensorboard_dir.is_dir():
                 storage.upload_dir(tensorboard_dir, tensorboard_uri)
 
@@ -77,9 +78,9 @@ def _make_callbacks(rank: int, tensorboard_dir: Path, tensorboard_uri: str | Non
             done = state.global_step - self.first_step
             elapsed = time.monotonic() - self.started
             left = elapsed / done * (state.max_steps - state.global_step) if done else 0.0
-            print(f"[training] step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
-                  f"lr {logs.get('learning_rate', 0):.2e} epoch {logs.get('epoch', 0):.2f} "
-                  f"elapsed {elapsed:.0f}s left ~{left:.0f}s", flush=True)
+            say(f"[training] step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
+                f"lr {logs.get('learning_rate', 0):.2e} epoch {logs.get('epoch', 0):.2f} "
+                f"elapsed {elapsed:.0f}s left ~{left:.0f}s")
 
     return [ReportCheckpointToRay(), PrintProgress(), lora_fast_path_callback(), packed_attention_callback()]
 
@@ -109,7 +110,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
             local = checkpoint.to_directory(str(work / "resume"))
             resumed_from = _checkpoint_step(local)
             args["resume_from_checkpoint"] = local
-            print(f"[training] rank {rank}: resuming from step {resumed_from} ({checkpoint.path})", flush=True)
+            say(f"[training] rank {rank}: resuming from step {resumed_from} ({checkpoint.path})")
 
         nodes = _count_nodes()
         run_exp(args=args, callbacks=_make_callbacks(rank, tensorboard_dir, config.get("tensorboard_uri")))
@@ -245,8 +246,8 @@ def run_training(args: dict, *, experiment: str, checkpoints_uri: str, export_ur
             worker_runtime_env={"env_vars": env_vars},
         ),
     )
-    print(f"[training] {scaling_config.get('num_workers', 1)} worker(s); checkpoints in "
-          f"{storage.join(checkpoints_uri, experiment)}", flush=True)
+    say(f"[training] {scaling_config.get('num_workers', 1)} worker(s); checkpoints in "
+        f"{storage.join(checkpoints_uri, experiment)}")
     try:
         result = trainer.fit()
     except Exception as err:  # noqa: BLE001 - Ray wraps the worker's error; report its last line

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..config import TinyModelConfig
+from ..core.console import say
 from ..core.errors import WorkflowError
 
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -120,5 +121,5 @@ def build_tiny_model(data: list[str | Path], out: str | Path, cfg: TinyModelConf
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"[tiny-model] {n_params / 1e6:.1f} M parameters, vocab {len(tokenizer)}, saved to {out}", flush=True)
+    say(f"[tiny-model] {n_params / 1e6:.1f} M parameters, vocab {len(tokenizer)}, saved to {out}")
     return out
