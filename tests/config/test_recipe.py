@@ -104,3 +104,36 @@ def test_unset_variable_without_default_is_an_error(tmp_path, monkeypatch):
 def test_run_name_must_be_a_path_segment(tmp_path):
     with pytest.raises(WorkflowError, match=r"name: must be letters"):
         load_recipe(write(tmp_path, {**BASE, "name": "a/b:c"}))
+
+
+def test_a_task_is_named_from_the_projects_tasks_or_a_file_beside_the_recipe(tmp_path):
+    from workflow.config.task import CallSyntax
+
+    recipe = load_recipe(write(tmp_path, {**BASE, "evaluate": {"task": "viggo"}}))
+    assert recipe.evaluate.task.kind == "call" and recipe.evaluate.task.call_syntax == CallSyntax()
+    (tmp_path / "mine.yaml").write_text("kind: call\nsyntax: {assign: '=', separator: ';'}\nmain_metric: slot_f1\n")
+    recipe = load_recipe(write(tmp_path, {**BASE, "evaluate": {"task": "mine.yaml"}}))
+    assert recipe.evaluate.task.call_syntax.assign == "=" and recipe.evaluate.task.main() == "slot_f1"
+    inline = load_recipe(write(tmp_path, {**BASE, "evaluate": {"task": {"kind": "label", "labels": ["a", "b"]}}}))
+    assert inline.evaluate.task.labels == ["a", "b"] and inline.evaluate.task.main() == "accuracy"
+
+
+def test_task_mistakes_name_the_file_and_the_field(tmp_path):
+    with pytest.raises(WorkflowError, match=r"evaluate.task: no task file .*nope.yaml.*'viggo'"):
+        load_recipe(write(tmp_path, {**BASE, "evaluate": {"task": "nope"}}))
+    (tmp_path / "bad.yaml").write_text("kind: label\nmetrics: [slot_f1]\n")
+    with pytest.raises(WorkflowError, match=r"bad\.yaml: metrics: \['slot_f1'\] are not metrics of kind 'label'"):
+        load_recipe(write(tmp_path, {**BASE, "evaluate": {"task": "bad.yaml"}}))
+    with pytest.raises(WorkflowError, match=r"evaluate.task.main_metric: 'bleu' is not one of the task's metrics"):
+        load_recipe(write(tmp_path, {**BASE, "evaluate": {"task": {"kind": "text", "main_metric": "bleu"}}}))
+    with pytest.raises(WorkflowError, match=r"evaluate.task.metrics: 'nowhere:f': cannot import nowhere"):
+        load_recipe(write(tmp_path, {**BASE, "evaluate": {"task": {"kind": "text", "metrics": ["nowhere:f"]}}}))
+
+
+def test_seeds_need_sampling_and_text_has_no_constraint(tmp_path):
+    with pytest.raises(WorkflowError, match=r"seeds: greedy decoding"):
+        load_recipe(write(tmp_path, {**BASE, "evaluate": {"seeds": [0, 1]}}))
+    ok = load_recipe(write(tmp_path, {**BASE, "evaluate": {"seeds": [0, 1], "sampling_params": {"temperature": 0.3}}}))
+    assert ok.evaluate.seeds == [0, 1]
+    with pytest.raises(WorkflowError, match=r"constrained_decoding: a text task has no decoding constraint"):
+        load_recipe(write(tmp_path, {**BASE, "evaluate": {"task": {"kind": "text"}, "constrained_decoding": {}}}))

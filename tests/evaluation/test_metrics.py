@@ -176,7 +176,7 @@ def test_user_metrics_and_parsers_by_import_path():
         TaskConfig(kind="text", metrics=["no_such_module:f"])
     with pytest.raises(ValueError, match="are not metrics of kind 'label'"):
         TaskConfig(kind="label", metrics=["slot_f1"])
-    with pytest.raises(ValueError, match=r"\['syntax'\] do not apply to kind 'json'"):
+    with pytest.raises(ValueError, match=r"syntax\n.*applies to kind 'call', not 'json'"):
         TaskConfig(kind="json", syntax={"assign": "="})
 
 
@@ -276,3 +276,49 @@ def test_sharegpt_rows_drop_the_expected_answer():
     assert prompts.expected_output({"instruction": "i", "output": "o"}) == "o"
     with pytest.raises(ValueError, match="a row needs"):
         prompts.row_messages({"text": "nothing usable"})
+
+
+# ---------------------------------------------------------------- the report
+
+def predictions_table(rows: list[tuple[str, int | None, str, str]]):
+    """(variant, seed, expected, generated) rows as the evaluate stage's predictions table."""
+    import pyarrow as pa
+
+    return pa.Table.from_pylist([{"row_id": i % 3, "variant": v, "seed": seed, "input": f"in {i}", "expected": e,
+                                  "generated_text": g, "error": "", "num_generated_tokens": 5}
+                                 for i, (v, seed, e, g) in enumerate(rows)])
+
+
+def test_seeds_give_the_mean_and_spread_and_the_report_shows_intervals(tmp_path):
+    from workflow.config.evaluate import EvaluateConfig
+    from workflow.evaluation import report
+
+    task = tasks.build(TaskConfig(kind="label"), None)
+    a, b = "inform", "request"
+    table = predictions_table([("m", 0, a, a), ("m", 0, b, b), ("m", 0, a, b),      # seed 0: accuracy 2/3
+                               ("m", 1, a, a), ("m", 1, b, a), ("m", 1, a, b)])     # seed 1: accuracy 1/3
+    results = report.score(table, task, bootstrap=200)
+    m = results["m"]
+    assert m["metrics"]["accuracy"] == pytest.approx(0.5) and m["rows"] == 3
+    assert m["seeds"] == {"0": pytest.approx(m["seeds"]["0"]), "1": pytest.approx(m["seeds"]["1"])}
+    assert m["seeds"]["0"]["accuracy"] == pytest.approx(2 / 3) and m["seeds"]["1"]["accuracy"] == pytest.approx(1 / 3)
+    assert m["spread"]["accuracy"] == pytest.approx(((2 / 3 - 1 / 3) ** 2 / 2) ** 0.5)
+    low, high = m["intervals"]["accuracy"]
+    assert 0 <= low <= 0.5 <= high <= 1
+    assert m["confusion"] == {a: {a: 2, b: 2}, b: {b: 1, a: 1}}
+    cfg = EvaluateConfig(seeds=[0, 1], sampling_params={"temperature": 0.5}, bootstrap=200)
+    text = report.markdown_report("r", results, table, cfg, task)
+    assert "| accuracy | 0.500 ±0.236 [" in text and "seeds [0, 1]" in text and "confusion.png" in text
+    report.confusion_chart(results, tmp_path / "confusion.png")
+    assert (tmp_path / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_worst_errors_are_ranked_by_the_main_metric():
+    from workflow.evaluation import report
+
+    task = tasks.build(TaskConfig(kind="call"), None)
+    close = "inform(name[Tom Clancy's The Division], genres[role-playing, shooter], rating[poor])"
+    table = predictions_table([("v", None, REF, close), ("v", None, REF, "garbage"), ("v", None, REF, REF)])
+    worst = report.worst_errors(table, "v", task, 5)
+    assert [w["got"] for w in worst] == ["garbage", close]
+    assert worst[0]["slot_f1"] == 0.0 and worst[1]["slot_f1"] == pytest.approx(2 / 3)

@@ -183,6 +183,20 @@ def test_invalid_rows_are_dropped_with_reasons_or_fail(tmp_path):
                               "split_ratios": {"train": 1.0}}, name="strict")
 
 
+def test_object_and_list_outputs_are_kept_as_canonical_json_text(tmp_path):
+    rows = [{"input": "a", "output": {"b": [1, 2], "a": "é"}}, {"input": "b", "output": ["x", {"k": None}]},
+            {"input": "c", "output": "plain"}]
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = run_ingest(tmp_path, {"source": str(src), "instruction": "Extract.", "splits": None,
+                              "split_ratios": {"train": 1.0}})
+    written = read_jsonl(f"{r.run_uri}/ingest/train.jsonl")
+    assert [w["output"] for w in written] == ['{"a":"é","b":[1,2]}', '["x",{"k":null}]', "plain"]
+    stats = json.loads((Path(r.run_uri) / "ingest" / "stats.json").read_text())
+    assert stats["json_outputs"]["rows"] == 2 and "canonical JSON" in stats["json_outputs"]["written_as"]
+    assert stats["dropped_before_split"] == {}
+
+
 def test_max_samples_and_seeded_shuffle(tmp_path):
     src = tmp_path / "d.jsonl"
     src.write_text("".join(json.dumps({"input": f"i{i}", "output": f"o{i}"}) + "\n" for i in range(100)))

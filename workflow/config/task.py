@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 from .base import Section
 
@@ -84,10 +84,29 @@ class TaskConfig(Section):
 
     @field_validator("metrics")
     @classmethod
-    def _metrics_exist(cls, v: list[str] | None) -> list[str] | None:
+    def _metrics_of_the_kind(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        from ..evaluation.metrics import kind_metrics
+
         for name in v or []:
             if ":" in name:
                 import_function(name)
+        kind = info.data.get("kind")
+        unknown = [m for m in v or [] if ":" not in m and kind and m not in kind_metrics(kind)]
+        if unknown:
+            raise ValueError(f"{unknown} are not metrics of kind {kind!r}; it has {kind_metrics(kind)} "
+                             "(or give 'module:function')")
+        return v
+
+    @field_validator("main_metric")
+    @classmethod
+    def _one_of_the_metrics(cls, v: str | None, info: ValidationInfo) -> str | None:
+        from ..evaluation.metrics import kind_metrics
+
+        if v is None or "kind" not in info.data:
+            return v
+        names = info.data.get("metrics") or kind_metrics(info.data["kind"])
+        if v not in names:
+            raise ValueError(f"{v!r} is not one of the task's metrics {names}")
         return v
 
     @field_validator("parser")
@@ -97,24 +116,14 @@ class TaskConfig(Section):
             import_function(v)
         return v
 
-    @model_validator(mode="after")
-    def _fits_the_kind(self) -> TaskConfig:
-        from ..evaluation.metrics import kind_metrics
-
-        known = kind_metrics(self.kind)
-        unknown = [m for m in self.metrics or [] if ":" not in m and m not in known]
-        if unknown:
-            raise ValueError(f"metrics: {unknown} are not metrics of kind {self.kind!r}; it has {known} "
-                             "(or give 'module:function')")
-        if self.main_metric is not None and self.main_metric not in self.metric_names():
-            raise ValueError(f"main_metric: {self.main_metric!r} is not one of the task's metrics "
-                             f"{self.metric_names()}")
-        owned = {"syntax": "call", "functions": "call", "attributes": "call", "labels": "label", "schema_": "json"}
-        misplaced = [key.rstrip("_") for key, kind in owned.items() if getattr(self, key) is not None
-                     and kind != self.kind]
-        if misplaced:
-            raise ValueError(f"{misplaced} do not apply to kind {self.kind!r}")
-        return self
+    @field_validator("syntax", "functions", "attributes", "labels", "schema_")
+    @classmethod
+    def _of_the_kind(cls, v: Any, info: ValidationInfo) -> Any:
+        owner = {"syntax": "call", "functions": "call", "attributes": "call", "labels": "label", "schema_": "json"}
+        kind = info.data.get("kind")
+        if v is not None and kind and owner[info.field_name] != kind:
+            raise ValueError(f"applies to kind {owner[info.field_name]!r}, not {kind!r}")
+        return v
 
     def metric_names(self) -> list[str]:
         from ..evaluation.metrics import kind_metrics

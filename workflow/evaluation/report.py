@@ -95,12 +95,7 @@ def worst_errors(table, variant: str, task: Task, limit: int) -> list[dict[str, 
     df = df[(df["variant"] == variant) & (df["expected"] != df["generated_text"])]
     if "seed" in df and df["seed"].notna().any():
         df = df[df["seed"] == df["seed"].min()]
-    metric = task.metrics[task.main_metric]
-    ranked = []
-    for row in df.itertuples():
-        e, g = (task.parse(row.expected), task.parse(row.generated_text)) if metric.parsed else (
-            row.expected, row.generated_text)
-        ranked.append((metric.aggregate([metric.per_row(e, g)]), row.row_id, row))
+    ranked = [(task.row_score(row.expected, row.generated_text), row.row_id, row) for row in df.itertuples()]
     ranked.sort(key=lambda t: t[:2])
     return [{"row_id": int(r.row_id), "input": r.input, "expected": r.expected, "got": r.generated_text,
              "error": r.error, task.main_metric: value} for value, _, r in ranked[:limit]]

@@ -160,6 +160,12 @@ class Task:
     def kind(self) -> str:
         return self.config.kind
 
+    def row_score(self, expected: str, got: str) -> float:
+        """The main metric on one row (how the worst errors are ranked and the serve smoke check scores)."""
+        metric = self.metrics[self.main_metric]
+        e, g = (self.parse(expected), self.parse(got)) if metric.parsed else (expected, got)
+        return metric.aggregate([metric.per_row(e, g)])
+
 
 def _parser(cfg: TaskConfig) -> Callable[[str], Any]:
     if cfg.parser:

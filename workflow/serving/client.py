@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..core.console import say
@@ -74,13 +75,14 @@ def similarity(a: str, b: str) -> float:
 
 
 def smoke_check(base_url: str, *, model_id: str, adapters: list[str], rows: list[dict], api_key: str | None,
-                max_tokens: int) -> dict[str, Any]:
+                max_tokens: int, main_metric: tuple[str, Callable[[str, str], float]] | None = None) -> dict[str, Any]:
     """Ask the base model and each adapter about training rows; the adapters must be closer to the targets.
 
     A model "reproduces" a target when its answer equals it; since a short CPU training
-    rarely gets there, the mean similarity (difflib ratio) to the targets is compared as
-    well: an adapter passes when it has more exact matches than the base, or as many and
-    a higher mean similarity.
+    rarely gets there, the evaluation task's main metric (``main_metric``: its name and its
+    score of one row) and the mean similarity (difflib ratio) to the targets are compared in
+    that order: an adapter passes when it has more exact matches than the base, or as many
+    and a higher mean main metric, or as high and a higher mean similarity.
     """
     models = [model_id] + [f"{model_id}:{a}" for a in adapters]
     results: dict[str, Any] = {"base_url": base_url, "model_ids": models, "models": {}}
@@ -88,15 +90,22 @@ def smoke_check(base_url: str, *, model_id: str, adapters: list[str], rows: list
         answers = []
         for row in rows:
             answer = stream_chat(base_url, model, row_messages(row), api_key=api_key, max_tokens=max_tokens)
-            answers.append({"answer": answer, "target": expected_output(row),
-                            "similarity": round(similarity(answer, expected_output(row) or ""), 4)})
+            target = expected_output(row) or ""
+            answers.append({"answer": answer, "target": target,
+                            "similarity": round(similarity(answer, target), 4),
+                            **({main_metric[0]: round(main_metric[1](target, answer), 4)} if main_metric else {})})
         results["models"][model] = {
             "answered": all(a["answer"].strip() for a in answers),
             "exact": sum(a["answer"].strip() == (a["target"] or "").strip() for a in answers),
             "mean_similarity": round(sum(a["similarity"] for a in answers) / len(answers), 4),
             "samples": answers,
         }
-        say(f"[serve] smoke {model}: exact {results['models'][model]['exact']}/{len(rows)}, "
+        if main_metric:
+            results["models"][model][f"mean_{main_metric[0]}"] = round(
+                sum(a[main_metric[0]] for a in answers) / len(answers), 4)
+        scored = (f"{main_metric[0]} {results['models'][model][f'mean_{main_metric[0]}']:.3f}, "
+                  if main_metric else "")
+        say(f"[serve] smoke {model}: exact {results['models'][model]['exact']}/{len(rows)}, {scored}"
             f"similarity {results['models'][model]['mean_similarity']:.3f}")
     # Listed after the requests: with direct streaming /v1/models shows the adapters loaded so far.
     results["listed"] = listed = list_models(base_url, api_key)
@@ -105,11 +114,11 @@ def smoke_check(base_url: str, *, model_id: str, adapters: list[str], rows: list
     problems += [f"{m} gave an empty answer" for m, r in results["models"].items() if not r["answered"]]
     for model in models[1:]:
         r = results["models"][model]
-        r["beats_base"] = (r["exact"], r["mean_similarity"]) > (base["exact"], base["mean_similarity"])
+        keys = ["exact"] + ([f"mean_{main_metric[0]}"] if main_metric else []) + ["mean_similarity"]
+        r["beats_base"] = tuple(r[k] for k in keys) > tuple(base[k] for k in keys)
         if not r["beats_base"]:
-            problems.append(f"{model} is no closer to its training targets than the base model "
-                            f"(exact {r['exact']} vs {base['exact']}, similarity {r['mean_similarity']:.3f} "
-                            f"vs {base['mean_similarity']:.3f})")
+            problems.append(f"{model} is no closer to its training targets than the base model ("
+                            + ", ".join(f"{k.removeprefix('mean_')} {r[k]} vs {base[k]}" for k in keys) + ")")
     results["passed"] = not problems
     results["problems"] = problems
     return results

@@ -30,8 +30,10 @@ from ..core.console import say
 from ..core.envs import SERVE
 from ..core.errors import WorkflowError
 from ..core.stage import StageContext, StageResult
+from ..evaluation import tasks
 from ..patches import ray_serve_direct_streaming
 from ..prompts import guard
+from ..prompts.messages import expected_output
 from ..serving import adapter_store, app, client, cluster
 
 ENV = SERVE
@@ -122,12 +124,25 @@ def _adapters(ctx: StageContext) -> tuple[str | None, list[str], int | None, lis
     if not names:
         raise WorkflowError(f"serve: no adapter in {adapters_dir} (no <name>/adapter_config.json)",
                             hint="rerun the train stage")
-    rows = []
+    return adapters_dir, names, train["summary"].get("lora_rank"), _training_rows(ctx)
+
+
+def _training_rows(ctx: StageContext) -> list[dict]:
     train_uri = ctx.upstream("ingest")["outputs"].get("train")
-    if train_uri:
-        lines = storage.read_text(train_uri).splitlines()
-        rows = [json.loads(line) for line in lines[: ctx.recipe.serve.smoke.rows] if line.strip()]
-    return adapters_dir, names, train["summary"].get("lora_rank"), rows
+    if not train_uri:
+        return []
+    return [json.loads(line) for line in storage.read_text(train_uri).splitlines() if line.strip()]
+
+
+def _smoke_metric(ctx: StageContext, rows: list[dict]):
+    """(name, one row's score) of the evaluation task's main metric: the recipe's task, else the one the
+    training outputs read as; None without either."""
+    cfg = ctx.recipe.evaluate.task if ctx.recipe.evaluate is not None else None
+    outputs = [o for o in map(expected_output, rows) if o is not None]
+    if cfg is None and not outputs:
+        return None
+    task = tasks.build(cfg, outputs, where=f"{ctx.recipe.path}: evaluate.task")
+    return task.main_metric, task.row_score
 
 
 def _serve_listening_at(ctx: StageContext, host: str, port: int, address: str) -> tuple[str, int]:
@@ -178,7 +193,9 @@ def run(ctx: StageContext) -> StageResult:
                                  "RAY_ADDRESS to serve on a cluster of the workflow's own on this machine")
     model = ctx.upstream("model")
     model_source = model["outputs"]["model"]
-    adapters_dir, adapter_names, lora_rank, rows = _adapters(ctx)
+    adapters_dir, adapter_names, lora_rank, training = _adapters(ctx)
+    main_metric = _smoke_metric(ctx, training) if adapter_names else None
+    rows = training[: cfg.smoke.rows]
     local_adapters = adapters_dir is not None and storage.is_local(adapters_dir)
     if local_adapters and model_source.startswith("s3://"):
         raise WorkflowError(f"serve: the run's adapters are in a local folder ({adapters_dir}) and the model in "
@@ -254,7 +271,7 @@ def run(ctx: StageContext) -> StageResult:
         say(client.usage_text(base_url, model_ids, cfg.api_key_env))
         smoke = client.smoke_check(base_url, model_id=model_id, adapters=adapter_names, rows=rows or
                                    [{"instruction": "Say hello.", "output": ""}], api_key=api_key,
-                                   max_tokens=cfg.smoke.max_tokens)
+                                   max_tokens=cfg.smoke.max_tokens, main_metric=main_metric)
         smoke_uri = storage.join(ctx.out_uri, "smoke.json")
         storage.write_json(smoke_uri, smoke)
         endpoint = {"base_url": base_url, "model_ids": model_ids, "api_key_env": cfg.api_key_env,
