@@ -131,6 +131,33 @@ def test_over_rank_adapter_is_refused_before_any_engine_starts(make_run, tiny_ad
     assert time.monotonic() - started < 120  # no engine start-up
 
 
+def test_adapters_the_engine_would_serve_differently_are_refused_before_it_starts(make_run, tiny_adapter, tmp_path):
+    import shutil
+
+    from workflow.core import manifest
+
+    saved = tmp_path / "saved"
+    shutil.copytree(tiny_adapter, saved)
+    cfg = json.loads((saved / "adapter_config.json").read_text())
+    (saved / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": ["lm_head"]}))
+    proc = run_cli("evaluate", str(make_run("eval-saved-modules", rows=2, adapters={"saved": saved})))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "adapter 'saved' saves full modules ['lm_head'] (modules_to_save)" in line and "additional_target" in line
+
+    # The model stage ran again after training (another base), the train stage did not.
+    recipe = make_run("eval-other-base", rows=2, adapters={"viggo": tiny_adapter})
+    train_dir = recipe.parent / "runs" / "eval-other-base" / "train"
+    trained = json.loads((train_dir / "manifest.json").read_text())
+    manifest.write(str(train_dir), stage="train", run=trained["run"], config={}, inputs={"model": "f" * 64},
+                   outputs=trained["outputs"], summary=trained["summary"], started_at=trained["started_at"])
+    proc = run_cli("evaluate", str(recipe))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "evaluate: the run's adapters were trained on another base model" in line and "train stage again" in line
+    assert not (recipe.parent / "runs" / "eval-other-base" / "evaluate" / "manifest.json").exists()
+
+
 @pytest.mark.parametrize("section, message", [
     ({"processor": {"batch_size": 4, "bogus_key": 1}}, "evaluate.processor: bogus_key: unknown key"),
     ({"processor": {"engine_kwargs": {"max_model_length": 512}}}, "unknown vLLM engine argument(s) ['max_model_length']"),
@@ -230,8 +257,12 @@ def test_every_kind_by_yaml_alone_and_its_constrained_answers_parse(make_run, op
     endpoint = {"processor": {"url": openai_server + "/v1/chat/completions", "batch_size": 8, "qps": 50},
                 "models": ["tiny"]}
     evaluate = {"endpoint": endpoint, "sampling_params": {"temperature": 0.0, "max_tokens": 160}, "bootstrap": 200}
-    if kind != "text":
+    if kind == "text":  # sampled, one pass per seed
+        evaluate.update(seeds=[1, 2], sampling_params={"temperature": 1.0, "max_tokens": 48})
+    else:
         evaluate["constrained_decoding"] = {"max_value_chars": 8, "max_slots": 2}
+    if kind == "json":  # room for every optional member of the schema at its longest
+        evaluate["sampling_params"]["max_tokens"] = 320
     recipe = make_run(f"eval-{variant}", rows=8, data=viggo_variants[variant], evaluate=evaluate)
     proc = run_cli("evaluate", str(recipe))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -240,9 +271,13 @@ def test_every_kind_by_yaml_alone_and_its_constrained_answers_parse(make_run, op
     results = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
     assert set(results["tiny"]["metrics"]) == set(metrics.kind_metrics(kind))
     assert set(results["tiny"]["intervals"]) == set(metrics.kind_metrics(kind))
-    if kind == "text":
-        return
     df = predictions(run_dir)
+    if kind == "text":
+        assert sorted(results["tiny"]["seeds"]) == ["1", "2"] and set(results["tiny"]["spread"]) == set(
+            metrics.kind_metrics(kind))
+        by_seed = df.set_index(["seed", "row_id"])["generated_text"]
+        assert len(df) == 2 * 8 and any(by_seed[1][i] != by_seed[2][i] for i in range(8))
+        return
     task = tasks.build(tasks.infer([json.loads(line)["output"] for line in
                                     (viggo_variants[variant] / "train.jsonl").read_text().splitlines()]), None)
     for text in df[df["constrained"]]["generated_text"]:

@@ -35,6 +35,34 @@ def adapter_rank(location: str | Path) -> int:
     return int(storage.read_json(config)["r"])
 
 
+def lint_adapters(adapters: dict[str, str], where: str) -> None:
+    """Refuse, before an engine loads them, adapters the engine would serve differently from training.
+
+    ``modules_to_save`` (LLaMA-Factory's ``additional_target``): full copies of modules such as
+    ``lm_head`` or ``embed_tokens`` trained beside the low-rank weights. vLLM 0.32 applies saved
+    modules only to a cross-encoder's score head; a generative model's are dropped, so its answers
+    would not be the trained adapter's.
+    """
+    for name, location in adapters.items():
+        config = storage.read_json(storage.join(str(location), "adapter_config.json"))
+        saved = sorted(config.get("modules_to_save") or [])
+        if saved:
+            raise WorkflowError(f"{where}: adapter {name!r} saves full modules {saved} (modules_to_save), which vLLM "
+                                "does not apply to a generative model: its answers would differ from training",
+                                hint="train without them (remove train.llamafactory.additional_target), or evaluate "
+                                     "it with transformers + PEFT instead of vLLM")
+
+
+def check_trained_on(train_manifest: dict[str, Any], model_manifest: dict[str, Any], where: str) -> None:
+    """Refuse adapters trained on another base than the run's model stage holds now (the model stage
+    ran again since, and train did not)."""
+    trained_on = (train_manifest.get("inputs") or {}).get("model")
+    if trained_on and trained_on != model_manifest["fingerprint"]:
+        raise WorkflowError(f"{where}: the run's adapters were trained on another base model (model stage "
+                            f"{trained_on[:19]} at training, {model_manifest['fingerprint'][:19]} now)",
+                            hint="run the train stage again: it trains on the model stage's current output")
+
+
 def lora_engine_kwargs(engine_kwargs: dict[str, Any], adapters: dict[str, str], where: str) -> dict[str, Any]:
     """engine_kwargs with enable_lora, max_lora_rank and max_loras derived from the adapters.
 

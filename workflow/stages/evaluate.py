@@ -24,7 +24,13 @@ from ..core.errors import WorkflowError
 from ..core.stage import StageContext, StageResult
 from ..evaluation import report, tasks
 from ..inference import io, processor
-from ..inference.adapters import engine_adapters, lora_engine_kwargs, model_for_engine
+from ..inference.adapters import (
+    check_trained_on,
+    engine_adapters,
+    lint_adapters,
+    lora_engine_kwargs,
+    model_for_engine,
+)
 from ..prompts import guard
 from ..prompts.messages import expected_output
 
@@ -119,6 +125,8 @@ def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]], 
         model_source = model_for_engine(model["outputs"]["model"])
         adapters = run_adapters(ctx, cfg)
         if adapters:
+            check_trained_on(ctx.upstream("train"), model, "evaluate")
+            lint_adapters(adapters, "evaluate")
             guard.check_stored_adapters(ctx.upstream("train")["outputs"]["adapters_dir"], list(adapters),
                                         model["outputs"]["model"], ctx.scratch("prompt-format"), where="evaluate",
                                         allow_mismatch=cfg.allow_prompt_mismatch,

@@ -31,6 +31,7 @@ from ..core.envs import SERVE
 from ..core.errors import WorkflowError
 from ..core.stage import StageContext, StageResult
 from ..evaluation import tasks
+from ..inference.adapters import check_trained_on, lint_adapters
 from ..patches import ray_serve_direct_streaming
 from ..prompts import guard
 from ..prompts.messages import expected_output
@@ -196,6 +197,9 @@ def run(ctx: StageContext) -> StageResult:
     adapters_dir, adapter_names, lora_rank, training = _adapters(ctx)
     main_metric = _smoke_metric(ctx, training) if adapter_names else None
     rows = training[: cfg.smoke.rows]
+    if adapter_names:
+        check_trained_on(ctx.upstream("train"), model, "serve")
+        lint_adapters({name: storage.join(adapters_dir, name) for name in adapter_names}, "serve")
     local_adapters = adapters_dir is not None and storage.is_local(adapters_dir)
     if local_adapters and model_source.startswith("s3://"):
         raise WorkflowError(f"serve: the run's adapters are in a local folder ({adapters_dir}) and the model in "
