@@ -80,7 +80,7 @@ def _make_callbacks(rank: int, tensorboard_dir: Path, tensorboard_uri: str | Non
             left = elapsed / done * (state.max_steps - state.global_step) if done else 0.0
             say(f"[training] step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
                 f"lr {logs.get('learning_rate', 0):.2e} epoch {logs.get('epoch', 0):.2f} "
-                f"elapsed {elapsed:.0f}s left ~{left:.0f}s")
+                f"elapsed {elapsed:.1f}s left ~{left:.0f}s")
 
     return [ReportCheckpointToRay(), PrintProgress(), lora_fast_path_callback(), packed_attention_callback()]
 
