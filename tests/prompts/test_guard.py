@@ -43,3 +43,26 @@ def test_first_difference():
     assert prompt_format.first_difference([1, 2, 3], [1, 2, 3]) is None
     assert prompt_format.first_difference([1, 2, 3], [1, 5, 3]) == 1
     assert prompt_format.first_difference([1, 2], [1, 2, 3]) == 2
+
+
+def test_the_serve_environments_tokenizer_renders_what_training_recorded(tiny_model, tmp_path):
+    """The record is made here (train env: LLaMA-Factory, its transformers), the check runs in the serve
+    environment (vLLM's transformers), as evaluate and serve do: the cross-environment drift the guard exists for."""
+    import json
+    import subprocess
+
+    import transformers
+    from transformers import AutoTokenizer
+
+    from workflow.core import envs
+
+    record = prompt_format.record(AutoTokenizer.from_pretrained(tiny_model), "qwen", ROW)
+    (tmp_path / prompt_format.FILE).write_text(json.dumps(record))
+    check = ("import sys, transformers; from workflow.prompts import guard; "
+             "guard.check_adapter(sys.argv[1], sys.argv[2], where='serve'); print('transformers', transformers.__version__)")
+    proc = subprocess.run([envs.python_for(envs.SERVE), "-c", check, str(tmp_path), str(tiny_model)],
+                          env=envs.stage_environment(envs.SERVE), capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "prompt format matches training (template 'qwen')" in proc.stdout
+    # The two environments do pin different transformers releases: the check is across them.
+    assert f"transformers {transformers.__version__}" not in proc.stdout
