@@ -182,7 +182,7 @@ def _metrics(cfg: TaskConfig) -> dict[str, Metric]:
 
 
 def build(cfg: TaskConfig | None, train_outputs: list[str] | None, *, constrained=None,
-          where: str = "evaluate.task") -> Task:
+          where: str = "evaluate.task", stage: str = "evaluate") -> Task:
     """The task: ``cfg``, or inferred from ``train_outputs`` (and said so, with how to pin it).
 
     ``constrained`` (the recipe's ``evaluate.constrained_decoding``, or None) asks for the
@@ -193,7 +193,7 @@ def build(cfg: TaskConfig | None, train_outputs: list[str] | None, *, constraine
             raise WorkflowError(f"{where}: no task given and no training split to infer it from",
                                 hint="set evaluate.task (e.g. {kind: text}; see tasks/)")
         cfg = infer(train_outputs)
-        say(f"[evaluate] task: inferred kind {cfg.kind!r} from {len(train_outputs)} training outputs; to pin it, "
+        say(f"[{stage}] task: inferred kind {cfg.kind!r} from {len(train_outputs)} training outputs; to pin it, "
             f"set evaluate.task: {json.dumps(dump(cfg))}")
     parse = _parser(cfg)
     task = Task(cfg, parse, _metrics(cfg), cfg.main())

@@ -142,7 +142,7 @@ def _smoke_metric(ctx: StageContext, rows: list[dict]):
     outputs = [o for o in map(expected_output, rows) if o is not None]
     if cfg is None and not outputs:
         return None
-    task = tasks.build(cfg, outputs, where=f"{ctx.recipe.path}: evaluate.task")
+    task = tasks.build(cfg, outputs, where=f"{ctx.recipe.path}: evaluate.task", stage="serve")
     return task.main_metric, task.row_score
 
 
