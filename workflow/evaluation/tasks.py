@@ -182,18 +182,21 @@ def _metrics(cfg: TaskConfig) -> dict[str, Metric]:
 
 
 def build(cfg: TaskConfig | None, train_outputs: list[str] | None, *, constrained=None,
-          where: str = "evaluate.task", stage: str = "evaluate") -> Task:
+          where: str = "evaluate.task", stage: str = "evaluate", reference_outputs: list[str] | None = None) -> Task:
     """The task: ``cfg``, or inferred from ``train_outputs`` (and said so, with how to pin it).
 
-    ``constrained`` (the recipe's ``evaluate.constrained_decoding``, or None) asks for the
-    kind's decoding constraint, its vocabulary taken from ``cfg`` or learnt from the outputs.
+    Without a training split the kind is read off ``reference_outputs`` (the evaluated split's
+    expected outputs: what answers look like, never what the model is shown). ``constrained``
+    (the recipe's ``evaluate.constrained_decoding``, or None) asks for the kind's decoding
+    constraint, its vocabulary taken from ``cfg`` or learnt from the training outputs only.
     """
     if cfg is None:
-        if not train_outputs:
-            raise WorkflowError(f"{where}: no task given and no training split to infer it from",
+        outputs, source = (train_outputs, "training") if train_outputs else (reference_outputs, "reference")
+        if not outputs:
+            raise WorkflowError(f"{where}: no task given and no outputs to infer it from",
                                 hint="set evaluate.task (e.g. {kind: text}; see tasks/)")
-        cfg = infer(train_outputs)
-        say(f"[{stage}] task: inferred kind {cfg.kind!r} from {len(train_outputs)} training outputs; to pin it, "
+        cfg = infer(outputs)
+        say(f"[{stage}] task: inferred kind {cfg.kind!r} from {len(outputs)} {source} outputs; to pin it, "
             f"set evaluate.task: {json.dumps(dump(cfg))}")
     parse = _parser(cfg)
     task = Task(cfg, parse, _metrics(cfg), cfg.main())

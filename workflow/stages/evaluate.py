@@ -179,7 +179,8 @@ def run(ctx: StageContext) -> StageResult:
     check_library_fields(cfg)
     rows = load_rows(ctx, cfg)
     task = tasks.build(cfg.task, training_outputs(ctx), constrained=cfg.constrained_decoding,
-                       where=f"{ctx.recipe.path}: evaluate.task")
+                       where=f"{ctx.recipe.path}: evaluate.task",
+                       reference_outputs=[metrics_reference(row) for row in rows])
     table = predict(ctx, cfg, rows, task)
     results = report.score(table, task, bootstrap=cfg.bootstrap)
     names = list(task.metrics)
