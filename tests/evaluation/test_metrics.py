@@ -322,3 +322,12 @@ def test_worst_errors_are_ranked_by_the_main_metric():
     worst = report.worst_errors(table, "v", task, 5)
     assert [w["got"] for w in worst] == ["garbage", close]
     assert worst[0]["slot_f1"] == 0.0 and worst[1]["slot_f1"] == pytest.approx(2 / 3)
+
+
+def test_without_training_outputs_the_kind_is_read_off_the_references_and_constraints_need_training(capsys):
+    task = tasks.build(None, None, reference_outputs=["inform(name[a])", "request(specifier[b])"])
+    assert task.kind == "call" and "from 2 reference outputs" in capsys.readouterr().out
+    with pytest.raises(Exception, match="no function or attribute names to constrain decoding to"):
+        tasks.build(None, None, reference_outputs=["inform(name[a])"], constrained=bounds())
+    with pytest.raises(Exception, match="no task given and no outputs to infer it from"):
+        tasks.build(None, None)
