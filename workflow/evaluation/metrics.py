@@ -11,7 +11,6 @@ strings. ``exact_match`` is the reference tutorial's metric as it defines it
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -222,7 +221,3 @@ def macro_f1_of_pairs(pairs: list) -> float:
 @register("macro_f1", ("label",), aggregate=macro_f1_of_pairs, parsed=True, by_mean=False)
 def label_pair(expected, got):
     return (expected, got)
-
-
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -18,8 +18,9 @@ from typing import Any
 from ..config.task import CallSyntax, TaskConfig, dump, import_function
 from ..core.console import say
 from ..core.errors import WorkflowError
+from ..dataset.formats import canonical_json
 from . import constraints
-from .metrics import METRICS, Metric, canonical_json, from_function
+from .metrics import METRICS, Metric, from_function
 
 
 @dataclass(frozen=True)
