@@ -16,16 +16,16 @@ from .tasks import Task
 
 
 def _rows_scores(task: Task, expected: list[str], got: list[str], bootstrap: int) -> dict[str, Any]:
-    """The task's metrics on these rows, each with its bootstrap interval, and the per-row statistics."""
+    """The task's metrics on these rows, each with its bootstrap interval, and the parsed answers."""
     parsed_expected, parsed_got = [task.parse(e) for e in expected], [task.parse(g) for g in got]
-    scores, intervals, stats = {}, {}, {}
+    scores, intervals = {}, {}
     for name, metric in task.metrics.items():
         e, g = (parsed_expected, parsed_got) if metric.parsed else (expected, got)
-        stats[name] = [metric.per_row(a, b) for a, b in zip(e, g, strict=True)]
-        scores[name] = metric.aggregate(stats[name])
+        stats = [metric.per_row(a, b) for a, b in zip(e, g, strict=True)]
+        scores[name] = metric.aggregate(stats)
         if bootstrap:
-            intervals[name] = list(metrics.bootstrap_interval(metric, stats[name], samples=bootstrap))
-    return {"metrics": scores, "intervals": intervals, "stats": stats, "parsed": (parsed_expected, parsed_got)}
+            intervals[name] = list(metrics.bootstrap_interval(metric, stats, samples=bootstrap))
+    return {"metrics": scores, "intervals": intervals, "parsed": (parsed_expected, parsed_got)}
 
 
 def _breakdowns(task: Task, parsed_expected: list, parsed_got: list, expected: list[str],
@@ -72,8 +72,9 @@ def score(table, task: Task, *, bootstrap: int = 1000) -> dict[str, Any]:
     for variant, group in df.groupby("variant", sort=True):
         seeds = sorted(group["seed"].dropna().unique()) if "seed" in group else []
         passes = [group[group["seed"] == s] for s in seeds] if len(seeds) > 1 else [group]
-        per_pass = [_rows_scores(task, p["expected"].tolist(), p["generated_text"].tolist(), 0) for p in passes]
         pooled = _rows_scores(task, group["expected"].tolist(), group["generated_text"].tolist(), bootstrap)
+        per_pass = [pooled] if len(passes) == 1 else [
+            _rows_scores(task, p["expected"].tolist(), p["generated_text"].tolist(), 0) for p in passes]
         entry: dict[str, Any] = {
             "metrics": {m: statistics.fmean(p["metrics"][m] for p in per_pass) for m in task.metrics},
             "intervals": pooled["intervals"],
