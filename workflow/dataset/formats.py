@@ -17,7 +17,7 @@ from ..core.errors import WorkflowError
 from .read import read_records
 
 ROLES = ("system", "user", "assistant")
-# Counted with the dropped rows' reasons, reported apart: rows kept, their output written as canonical JSON.
+# How ingest writes object- and list-valued outputs (said in stats.json and on the console).
 JSON_OUTPUTS = "object- or list-valued outputs kept as canonical JSON text (sorted keys, compact)"
 
 
@@ -120,30 +120,27 @@ def check_columns(rows: list[dict], cfg: IngestConfig, where: str) -> None:
                                 hint=f"set ingest.columns.{field} to one of its columns")
 
 
-def convert(rows: list[dict], cfg: IngestConfig, where: str) -> tuple[list[dict], Counter]:
+def convert(rows: list[dict], cfg: IngestConfig, where: str) -> tuple[list[dict], Counter, int]:
+    """(the rows in LLaMA-Factory's form, the dropped rows' reasons, how many outputs were kept as JSON text)."""
     check_columns(rows, cfg, where)
     mapper = to_alpaca if cfg.format == "alpaca" else to_sharegpt
-    kept, dropped = [], Counter()
+    kept, dropped, json_outputs = [], Counter(), 0
     output_column = cfg.columns.get("output", "output")
     for i, row in enumerate(rows, 1):
         try:
             kept.append(mapper(row, cfg))
-            if isinstance(row.get(output_column), dict | list):
-                dropped[JSON_OUTPUTS] += 1
+            json_outputs += isinstance(row.get(output_column), dict | list)
         except InvalidRow as reason:
             if cfg.on_invalid == "fail":
                 raise WorkflowError(f"{where}: row {i}: {reason}",
                                     hint="fix the row, or set ingest.on_invalid: drop to skip such rows") from None
             dropped[str(reason)] += 1
-    return kept, dropped
+    return kept, dropped, json_outputs
 
 
-def _counts(reasons: Counter) -> dict[str, Any]:
-    """``dropped`` reasons, and the outputs kept as JSON text apart (``json_outputs``: count and how)."""
-    found: dict[str, Any] = {"dropped": {k: v for k, v in reasons.items() if k != JSON_OUTPUTS}}
-    if reasons.get(JSON_OUTPUTS):
-        found["json_outputs"] = {"rows": reasons[JSON_OUTPUTS], "written_as": JSON_OUTPUTS}
-    return found
+def _json_outputs(count: int) -> dict[str, Any]:
+    """The stats entry of the outputs kept as JSON text (none without such outputs)."""
+    return {"json_outputs": {"rows": count, "written_as": JSON_OUTPUTS}} if count else {}
 
 
 def split_sources(cfg: IngestConfig) -> dict[str, str]:
@@ -160,14 +157,14 @@ def load_splits(cfg: IngestConfig) -> tuple[dict[str, list[dict]], dict[str, Any
     if cfg.splits is not None:
         for name, uri in split_sources(cfg).items():
             raw = read_records(uri, cfg.file_format)
-            rows, dropped = convert(raw, cfg, uri)
+            rows, dropped, json_outputs = convert(raw, cfg, uri)
             if cfg.shuffle:
                 rng.shuffle(rows)
             splits[name] = rows
-            stats[name] = {"source": uri, "read": len(raw), **_counts(dropped)}
+            stats[name] = {"source": uri, "read": len(raw), "dropped": dict(dropped), **_json_outputs(json_outputs)}
     else:
         raw = read_records(cfg.source, cfg.file_format)
-        rows, dropped = convert(raw, cfg, cfg.source)
+        rows, dropped, json_outputs = convert(raw, cfg, cfg.source)
         if cfg.shuffle:
             rng.shuffle(rows)
         start = 0
@@ -179,10 +176,8 @@ def load_splits(cfg: IngestConfig) -> tuple[dict[str, list[dict]], dict[str, Any
             splits[name] = rows[start:end]
             stats[name] = {"source": cfg.source, "read": end - start, "dropped": {}}
             start = end
-        counts = _counts(dropped)
-        stats["dropped_before_split"] = counts["dropped"]
-        if "json_outputs" in counts:
-            stats["json_outputs"] = counts["json_outputs"]
+        stats["dropped_before_split"] = dict(dropped)
+        stats.update(_json_outputs(json_outputs))
     for name, rows in splits.items():
         limit = cfg.max_samples.get(name) if isinstance(cfg.max_samples, dict) else cfg.max_samples
         if limit is not None:

@@ -60,9 +60,9 @@ def run(ctx: StageContext) -> StageResult:
         s = stats[name]
         dropped = ", ".join(f"{k}: {v}" for k, v in s["dropped"].items()) or "none"
         say(f"[ingest] {name}: read {s['read']}, kept {s['kept']}, dropped {sum(s['dropped'].values())} ({dropped})")
-    for where in [n for n in splits if "json_outputs" in stats[n]] + (["source"] if "json_outputs" in stats else []):
-        found = stats[where]["json_outputs"] if where in splits else stats["json_outputs"]
-        say(f"[ingest] {where}: {found['rows']} {found['written_as']}")
+    for where, s in [*((name, stats[name]) for name in splits), ("source", stats)]:
+        if "json_outputs" in s:
+            say(f"[ingest] {where}: {s['json_outputs']['rows']} {s['json_outputs']['written_as']}")
     outputs = {name: storage.join(ctx.out_uri, f"{name}.jsonl") for name in splits}
     outputs["dataset_info"] = storage.join(ctx.out_uri, "dataset_info.json")
     hashes = {name: manifest.hash_file(uri) for name, uri in outputs.items()}
