@@ -22,6 +22,7 @@ from ..core.console import say
 from ..core.envs import SERVE
 from ..core.errors import WorkflowError
 from ..core.stage import StageContext, StageResult
+from ..dataset.read import read_records
 from ..evaluation import report, tasks
 from ..inference import io, processor
 from ..inference.adapters import (
@@ -81,8 +82,7 @@ def training_outputs(ctx: StageContext) -> list[str] | None:
     train_uri = ctx.upstream("ingest")["outputs"].get("train")
     if not train_uri:
         return None
-    rows = [json.loads(line) for line in storage.read_text(train_uri).splitlines() if line.strip()]
-    return [o for o in map(expected_output, rows) if o is not None]
+    return [o for o in map(expected_output, read_records(train_uri, "jsonl")) if o is not None]
 
 
 def expand_rows(rows: list[dict[str, Any]], variants: list[tuple[str, dict[str, Any]]],

@@ -30,6 +30,7 @@ from ..core.console import say
 from ..core.envs import SERVE
 from ..core.errors import WorkflowError
 from ..core.stage import StageContext, StageResult
+from ..dataset.read import read_records
 from ..evaluation import tasks
 from ..inference.adapters import check_trained_on, lint_adapters
 from ..patches import ray_serve_direct_streaming
@@ -132,7 +133,7 @@ def _training_rows(ctx: StageContext) -> list[dict]:
     train_uri = ctx.upstream("ingest")["outputs"].get("train")
     if not train_uri:
         return []
-    return [json.loads(line) for line in storage.read_text(train_uri).splitlines() if line.strip()]
+    return read_records(train_uri, "jsonl")
 
 
 def _smoke_metric(ctx: StageContext, rows: list[dict]):
