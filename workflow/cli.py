@@ -7,7 +7,7 @@
     workflow serve RECIPE [--detach | --stop]      workflow stop RECIPE
     workflow sync SRC DEST
     workflow tiny-model --data FILE... --out DIR
-    workflow show RECIPE|RUN_URI
+    workflow show RECIPE|RUN_URI [--html [PATH]]
 
 Errors print one line (``--debug`` adds the traceback) and exit non-zero. A stage shows its own
 progress lines and writes everything the libraries print to ``<run>/logs/<stage>.log``;
@@ -98,9 +98,14 @@ def _cmd_tiny_model(args) -> int:
 
 
 def _cmd_show(args) -> int:
-    from .show import show
+    from .show import run_uri_of, show
 
-    show(args.target)
+    if args.html is None:
+        show(args.target)
+        return 0
+    from .report_html import write_report
+
+    print(f"report: {write_report(run_uri_of(args.target), args.html or None)}")
     return 0
 
 
@@ -170,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("show", help="show a run's stages, outputs and lineage")
     p.add_argument("target", help="a recipe file or a run's storage URI")
+    p.add_argument("--html", nargs="?", const="", metavar="PATH",
+                   help="write the run's report page instead (default PATH: <run>/report.html; a local path or URI)")
     p.set_defaults(func=_cmd_show)
     return parser
 

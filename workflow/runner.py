@@ -217,4 +217,10 @@ def run_pipeline(recipe: Recipe, *, stages: list[str] | None = None, from_stage:
     print(f"run {recipe.name}: {' -> '.join(chosen)}  (storage {recipe.run_uri})", flush=True)
     for name in chosen:
         run_stage(name, recipe, force=force, debug=debug, options=(options or {}).get(name))
+    from .report_html import write_report  # it reads the lineage through show.py, which imports this module
+
+    try:
+        write_report(recipe.run_uri)
+    except WorkflowError as err:
+        print(f"warning: no {recipe.run_uri}/report.html: {err}", file=sys.stderr, flush=True)
     return chosen

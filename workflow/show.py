@@ -83,6 +83,7 @@ def run_summary(recipe) -> str:
         shown = {k: v for k, v in m["outputs"].items() if not k.endswith((".parquet", ".md"))}
         lines.append(f"  {stage:<9} " + ", ".join(f"{k}: {v}" for k, v in shown.items()))
     lines.append(f"  {'logs':<9} {storage.join(recipe.run_uri, 'logs')} (each stage's full output)")
+    lines.append(f"  {'report':<9} {storage.join(recipe.run_uri, 'report.html')} (the run on one page, for a browser)")
     evaluation = stages.get("evaluate", {}).get("summary", {}).get("metrics")
     if evaluation:
         names = list(next(iter(evaluation.values())))
