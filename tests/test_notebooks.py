@@ -20,4 +20,6 @@ def test_notebook_executes(path, ci_recipe, monkeypatch, tmp_path):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     # The walkthrough shows the loss curve and the metrics chart.
     assert sum(1 for o in outputs if "image/png" in o.get("data", {})) >= 2
+    # ... and the run report page inline (workflow/report_html.py).
+    assert any("<h2>Lineage</h2>" in "".join(o.get("data", {}).get("text/html", "")) for o in outputs)
     nbformat.write(nb, tmp_path / path.name)
