@@ -120,6 +120,16 @@ def test_a_run_with_only_ingest_renders_the_rest_as_not_run(tmp_path):
     assert "<h2>Parity</h2>" not in page and outside_references(page) == []
 
 
+def test_the_page_is_written_into_a_bucket(s3_bucket):
+    from workflow.core import storage
+    from workflow.report_html import write_report
+
+    run = f"{s3_bucket}/runs/in-a-bucket"
+    _stage(run, "ingest", {"source": "cd" * 32}, {"test": f"{run}/ingest/test.jsonl"}, {"rows": {"test": 1}})
+    assert write_report(run) == f"{run}/report.html"
+    assert "<h2>Lineage</h2>" in storage.read_text(f"{run}/report.html")
+
+
 def test_show_html_writes_the_page_where_asked(full_run, tmp_path, capsys):
     from workflow.cli import main
 

@@ -138,7 +138,8 @@ def _evaluation_section(evaluate: dict | None) -> str:
     if results:
         variants = list(results)
         names = list(next(iter(results.values()))["metrics"])
-        parts.append("<p class=meta>each cell: the score and its 95% bootstrap interval over rows</p><table><tr>"
+        parts.append("<p class=meta>each cell: the score (±sd over seeds, where there are several) and its 95% bootstrap "
+                     "interval over rows</p><table><tr>"
                      "<th>metric</th>" + "".join(f"<th>{_e(v)}</th>" for v in variants) + "</tr>")
         for n in names:
             parts.append(f"<tr><td>{_e(n)}</td>" + "".join(
@@ -150,7 +151,7 @@ def _evaluation_section(evaluate: dict | None) -> str:
     for chart in ("metrics.png", "confusion.png"):
         if chart in outputs and (png := _read(outputs[chart])):
             parts.append(_image(png, chart))
-    worst = worst_errors_in_report(_read(outputs["report.md"]).decode()) if "report.md" in outputs else {}
+    worst = worst_errors_in_report((_read(outputs.get("report.md", "")) or b"").decode())
     parts.append("<h2>Worst errors</h2>")
     if not worst:
         parts.append("<p class=meta>report.md lists none</p>")
@@ -243,6 +244,8 @@ def _json_tables(data) -> str:
 
 def _with_interval(result: dict, name: str) -> str:
     text = f"{result['metrics'][name]:.3f}"
+    if "spread" in result:  # several sampling seeds: the mean and their standard deviation
+        text += f" ±{result['spread'][name]:.3f}"
     if name in result.get("intervals", {}):
         lo, hi = result["intervals"][name]
         text += f" [{lo:.3f}, {hi:.3f}]"
