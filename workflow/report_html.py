@@ -266,7 +266,9 @@ def _read(uri: str) -> bytes | None:
 
 
 def _short(value, limit: int = 120) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    """A value as text for a cell: floats to 4 significant digits, structures as JSON, cut at ``limit``."""
+    text = value if isinstance(value, str) else f"{value:.4g}" if isinstance(value, float) else json.dumps(
+        value, default=str)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
