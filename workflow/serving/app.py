@@ -120,9 +120,15 @@ def ingress_cls_config(api_key: str | None) -> dict[str, Any] | None:
 
 
 # The cluster's side of direct streaming (ServeConfig.direct_streaming): HAProxy in front, the
-# LLM replicas as the ingress, request bodies forwarded to the router (adapter routing).
+# LLM replicas as the ingress, request bodies forwarded to the router (adapter routing). A stopping
+# ingress replica is held open for Serve's minimum draining period, 30 s by default, so that an
+# external load balancer (an ALB) can deregister it: here HAProxy runs on the replica's node, is
+# reconfigured by Serve itself and retries refused connections, so 2 s is enough, and every stop
+# and replica replacement of the workflow's own cluster is 28 s shorter. In-flight requests are
+# still drained (up to the deployment's graceful_shutdown_timeout_s).
 DIRECT_STREAMING_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1",
-                        "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1"}
+                        "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
+                        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
 def direct_streaming_env(api_key: str | None) -> dict[str, str]:

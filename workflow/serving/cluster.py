@@ -63,8 +63,11 @@ def start_cluster(state_dir: Path, *, num_cpus: int, env_vars: dict[str, str]) -
     state = {"address": f"127.0.0.1:{gcs_port}", "temp_dir": str(temp_dir), "log": str(state_dir / "ray-head.log")}
     # Token authentication, with Ray's per-user token (~/.ray/auth_token, made if missing);
     # CLUSTER_MARKER tags every process of this cluster (workers inherit the environment).
+    # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: on SIGTERM, `ray start` would first ask the GCS to drain
+    # its node and wait up to 30 s for it to go idle, for replicas to move elsewhere; a one-node cluster
+    # that is being ended has nowhere to move them (Serve has already been shut down by then).
     env = {**os.environ, **env_vars, "RAY_AUTH_MODE": "token", CLUSTER_MARKER: state["address"],
-           "RAY_USAGE_STATS_ENABLED": "0"}
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(name, None)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -161,8 +164,8 @@ def _end_leftovers(procs: list, *, timeout_s: float) -> None:
     left = list({p.pid: p for p in procs if p.is_running()}.values())  # is_running: False if the pid was reused
     if not left:
         return
-    say(f"[serve] ending {len(left)} process(es) the cluster left behind: "
-        f"{', '.join(sorted({_title(p) for p in left}))}")
+    print(f"[serve] ending {len(left)} process(es) the cluster left behind: "
+          f"{', '.join(sorted({_title(p) for p in left}))}")
     for proc in left:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
