@@ -1,5 +1,7 @@
 """Storage helpers on a local folder and on the loopback S3 server."""
 
+import time
+
 import pytest
 
 from workflow.core import storage
@@ -55,13 +57,30 @@ def test_transient_errors_are_retried_then_reported(capsys):
         return "ok"
 
     assert storage.with_retries(flaky, what="upload x", base_delay=0.01) == "ok"
-    assert len(attempts) == 3 and "retry 2/4" in capsys.readouterr().out
+    assert len(attempts) == 3 and "retry 2 in" in capsys.readouterr().out
 
     def always():
         raise ConnectionError("down")
 
-    with pytest.raises(WorkflowError, match=r"upload y: failed after 2 attempts: ConnectionError: down"):
+    with pytest.raises(WorkflowError, match=r"upload y: failed after 2 attempts in 0s: ConnectionError: down"):
         storage.with_retries(always, what="upload y", attempts=2, base_delay=0.01)
+
+
+def test_retries_stop_when_the_next_would_start_past_the_budget(monkeypatch):
+    calls = []
+
+    def down():
+        calls.append(time.monotonic())
+        raise ConnectionError("refused")
+
+    monkeypatch.setenv(storage.RETRY_BUDGET_ENV, "1.5")
+    with pytest.raises(WorkflowError, match=r"read w: failed after \d+ attempts in \ds: ConnectionError: refused "
+                                            r"\(.*WORKFLOW_STORAGE_RETRY_SECONDS \(now 1.5\)"):
+        storage.with_retries(down, what="read w", base_delay=0.1)
+    assert 3 <= len(calls) and calls[-1] - calls[0] <= 1.5
+    monkeypatch.setenv(storage.RETRY_BUDGET_ENV, "soon")
+    with pytest.raises(WorkflowError, match="WORKFLOW_STORAGE_RETRY_SECONDS='soon': not a number of seconds"):
+        storage.with_retries(down, what="read w")
 
 
 def test_missing_files_are_not_retried():

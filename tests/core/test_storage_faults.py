@@ -9,17 +9,22 @@ counts the 503s it served, so the test knows the faults really happened.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import http.server
+import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 
 import pytest
 import yaml
-from conftest import VIGGO
+from conftest import VIGGO, free_port
 
 from workflow.core import storage
 
@@ -179,12 +184,134 @@ def test_a_fault_that_outlasts_the_retries_fails_in_one_line_and_leaves_no_manif
         recipe.write_text(yaml.safe_dump({"name": "down", "storage": f"{s3_bucket}/runs", "model": {"source": "tiny"},
                                           "ingest": {"source": "data.jsonl", "instruction": "Parse.",
                                                      "split_ratios": {"train": 1.0}}}))
-        proc = workflow_cli("ingest", str(recipe), env=through(proxy))
+        proc = workflow_cli("ingest", str(recipe), env={**through(proxy), storage.RETRY_BUDGET_ENV: "5"})
     finally:
         proxy.close()
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: check {s3_bucket}/runs/down/ingest/manifest.json: "
-                                                   "failed after 5 attempts"), proc.stderr
-    assert "Traceback" not in proc.stderr and proxy.served_503 >= 5
+                                                   "failed after "), proc.stderr
+    assert "Traceback" not in proc.stderr and proxy.served_503 >= 3  # the budget (5 s) allows 3 to 5
     assert storage.list_files(f"{s3_bucket}/runs") == []
+
+
+# ---------------------------------------------------------------- the server stopped mid-stage (issue 18)
+
+class StoppableS3:
+    """A moto S3 server that can be stopped and started again on the same port, its buckets kept.
+
+    Stopping closes the listening socket and resets every open connection (botocore's pooled
+    keep-alive ones too): clients get "connection refused", as from a server that went away.
+    The objects live in moto's in-process backend, so they are there again after a start, as a
+    real object store's data survives its outage.
+    """
+
+    def __init__(self):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = None
+        self.connections: set = set()
+
+    def start(self) -> None:
+        from moto.moto_server.werkzeug_app import (
+            DomainDispatcherApplication,
+            MotoRequestHandler,
+            create_backend_app,
+        )
+        from werkzeug.serving import make_server
+
+        connections = self.connections
+
+        class Handler(MotoRequestHandler):
+            def setup(self):
+                super().setup()
+                connections.add(self.connection)
+
+        self.server = make_server("127.0.0.1", self.port, DomainDispatcherApplication(create_backend_app), True,
+                                  request_handler=Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        for conn in list(self.connections):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self.connections.clear()
+
+
+@pytest.fixture
+def stoppable_s3(s3_server):
+    server = StoppableS3()
+    server.start()
+    yield server
+    with contextlib.suppress(Exception):
+        server.stop()
+
+
+def ingest_with_an_outage(recipe, server: StoppableS3, *, outage_s: float | None, env: dict,
+                          force: bool = False) -> tuple[int, str, str]:
+    """``workflow ingest [--force]``; the server stops once the splits are uploaded (before the manifest is written) and
+    starts again ``outage_s`` seconds later (None: once the command has ended)."""
+    proc = subprocess.Popen([sys.executable, "-m", "workflow", "ingest", str(recipe), *(["--force"] if force else [])], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stderr = []
+    threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True).start()
+    stdout, stopped = [], None
+    for line in proc.stdout:
+        stdout.append(line)
+        if stopped is None and line.startswith("[ingest] train: read"):
+            server.stop()
+            stopped = time.monotonic()
+            if outage_s is not None:
+                threading.Timer(outage_s, server.start).start()
+    code = proc.wait(timeout=600)
+    assert stopped is not None, "".join(stdout + stderr)
+    if outage_s is None:
+        server.start()
+    return code, "".join(stdout), "".join(stderr)
+
+
+def test_the_server_stopped_mid_stage_short_outage_absorbed_long_one_fails_in_one_line(stoppable_s3, tmp_path):
+    """Default clients (botocore's and s3fs' own retries on, ~8 s for a refused connection): a 20 s outage, within
+    the retry budget (60 s), is waited out; one longer than the budget (here 10 s) fails in one line naming the
+    URI, leaves no manifest, and a rerun once the server is back finishes."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=stoppable_s3.url).create_bucket(Bucket="outage")
+    env = {**os.environ, "AWS_ENDPOINT_URL": stoppable_s3.url}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(
+        {"name": "outage", "storage": "s3://outage/runs", "model": {"source": "tiny"},
+         "ingest": {"source": str(VIGGO), "splits": {"train": "train.csv", "test": "test.csv"},
+                    "columns": {"input": "ref", "output": "mr"}, "instruction": "Parse.",
+                    "max_samples": {"train": 40, "test": 10}}}))
+    uri = "s3://outage/runs/outage/ingest"
+    read_back = {**os.environ, "AWS_ENDPOINT_URL": stoppable_s3.url}
+
+    code, out, err = ingest_with_an_outage(recipe, stoppable_s3, outage_s=20, env=env)
+    assert code == 0, (out + err)[-3000:]
+    assert re.search(rf"\[storage\] \w+ {uri}/\S+: EndpointConnectionError; retry 1 in", out), out
+    assert "manifest.json" in listed(uri, read_back)
+
+    budget = {**env, storage.RETRY_BUDGET_ENV: "10"}
+    code, out, err = ingest_with_an_outage(recipe, stoppable_s3, outage_s=None, env=budget, force=True)
+    assert code == 2, (out + err)[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and re.match(rf"error: \w+ {uri}/\S+: failed after \d+ attempts in", lines[0]), err
+    assert "WORKFLOW_STORAGE_RETRY_SECONDS (now 10)" in lines[0] and "Traceback" not in err
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in out + err and os.environ["AWS_ACCESS_KEY_ID"] not in out + err
+    assert "manifest.json" not in listed(uri, read_back)
+
+    rerun = workflow_cli("ingest", str(recipe), env=env)
+    assert rerun.returncode == 0 and "manifest.json" in listed(uri, read_back), (rerun.stdout + rerun.stderr)[-3000:]
+
+
+def listed(uri: str, env: dict) -> list[str]:
+    """The files under ``uri``, listed by a fresh process (this one's clients may hold the stopped server's
+    connections)."""
+    proc = subprocess.run([sys.executable, "-c", "import sys, json; from workflow.core import storage; "
+                           "print(json.dumps(storage.list_files(sys.argv[1])))", uri], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

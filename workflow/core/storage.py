@@ -64,13 +64,40 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         raise WorkflowError(f"{uri}: no filesystem for {scheme}://", hint=f"install {pkg} ({err})") from None
 
 
-def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 5, base_delay: float = 0.5) -> T:
+# How long one storage operation goes on retrying (seconds): an outage of the object store
+# shorter than this is waited out. Read at each call, so Ray workers and stage processes (which
+# inherit WORKFLOW_* variables) use the driver's setting.
+RETRY_BUDGET_ENV = "WORKFLOW_STORAGE_RETRY_SECONDS"
+DEFAULT_RETRY_BUDGET_S = 60.0
+MAX_RETRY_DELAY_S = 10.0
+
+
+def retry_budget_s() -> float:
+    raw = os.environ.get(RETRY_BUDGET_ENV, "")
+    try:
+        budget = float(raw) if raw else DEFAULT_RETRY_BUDGET_S
+    except ValueError:
+        budget = -1.0
+    if budget < 0:
+        raise WorkflowError(f"{RETRY_BUDGET_ENV}={raw!r}: not a number of seconds", hint="set it to e.g. 60, or unset it")
+    return budget
+
+
+def with_retries(fn: Callable[[], T], *, what: str, attempts: int | None = None, base_delay: float = 0.5,
+                 budget_s: float | None = None) -> T:
     """Call ``fn``; on a transient error retry with exponential backoff and jitter.
 
+    Retries go on while the next attempt would start within ``budget_s`` seconds of the first
+    (default ``WORKFLOW_STORAGE_RETRY_SECONDS``, 60) and, if given, ``attempts`` are left. One
+    attempt may itself take seconds: s3fs and botocore retry a refused connection inside it.
     ``what`` is "<verb> <uri>" and starts every message. Refused access and missing
     credentials are not retried: they become one line that names the settings to check.
     """
-    for attempt in range(1, attempts + 1):
+    budget = retry_budget_s() if budget_s is None else budget_s
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return fn()
         except PermissionError as err:
@@ -80,13 +107,16 @@ def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 5, base_dela
         except Exception as err:  # noqa: BLE001 - storage clients raise many transient types
             if type(err).__name__ in _NO_CREDENTIALS:
                 raise _access_error(what, err) from err
-            if attempt == attempts:
-                raise WorkflowError(f"{what}: failed after {attempts} attempts: {type(err).__name__}: {err}",
-                                    hint="check the storage endpoint and credentials") from err
-            delay = base_delay * 2 ** (attempt - 1) * (0.5 + random.random())
-            say(f"[storage] {what}: {type(err).__name__}; retry {attempt}/{attempts - 1} in {delay:.1f}s")
+            delay = min(base_delay * 2 ** (attempt - 1), MAX_RETRY_DELAY_S) * (0.5 + random.random())
+            elapsed = time.monotonic() - started
+            if attempt == attempts or elapsed + delay > budget:
+                raise WorkflowError(
+                    f"{what}: failed after {attempt} attempts in {elapsed:.0f}s: {type(err).__name__}: {err}",
+                    hint=f"check the storage endpoint and credentials; {RETRY_BUDGET_ENV} (now {budget:g}) "
+                         "sets how many seconds an outage is waited out") from err
+            say(f"[storage] {what}: {type(err).__name__}; retry {attempt} in {delay:.1f}s "
+                f"({budget - elapsed:.0f}s of the retry budget left)")
             time.sleep(delay)
-    raise AssertionError("unreachable")
 
 
 def _access_error(what: str, err: BaseException) -> WorkflowError:
@@ -101,9 +131,10 @@ def exists(uri: str) -> bool:
     return with_retries(lambda: fs.exists(path), what=f"check {uri}")
 
 
-def read_bytes(uri: str) -> bytes:
+def read_bytes(uri: str, start: int | None = None, end: int | None = None) -> bytes:
+    """The file's bytes, or those of ``[start, end)`` (a ranged read from object storage)."""
     fs, path = filesystem(uri)
-    return with_retries(lambda: fs.cat_file(path), what=f"read {uri}")
+    return with_retries(lambda: fs.cat_file(path, start=start, end=end), what=f"read {uri}")
 
 
 def read_text(uri: str) -> str:
