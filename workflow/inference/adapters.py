@@ -8,6 +8,8 @@ hold is refused here, before any engine starts.
 
 from __future__ import annotations
 
+import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,13 +37,18 @@ def adapter_rank(location: str | Path) -> int:
     return int(storage.read_json(config)["r"])
 
 
-def lint_adapters(adapters: dict[str, str], where: str) -> None:
-    """Refuse, before an engine loads them, adapters the engine would serve differently from training.
+def lint_adapters(adapters: dict[str, str], where: str, architectures: list[str] | None = None) -> None:
+    """Refuse, before an engine loads them, adapters the engine would serve differently from training
+    or reject only when a request first names them.
 
     ``modules_to_save`` (LLaMA-Factory's ``additional_target``): full copies of modules such as
     ``lm_head`` or ``embed_tokens`` trained beside the low-rank weights. vLLM 0.32 applies saved
     modules only to a cross-encoder's score head; a generative model's are dropped, so its answers
     would not be the trained adapter's.
+
+    Low-rank weights on a module vLLM does not adapt in the base model's architecture (its
+    ``config.json``'s ``architectures``): vLLM refuses such an adapter when it loads it, which on a
+    serving replica is at the first request that names it (vLLM issues #9280, #30690).
     """
     for name, location in adapters.items():
         config = storage.read_json(storage.join(str(location), "adapter_config.json"))
@@ -51,6 +58,49 @@ def lint_adapters(adapters: dict[str, str], where: str) -> None:
                                 "does not apply to a generative model: its answers would differ from training",
                                 hint="train without them (remove train.llamafactory.additional_target), or evaluate "
                                      "it with transformers + PEFT instead of vLLM")
+        refused = modules_vllm_does_not_adapt(adapter_tensors(location), architectures or [])
+        if refused:
+            architecture = (architectures or ["this model"])[0]
+            raise WorkflowError(f"{where}: adapter {name!r} has LoRA weights on {refused}, which vLLM does not adapt in "
+                                f"{architecture}: the engine would refuse the adapter when it loads it",
+                                hint="train again with train.llamafactory.lora_target naming linear layers of the decoder "
+                                     "only (`all` does; lm_head and the embeddings are not among them)")
+
+
+def adapter_tensors(location: str | Path) -> dict[str, dict[str, Any]]:
+    """Tensor name -> {"dtype", "shape"} from the adapter's safetensors header, read alone (a ranged
+    read in object storage, not the weights); empty for an adapter saved in another format."""
+    uri = storage.join(str(location), "adapter_model.safetensors")
+    if not storage.exists(uri):
+        return {}
+    (size,) = struct.unpack("<Q", storage.read_bytes(uri, 0, 8))
+    header = json.loads(storage.read_bytes(uri, 8, 8 + size))
+    header.pop("__metadata__", None)
+    return {k: {"dtype": v["dtype"], "shape": v["shape"]} for k, v in header.items()}
+
+
+def modules_vllm_does_not_adapt(tensors: dict[str, Any], architectures: list[str]) -> list[str]:
+    """The modules of an adapter's low-rank weights that vLLM would refuse, by last name component.
+
+    vLLM adapts every linear layer of its model (``vllm.lora.utils.get_supported_lora_modules``) and
+    the embedding modules its model class declares (``embedding_modules``, empty for most, Qwen2 and
+    Llama included); its LM head and token embeddings are not linear layers there. So ``lm_head`` and
+    any module with embedding weights (PEFT's ``lora_embedding_A/B``) must be declared by the class.
+    Only then is vLLM's model registry consulted (importing it costs seconds).
+    """
+    candidates = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in tensors
+                  if ".lora_embedding_" in name or name.split(".lora_")[0].endswith("lm_head")}
+    return sorted(candidates - _vllm_embedding_modules(architectures)) if candidates else []
+
+
+def _vllm_embedding_modules(architectures: list[str]) -> set[str]:
+    try:
+        from vllm.model_executor.models import ModelRegistry
+
+        model_cls = ModelRegistry._try_load_model_cls(architectures[0]) if architectures else None
+    except (ImportError, AttributeError):  # no vLLM here, or another registry than 0.32's: none declared
+        return set()
+    return set(getattr(model_cls, "embedding_modules", None) or {})
 
 
 def check_trained_on(train_manifest: dict[str, Any], model_manifest: dict[str, Any], where: str) -> None:

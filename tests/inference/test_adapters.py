@@ -1,0 +1,61 @@
+"""The adapter lint: LoRA weights on modules vLLM does not adapt are refused before an engine loads them."""
+
+import json
+import shutil
+
+import pytest
+
+from workflow.core import storage
+from workflow.core.errors import WorkflowError
+from workflow.inference import adapters
+
+
+def with_lm_head_lora(tiny_adapter, dest):
+    """The tiny adapter plus low-rank weights on ``lm_head`` (PEFT's names and shapes), as a LoRA
+    trained with ``lora_target: all,lm_head`` would be saved."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(tiny_adapter, dest)
+    tensors = load_file(dest / "adapter_model.safetensors")
+    a = next(v for k, v in tensors.items() if k.endswith("q_proj.lora_A.weight"))
+    rank, hidden = a.shape
+    tensors["base_model.model.lm_head.lora_A.weight"] = np.zeros((rank, hidden), np.float32)
+    tensors["base_model.model.lm_head.lora_B.weight"] = np.zeros((4000, rank), np.float32)  # the tiny vocab
+    save_file(tensors, dest / "adapter_model.safetensors")
+    cfg = json.loads((dest / "adapter_config.json").read_text())
+    targets = cfg["target_modules"]
+    cfg["target_modules"] = [*targets, "lm_head"] if isinstance(targets, list) else targets + "|lm_head"
+    (dest / "adapter_config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+def test_lora_weights_on_the_lm_head_are_refused_in_one_line(tiny_adapter, tmp_path):
+    adapters.lint_adapters({"viggo": str(tiny_adapter)}, "evaluate", ["Qwen2ForCausalLM"])  # linear layers only
+
+    planted = with_lm_head_lora(tiny_adapter, tmp_path / "lm-head")
+    with pytest.raises(WorkflowError) as err:
+        adapters.lint_adapters({"viggo": str(tiny_adapter), "lm-head": str(planted)}, "serve", ["Qwen2ForCausalLM"])
+    text = str(err.value)
+    assert "serve: adapter 'lm-head' has LoRA weights on ['lm_head'], which vLLM does not adapt in Qwen2ForCausalLM" in text
+    assert "(train again with train.llamafactory.lora_target" in text and "\n" not in text
+
+
+def test_which_modules_vllm_adapts_follows_the_model_class():
+    tensors = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": {},
+               "base_model.model.lm_head.lora_A.weight": {},
+               "base_model.model.transformer.wte.lora_embedding_A": {}}
+    assert adapters.modules_vllm_does_not_adapt(tensors, ["Qwen2ForCausalLM"]) == ["lm_head", "wte"]
+    # vLLM's Exaone class declares both as embedding modules it adapts.
+    assert adapters.modules_vllm_does_not_adapt(tensors, ["ExaoneForCausalLM"]) == []
+    del tensors["base_model.model.lm_head.lora_A.weight"], tensors["base_model.model.transformer.wte.lora_embedding_A"]
+    assert adapters.modules_vllm_does_not_adapt(tensors, []) == []
+
+
+def test_the_header_is_read_alone_from_object_storage(tiny_adapter, s3_bucket):
+    storage.upload_dir(tiny_adapter, f"{s3_bucket}/adapters/viggo", last=["adapter_config.json"])
+    found = adapters.adapter_tensors(f"{s3_bucket}/adapters/viggo")
+    assert found == adapters.adapter_tensors(tiny_adapter) and found
+    assert all(t["dtype"] == "F32" and len(t["shape"]) == 2 for t in found.values())
+    assert {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in found} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
