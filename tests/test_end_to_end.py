@@ -41,8 +41,15 @@ def test_every_stage_completed_with_its_outputs(demo_run):
                 assert Path(uri).exists(), f"{stage}.{name}: {uri} missing"
     adapter = Path(m["train"]["outputs"]["adapter"])
     assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
-    metrics = json.loads(Path(m["evaluate"]["outputs"]["metrics.json"]).read_text())
-    assert metrics  # base and adapter variants, each with the recipe's metrics
+    summary = m["evaluate"]["summary"]
+    main, scores = summary["main_metric"], summary["metrics"]
+    assert scores["viggo-cpu"][main] > scores["base"][main], (main, scores)  # the adapter learnt the task
+    assert json.loads(Path(m["evaluate"]["outputs"]["metrics.json"]).read_text())["viggo-cpu"]["metrics"] == \
+        scores["viggo-cpu"]
+    parity = json.loads(Path(m["evaluate"]["outputs"]["parity.json"]).read_text())
+    checked = parity["adapters"]["viggo-cpu"]
+    assert checked["share_identical"] >= parity["min_identical"], checked
+    assert summary["parity"]["viggo-cpu"].startswith(f"{checked['identical']}/{checked['rows']} rows identical")
     out = demo_run["proc"].stdout
     assert "run viggo-cpu: ingest -> model -> train -> evaluate -> serve" in out
     # The closing summary: the metrics table and the command to serve the adapter.

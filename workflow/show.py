@@ -46,7 +46,7 @@ def show(target: str) -> None:
             print(f"  input  {name}: {str(value)[:12]} {link}".rstrip())
         for name, uri in m["outputs"].items():
             print(f"  output {name}: {uri}")
-        for key in ("rows", "adapter_name", "lora_rank", "final_loss", "metrics", "model_ids", "base_url"):
+        for key in ("rows", "adapter_name", "lora_rank", "final_loss", "metrics", "parity", "model_ids", "base_url"):
             if key in m.get("summary", {}):
                 print(f"  {key}: {m['summary'][key]}")
         if stage == "serve" and "endpoint" in m["outputs"]:

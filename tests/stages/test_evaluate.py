@@ -22,6 +22,8 @@ ROWS = 12
 # Short values and few slots keep a random model's constrained answers inside max_tokens.
 CONSTRAINED = {"max_value_chars": 10, "max_slots": 3}
 SAMPLING = {"temperature": 0.0, "max_tokens": 96}
+# Rows the parity check decodes with PEFT (the default threshold; fewer rows than the default 16 keep it short).
+PARITY_ROWS = 4
 
 
 def run_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -39,7 +41,8 @@ def predictions(run_dir: Path):
 @pytest.fixture(scope="module")
 def evaluated(make_run, tiny_adapter):
     recipe = make_run("eval-engine", rows=ROWS, adapters={"viggo": tiny_adapter},
-                      evaluate={"constrained_decoding": CONSTRAINED, "sampling_params": SAMPLING})
+                      evaluate={"constrained_decoding": CONSTRAINED, "sampling_params": SAMPLING,
+                                "parity": {"rows": PARITY_ROWS}})
     proc = run_cli("evaluate", str(recipe))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return recipe, recipe.parent / "runs" / "eval-engine", proc
@@ -102,8 +105,49 @@ def test_metrics_json_matches_predictions_and_report_has_every_part(evaluated):
         assert part in report, part
     assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stage_manifest = json.loads((out / "manifest.json").read_text())
-    assert set(stage_manifest["outputs"]) == {"predictions.parquet", "metrics.json", "report.md", "metrics.png"}
+    assert set(stage_manifest["outputs"]) == {"predictions.parquet", "metrics.json", "report.md", "metrics.png",
+                                              "parity.json"}
     assert stage_manifest["summary"]["metrics"]["viggo"] == results["viggo"]["metrics"]
+
+
+def test_the_adapter_gives_trainings_tokens_at_the_default_parity_threshold(evaluated):
+    from workflow.config.evaluate import ParityConfig
+
+    _, run_dir, proc = evaluated
+    out = run_dir / "evaluate"
+    checked = json.loads((out / "parity.json").read_text())
+    assert set(checked["adapters"]) == {"viggo"} and checked["rows"] == PARITY_ROWS
+    result = checked["adapters"]["viggo"]
+    assert result["share_identical"] >= ParityConfig().min_identical
+    assert checked["reference"]["dtype"] == "float32" and checked["reference"]["template"] is None
+    # The engine's token ids are in the predictions, and parity compared them, not the text.
+    df = predictions(run_dir)
+    adapter_rows = df[df["variant"] == "viggo"].sort_values("row_id")
+    engine = adapter_rows["generated_tokens"].map(list).tolist()
+    assert [len(ids) for ids in engine] == adapter_rows["num_generated_tokens"].tolist()
+    if not result["mismatches"]:
+        assert result["mean_common_prefix"] == pytest.approx(sum(map(len, engine[:PARITY_ROWS])) / PARITY_ROWS)
+    line = f"parity: {result['identical']}/{PARITY_ROWS} rows identical to training"
+    assert f"[evaluate] {line.replace('parity:', 'parity: adapter viggo:')}" in proc.stdout
+    report = (out / "report.md").read_text()
+    assert "## Parity" in report and f"- viggo: {line}" in report
+    assert f"| parity with training |  |  | {result['identical']}/{PARITY_ROWS} |  |" in report
+    summary = json.loads((out / "manifest.json").read_text())["summary"]
+    assert summary["parity"]["viggo"].startswith(f"{result['identical']}/{PARITY_ROWS} rows identical to training")
+
+
+def test_an_engine_that_samples_instead_of_decoding_greedily_fails_parity_and_writes_nothing(make_run, tiny_adapter):
+    sampling = {"sampling_params": {"temperature": 1.0, "max_tokens": 16}, "seeds": [3], "base": False,
+                "parity": {"rows": 4}}
+    recipe = make_run("eval-not-greedy", rows=4, adapters={"viggo": tiny_adapter}, evaluate=sampling)
+    proc = run_cli("evaluate", str(recipe))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: evaluate: adapter 'viggo' answers differently from training: "), line
+    assert "first difference: row " in line and "training '" in line and "engine '" in line
+    assert "(the engine's sampling is not greedy: temperature 1.0)" in line
+    assert "evaluate.parity.allow_mismatch: true" in line
+    assert not list((recipe.parent / "runs" / "eval-not-greedy" / "evaluate").glob("*"))
 
 
 def test_rerun_with_same_inputs_is_skipped(evaluated):

@@ -10,7 +10,7 @@ engine starts.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -43,6 +43,27 @@ class EndpointConfig(Section):
     models: list[str] = Field(min_length=1)
 
 
+class ParityConfig(Section):
+    """Train/serve parity (evaluation/parity.py): the first ``rows`` rows of the split, decoded greedily by
+    each adapter as trained (PEFT + transformers in the train environment), against the engine's answers
+    (the unconstrained adapter variant, first seed).
+    """
+
+    rows: int = Field(default=16, ge=1)
+    # The share of rows whose generated token ids must equal training's: 2 rows of 16 may differ. Measured on
+    # the CPU demo's model and adapter (64 ViGGO test rows, up to 96 tokens, 2026-11-27): vLLM in bfloat16 (the
+    # CPU recipe's engine dtype) agreed with PEFT in float32 on 63/64 rows and with PEFT in bfloat16 on 63/64
+    # (another row); vLLM in float32 with PEFT in float32 on 64/64; PEFT bfloat16 vs float32 on 62/64. Rounding
+    # moves a near-tie between two tokens about once in 64 rows; a dropped adapter or sampling moves most rows.
+    min_identical: float = Field(default=0.85, ge=0.0, le=1.0)
+    # The dtype the reference computes in: float32 (the adapter as trained on the CPU; PEFT in the engine's
+    # bfloat16 matched vLLM no better, see above), "engine" (the engine's engine_kwargs.dtype), "auto" (the
+    # model's own) or another torch dtype.
+    reference_dtype: Literal["float32", "engine", "auto", "bfloat16", "float16"] = "float32"
+    # Proceed (with a warning) when an adapter is below min_identical.
+    allow_mismatch: bool = False
+
+
 class EvaluateConfig(Section):
     split: str = "test"
     # What the answers are and how they are scored (config/task.py); None = inferred from the training outputs.
@@ -64,6 +85,8 @@ class EvaluateConfig(Section):
     worst_errors: int = Field(default=10, ge=0)
     # Run even when the engine's tokenizer renders prompts differently from training (see prompts/guard.py).
     allow_prompt_mismatch: bool = False
+    # Check that each adapter's answers are training's (None: no check).
+    parity: ParityConfig | None = ParityConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> EvaluateConfig:

@@ -12,6 +12,7 @@ from ..config.evaluate import EvaluateConfig
 from ..config.task import dump
 from ..core.console import say
 from . import metrics
+from .parity import describe
 from .tasks import Task
 
 
@@ -117,7 +118,9 @@ def _value(result: dict[str, Any], name: str) -> str:
     return text
 
 
-def markdown_report(run_name: str, results: dict[str, Any], table, cfg: EvaluateConfig, task: Task) -> str:
+def markdown_report(run_name: str, results: dict[str, Any], table, cfg: EvaluateConfig, task: Task,
+                    parity: dict[str, Any] | None = None) -> str:
+    """``parity``: the content of parity.json (evaluation/parity.py), or None when it was not checked."""
     variants = list(results)
     names = list(task.metrics)
     first = results[variants[0]]
@@ -134,10 +137,16 @@ def markdown_report(run_name: str, results: dict[str, Any], table, cfg: Evaluate
         lines.append(f"| {name} | " + " | ".join(_value(results[v], name) for v in variants) + " |")
     lines.append("| error rows | " + " | ".join(str(results[v]["errors"]) for v in variants) + " |")
     lines.append("| generated tokens | " + " | ".join(str(results[v]["generated_tokens"]) for v in variants) + " |")
+    if parity is not None:
+        checked = parity["adapters"]
+        lines.append("| parity with training | " + " | ".join(
+            f"{checked[v]['identical']}/{checked[v]['rows']}" if v in checked else "" for v in variants) + " |")
     if task.kind == "call":
         lines += _per_function(results, variants, names) + _per_attribute(results, variants)
     if task.kind == "label":
         lines += ["", "## Per label", "", "Confusion matrices: ![confusion](confusion.png)", ""]
+    if parity is not None:
+        lines += _parity(parity)
     lines += ["", "## Worst errors", "", f"Ranked by `{task.main_metric}` on the row, lowest first.", ""]
     for v in variants:
         worst = worst_errors(table, v, task, cfg.worst_errors)
@@ -153,6 +162,21 @@ def markdown_report(run_name: str, results: dict[str, Any], table, cfg: Evaluate
         lines.append("")
     lines += ["![metrics](metrics.png)", ""]
     return "\n".join(lines)
+
+
+def _parity(parity: dict[str, Any]) -> list[str]:
+    ref = parity["reference"]
+    lines = ["", "## Parity", "",
+             f"The first {parity['rows']} rows, decoded greedily by each adapter as trained ({ref['by']}, "
+             f"{ref['dtype']} on {ref['device']}) against the engine's answers ({parity['engine']['dtype']}, "
+             f"sampling `{json.dumps(parity['engine']['sampling_params'])}`); threshold "
+             f"{parity['min_identical']} of the rows identical.", ""]
+    for name, result in parity["adapters"].items():
+        lines.append(f"- {name}: parity: {describe(result)}")
+        for m in result["mismatches"]:
+            lines.append(f"  - row {m['row']}: token {m['position']}: training {m['reference']!r}, engine "
+                         f"{m['engine']!r} ({m['reference_tokens']} vs {m['engine_tokens']} tokens)")
+    return lines
 
 
 def _per_function(results: dict[str, Any], variants: list[str], names: list[str]) -> list[str]:

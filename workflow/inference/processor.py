@@ -60,7 +60,7 @@ def init_ray(storage_uri: str | None = None) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer(model_source: str, model_key: str, revision: str | None = None):
+def model_tokenizer(model_source: str, model_key: str, revision: str | None = None):
     """The model's tokenizer where this task runs: from a local folder or hub id, else from a copy of
     the model's tokenizer files on this node (``model_key`` names the model's content)."""
     from transformers import AutoTokenizer
@@ -95,7 +95,7 @@ def _engine_preprocess(row: dict[str, Any], *, model_source: str, model_key: str
     messages = prompts.row_messages(row)
     out = _keep_aside(row, input_columns)
     if render:
-        out["prompt"] = prompts.render(_tokenizer(model_source, model_key, revision), messages)
+        out["prompt"] = prompts.render(model_tokenizer(model_source, model_key, revision), messages)
     else:
         out["messages"] = messages
     out["sampling_params"] = {**sampling_params, "output_kind": _final_only(), **_per_row(row)}
@@ -130,8 +130,9 @@ def _select(batch, *, input_columns: list[str], http: bool, extra_columns: tuple
 
     names = batch.column_names
     cols = {c: batch.column(_SAVED + c if _SAVED + c in names else c) for c in input_columns}
-    cols.update({c: batch.column(c) for c in extra_columns})
     n = batch.num_rows
+    # A batch whose rows all failed has no engine output columns.
+    cols.update({c: batch.column(c) if c in names else pa.nulls(n) for c in extra_columns})
     if http:
         results = [_http_result(r) for r in batch.column("http_response").to_pylist()]
         cols.update(generated_text=pa.array([r[0] for r in results], pa.string()),
@@ -209,7 +210,8 @@ def run(ds, processor, input_columns: list[str], *, http: bool = False, extra_co
     """Apply a processor and shape its output (a lazy Ray dataset).
 
     ``extra_columns`` keeps more of the engine's columns, e.g. ``metrics`` (per-request
-    timestamps) for the throughput benchmark.
+    timestamps) for the throughput benchmark, ``generated_tokens`` (the generated token ids) for the
+    evaluate stage's parity check.
     """
     out = processor(ds)
     return out.map_batches(functools.partial(_select, input_columns=input_columns, http=http,

@@ -23,17 +23,18 @@ from ..core.envs import SERVE
 from ..core.errors import WorkflowError
 from ..core.stage import StageContext, StageResult
 from ..dataset.read import read_records
-from ..evaluation import report, tasks
+from ..evaluation import parity, report, tasks
 from ..inference import io, processor
 from ..inference.adapters import (
     check_trained_on,
     engine_adapters,
     lint_adapters,
+    local_adapters,
     lora_engine_kwargs,
     model_for_engine,
 )
 from ..prompts import guard
-from ..prompts.messages import expected_output
+from ..prompts.messages import expected_output, row_messages
 
 ENV = SERVE
 CONSTRAINED = "+constrained"
@@ -114,9 +115,10 @@ def metrics_reference(row: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- inference
 
 def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]], task: tasks.Task):
-    """All variants' predictions for the rows, as one Arrow table."""
+    """All variants' predictions for the rows, as one Arrow table, and the parity reference (or None)."""
     import pyarrow as pa
 
+    reference = None
     if cfg.endpoint is not None:
         variants = [(m, {"__endpoint_model": m}) for m in cfg.endpoint.models]
         adapters: dict[str, str] = {}
@@ -131,6 +133,7 @@ def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]], 
                                         model["outputs"]["model"], ctx.scratch("prompt-format"), where="evaluate",
                                         allow_mismatch=cfg.allow_prompt_mismatch,
                                         revision=model.get("summary", {}).get("revision"))
+            reference = parity_reference(ctx, cfg, rows, adapters)
         lora_engine_kwargs(cfg.processor.get("engine_kwargs") or {}, adapters, "evaluate.processor")  # refuse early
         lora = engine_adapters(adapters, ctx.scratch("adapters"))
         variants = ([("base", {"__adapter": ""})] if cfg.base else []) + [
@@ -165,13 +168,81 @@ def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]], 
         engine = processor.engine_processor(model_source, cfg.processor, cfg.sampling_params, adapters, columns,
                                             model_key=model["fingerprint"], lora_loading_path=lora.loading_path,
                                             revision=model.get("summary", {}).get("revision"))
-        out = processor.run(io.from_rows(items, cfg.processor.get("batch_size", 32)), engine, columns)
+        out = processor.run(io.from_rows(items, cfg.processor.get("batch_size", 32)), engine, columns,
+                            extra_columns=("generated_tokens",))
         batches = list(io.with_progress(out.iter_batches(batch_format="pyarrow", batch_size=None),
                                         total=len(items), what="evaluate"))
     n = sum(b.num_rows for b in batches)
     if n != len(items):
         raise WorkflowError(f"evaluate: {len(items)} rows went in but {n} came out")
-    return pa.concat_tables(batches).sort_by([("variant", "ascending"), ("row_id", "ascending")])
+    return pa.concat_tables(batches).sort_by([("variant", "ascending"), ("row_id", "ascending")]), reference
+
+
+# ---------------------------------------------------------------- parity with training
+
+def parity_reference(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]],
+                     adapters: dict[str, str]) -> dict[str, Any] | None:
+    """The adapters' greedy answers to the first ``evaluate.parity.rows`` rows as trained (PEFT), or None
+    when the recipe turns parity off. Runs before the engine starts, so a GPU is still free for it."""
+    if cfg.parity is None:
+        say("[evaluate] parity: off (evaluate.parity: null)")
+        return None
+    model = ctx.upstream("model")
+    source = model_for_engine(model["outputs"]["model"])
+    if "://" in source:
+        source = str(storage.materialize(source, ctx.scratch("parity-model")))
+    adapters_dir = ctx.upstream("train")["outputs"]["adapters_dir"]
+    record = storage.join(adapters_dir, next(iter(adapters)), guard.FILE)
+    template = (storage.read_json(record)["template"] if storage.exists(record)
+                else (ctx.recipe.train.llamafactory.get("template") if ctx.recipe.train else None))
+    dtype = cfg.parity.reference_dtype
+    if dtype == "engine":
+        dtype = (cfg.processor.get("engine_kwargs") or {}).get("dtype", "auto")
+    k = min(cfg.parity.rows, len(rows))
+    say(f"[evaluate] parity: {k} rows, greedy, by PEFT in the train environment ({dtype}, prompts by "
+        f"{f'LLaMA-Factory template {template!r}' if template else 'the chat template'})")
+    found = parity.reference(source, local_adapters(adapters, ctx.scratch("parity-adapters")),
+                             [row_messages(row) for row in rows[:k]], template=template,
+                             max_tokens=int(cfg.sampling_params.get("max_tokens", 16)), dtype=dtype,
+                             revision=model.get("summary", {}).get("revision"))
+    return {**found, "template": template}
+
+
+def check_parity(ctx: StageContext, cfg: EvaluateConfig, table, reference: dict[str, Any] | None):
+    """Compare the engine's token ids with the reference; parity.json's content, or None when skipped.
+
+    Fails with one line below ``evaluate.parity.min_identical`` (before anything is written).
+    """
+    if reference is None:
+        if cfg.parity is not None:
+            why = "evaluate.endpoint scores an endpoint, not the run's adapters" if cfg.endpoint else "no adapters"
+            say(f"[evaluate] parity: skipped ({why})")
+        return None
+    model = ctx.upstream("model")
+    tokenizer = processor.model_tokenizer(model_for_engine(model["outputs"]["model"]), model["fingerprint"],
+                                          model.get("summary", {}).get("revision"))
+    seed = cfg.seeds[0] if cfg.seeds else None
+    results = {}
+    for name, ref in reference["adapters"].items():
+        engine = {r["row_id"]: r["generated_tokens"] or [] for r in table.to_pylist()
+                  if r["variant"] == name and (seed is None or r["seed"] == seed)}
+        results[name] = parity.compare([r["generated_ids"] for r in ref], [engine[i] for i in range(len(ref))],
+                                       lambda t: tokenizer.decode([t]))
+    content = {"rows": len(next(iter(reference["adapters"].values()))), "min_identical": cfg.parity.min_identical,
+               "reference": {"by": "PEFT + transformers (train environment), greedy", "dtype": reference["dtype"],
+                             "device": reference["device"], "template": reference["template"],
+                             "versions": reference["versions"]},
+               "engine": {"dtype": (cfg.processor.get("engine_kwargs") or {}).get("dtype", "auto"),
+                          "sampling_params": cfg.sampling_params, "seed": seed},
+               "adapters": results}
+    print(json.dumps(content, indent=1), flush=True)  # every row's comparison, in the stage's log
+    for warning in parity.check(results, cfg.parity.min_identical, where="evaluate", key="evaluate.parity",
+                                allow_mismatch=cfg.parity.allow_mismatch,
+                                note=parity.greedy_note(cfg.sampling_params)):
+        say(f"warning: {warning}; going on because evaluate.parity.allow_mismatch is true")
+    for name, result in results.items():
+        say(f"[evaluate] parity: adapter {name}: {parity.describe(result)}")
+    return content
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -181,10 +252,13 @@ def run(ctx: StageContext) -> StageResult:
     task = tasks.build(cfg.task, training_outputs(ctx), constrained=cfg.constrained_decoding,
                        where=f"{ctx.recipe.path}: evaluate.task",
                        reference_outputs=[metrics_reference(row) for row in rows])
-    table = predict(ctx, cfg, rows, task)
+    table, reference = predict(ctx, cfg, rows, task)
+    parity_result = check_parity(ctx, cfg, table, reference)
     results = report.score(table, task, bootstrap=cfg.bootstrap)
     names = list(task.metrics)
     files = ["predictions.parquet", "metrics.json", "report.md", "metrics.png"]
+    if parity_result is not None:
+        files.append(parity.FILE)
     with tempfile.TemporaryDirectory(prefix="workflow-evaluate-") as tmp:
         out = Path(tmp)
         import pyarrow.parquet as pq
@@ -195,7 +269,10 @@ def run(ctx: StageContext) -> StageResult:
         if task.kind == "label":
             report.confusion_chart(results, out / "confusion.png")
             files.append("confusion.png")
-        (out / "report.md").write_text(report.markdown_report(ctx.recipe.name, results, table, cfg, task))
+        if parity_result is not None:
+            (out / parity.FILE).write_text(json.dumps(parity_result, indent=2) + "\n")
+        (out / "report.md").write_text(report.markdown_report(ctx.recipe.name, results, table, cfg, task,
+                                                              parity_result))
         storage.upload_dir(out, ctx.out_uri, last=["metrics.json"])
     report.print_summary(results, names)
     outputs = {name: storage.join(ctx.out_uri, name) for name in files}
@@ -203,4 +280,6 @@ def run(ctx: StageContext) -> StageResult:
                "errors": {v: r["errors"] for v, r in results.items()}, "rows": len(rows),
                "task": dump(task.config), "main_metric": task.main_metric,
                "metrics_sha256": manifest.hash_file(outputs["metrics.json"])}
+    if parity_result is not None:
+        summary["parity"] = {name: parity.describe(r) for name, r in parity_result["adapters"].items()}
     return StageResult(outputs=outputs, summary=summary)

@@ -1,0 +1,66 @@
+"""The parity comparison: which rows agree, how far, and the one-line failure (no engine, no model)."""
+
+import pytest
+
+from workflow.core.errors import WorkflowError
+from workflow.evaluation import parity
+
+WORDS = {1: "inform", 2: "(", 3: "name", 4: "[", 5: "]", 6: ")", 7: "<|im_end|>", 8: "give"}
+
+
+def decode(token: int) -> str:
+    return WORDS[token]
+
+
+def test_identical_rows_agree_everywhere():
+    result = parity.compare([[1, 2, 3], [8, 2, 7]], [[1, 2, 3], [8, 2, 7]], decode)
+    assert result == {"rows": 2, "identical": 2, "share_identical": 1.0, "mean_common_prefix": 3.0,
+                      "mismatches": []}
+    assert parity.describe(result) == "2/2 rows identical to training"
+
+
+def test_a_differing_token_is_named_at_its_first_position_with_both_tokens_decoded():
+    result = parity.compare([[1, 2, 3, 4, 5], [1, 2, 7]], [[1, 2, 3, 4, 5], [1, 8, 3]], decode)
+    assert result["identical"] == 1 and result["share_identical"] == 0.5
+    assert result["mean_common_prefix"] == (5 + 1) / 2
+    assert result["mismatches"] == [{"row": 1, "position": 1, "reference": "(", "engine": "give",
+                                     "reference_tokens": 3, "engine_tokens": 3}]
+    assert parity.describe(result).endswith("first difference: row 1 token 1: training '(', engine 'give'")
+
+
+def test_an_answer_that_stops_early_or_runs_on_differs_where_the_shorter_one_ends():
+    result = parity.compare([[1, 2, 7], [1, 2]], [[1, 2], [1, 2, 3]], decode)
+    assert [(m["position"], m["reference"], m["engine"]) for m in result["mismatches"]] == [
+        (2, "<|im_end|>", parity.END), (2, parity.END, "name")]
+    assert result["mean_common_prefix"] == 2.0
+
+
+def test_no_rows_compare_as_agreeing():
+    assert parity.compare([], [], decode)["share_identical"] == 1.0
+
+
+def test_unequal_row_counts_are_a_bug_not_a_result():
+    with pytest.raises(ValueError, match="2 reference rows but 1 candidate rows"):
+        parity.compare([[1], [2]], [[1]], decode)
+
+
+def test_below_the_threshold_fails_in_one_line_naming_adapter_row_token_and_override():
+    results = {"good": parity.compare([[1, 2]], [[1, 2]], decode),
+               "bad": parity.compare([[1, 2], [1, 2, 3], [8]], [[1, 2], [1, 2, 4], [8]], decode)}
+    with pytest.raises(WorkflowError) as err:
+        parity.check(results, 0.9, where="evaluate", key="evaluate.parity", allow_mismatch=False,
+                     note=parity.greedy_note({"temperature": 1.0, "seed": 3}))
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("evaluate: adapter 'bad' answers differently from training: 2/3 rows identical")
+    assert "row 1 token 2: training 'name', engine '['" in message
+    assert "evaluate.parity.min_identical is 0.9 (the engine's sampling is not greedy: temperature 1.0)" in message
+    assert "evaluate.parity.allow_mismatch: true" in message
+
+
+def test_at_the_threshold_passes_and_the_override_turns_failures_into_warnings():
+    results = {"a": parity.compare([[1], [2], [3], [4]], [[1], [2], [3], [5]], decode)}
+    assert parity.check(results, 0.75, where="evaluate", key="evaluate.parity", allow_mismatch=False) == []
+    warnings = parity.check(results, 1.0, where="serve", key="serve.smoke.parity", allow_mismatch=True)
+    assert len(warnings) == 1 and warnings[0].startswith("serve: adapter 'a' answers differently")
+    assert parity.greedy_note({"temperature": 0.0}) == ""

@@ -1,0 +1,176 @@
+"""Train/serve parity: the adapter must give the same greedy tokens in the engine as it did in training.
+
+The prompt-format guard proves the *prompt* tokens agree; this proves the *answers* do. For K
+rows of the evaluated split the adapter as trained (PEFT + transformers, in the train
+environment, prompts rendered by LLaMA-Factory's template: ``guard.llamafactory_prompt_ids``)
+decodes greedily; those token ids are the reference. :func:`compare` sets the engine's token ids
+for the same rows beside them: the share of rows that agree exactly, the mean common prefix, and
+for each row that differs its first differing position with both tokens decoded. :func:`check`
+fails below the recipe's threshold with one line.
+
+The reference runs as ``python -m workflow.evaluation.parity REQUEST OUT`` in the train
+environment (LLaMA-Factory's template and the PEFT version the adapter was trained with live
+there; the serve environment has vLLM and no PEFT).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..core import envs
+from ..core.errors import WorkflowError
+from ..prompts.guard import first_difference
+
+FILE = "parity.json"
+END = "<end of output>"
+
+
+# ---------------------------------------------------------------- comparison (any environment)
+
+def compare(reference: list[list[int]], candidate: list[list[int]], decode: Callable[[int], str]) -> dict[str, Any]:
+    """How far ``candidate``'s generated token ids agree with ``reference``'s, row by row.
+
+    ``decode`` turns one token id into text, for the report of each disagreeing row.
+    """
+    if len(reference) != len(candidate):
+        raise ValueError(f"{len(reference)} reference rows but {len(candidate)} candidate rows")
+    prefixes, mismatches = [], []
+    for row, (ref, got) in enumerate(zip(reference, candidate)):
+        at = first_difference(list(ref), list(got))
+        prefixes.append(min(len(ref), len(got)) if at is None else at)
+        if at is not None:
+            mismatches.append({"row": row, "position": at,
+                               "reference": decode(ref[at]) if at < len(ref) else END,
+                               "engine": decode(got[at]) if at < len(got) else END,
+                               "reference_tokens": len(ref), "engine_tokens": len(got)})
+    n = len(reference)
+    return {"rows": n, "identical": n - len(mismatches), "share_identical": (n - len(mismatches)) / n if n else 1.0,
+            "mean_common_prefix": sum(prefixes) / n if n else 0.0, "mismatches": mismatches}
+
+
+def describe(result: dict[str, Any]) -> str:
+    """``16/16 rows identical to training`` (and the first difference, if any)."""
+    text = f"{result['identical']}/{result['rows']} rows identical to training"
+    if result["mismatches"]:
+        m = result["mismatches"][0]
+        text += (f", mean common prefix {result['mean_common_prefix']:.1f} tokens; first difference: row {m['row']} "
+                 f"token {m['position']}: training {m['reference']!r}, engine {m['engine']!r}")
+    return text
+
+
+def check(results: dict[str, dict[str, Any]], min_identical: float, *, where: str, key: str,
+          allow_mismatch: bool, note: str = "") -> list[str]:
+    """Fail (one line) on the first adapter whose share of identical rows is below ``min_identical``.
+
+    ``key`` is the recipe key of the settings (``evaluate.parity``); with ``allow_mismatch`` the
+    failures are returned as warnings instead. ``note`` adds what may explain a difference
+    (sampling that is not greedy).
+    """
+    failed = []
+    for name, result in results.items():
+        if result["share_identical"] >= min_identical:
+            continue
+        message = (f"{where}: adapter {name!r} answers differently from training: {describe(result)}; "
+                   f"{key}.min_identical is {min_identical}{note}")
+        if not allow_mismatch:
+            raise WorkflowError(message, hint=f"see {FILE}; set {key}.allow_mismatch: true to proceed anyway")
+        failed.append(message)
+    return failed
+
+
+def greedy_note(sampling_params: dict[str, Any]) -> str:
+    """Why the engine's answers may differ by design: its sampling is not greedy."""
+    temperature = sampling_params.get("temperature", 1.0)
+    return f" (the engine's sampling is not greedy: temperature {temperature})" if temperature else ""
+
+
+# ---------------------------------------------------------------- the reference (runs the train env)
+
+def reference(model: str, adapters: dict[str, str], rows: list[list[dict[str, str]]], *, template: str | None,
+              max_tokens: int, dtype: str, revision: str | None = None) -> dict[str, Any]:
+    """Greedy token ids of each adapter (name -> local folder) for each row's chat messages, by PEFT.
+
+    ``template``: the LLaMA-Factory template the adapter was trained with (None: the tokenizer's chat
+    template); ``dtype``: the dtype the reference model computes in (``auto``: the model's own).
+    Returns ``{"dtype", "versions", "adapters": {name: [{"prompt_ids", "generated_ids"}, ...]}}``.
+    """
+    request = {"model": model, "revision": revision, "adapters": adapters, "rows": rows, "template": template,
+               "max_tokens": max_tokens, "dtype": dtype}
+    with tempfile.TemporaryDirectory(prefix="workflow-parity-") as tmp:
+        (Path(tmp) / "request.json").write_text(json.dumps(request))
+        python = envs.python_for(envs.TRAIN)
+        proc = subprocess.run([python, "-m", "workflow.evaluation.parity", f"{tmp}/request.json", f"{tmp}/out.json"],
+                              env=envs.stage_environment(envs.TRAIN), capture_output=True, text=True, check=False)
+        print(proc.stdout + proc.stderr, end="", flush=True)  # to the stage's log
+        if proc.returncode != 0:
+            last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit code {proc.returncode}"
+            raise WorkflowError(f"parity: the PEFT reference failed in the train environment ({python}): {last}",
+                                hint="run it with --debug for the whole output")
+        return json.loads((Path(tmp) / "out.json").read_text())
+
+
+def generate_reference(request: dict[str, Any]) -> dict[str, Any]:
+    """The train-environment side of :func:`reference`."""
+    import peft
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..prompts.guard import chat_template_prompt_ids, llamafactory_prompt_ids
+
+    torch.manual_seed(0)
+    revision = request.get("revision")
+    tokenizer = AutoTokenizer.from_pretrained(request["model"], revision=revision)
+    dtype = request["dtype"] if request["dtype"] == "auto" else getattr(torch, request["dtype"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = AutoModelForCausalLM.from_pretrained(request["model"], revision=revision, dtype=dtype).to(device)
+    # What vLLM stops on: the tokenizer's end-of-sequence token and the generation config's.
+    eos = base.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    prompts = [llamafactory_prompt_ids(tokenizer, request["template"], messages) if request["template"]
+               else chat_template_prompt_ids(tokenizer, messages) for messages in request["rows"]]
+    model = None
+    out: dict[str, list[dict[str, list[int]]]] = {}
+    for name, folder in request["adapters"].items():
+        if model is None:
+            model = peft.PeftModel.from_pretrained(base, folder, adapter_name=name)
+        else:
+            model.load_adapter(folder, adapter_name=name)
+        model.set_adapter(name)
+        model.eval()
+        out[name] = []
+        for ids in prompts:
+            with torch.no_grad():
+                generated = model.generate(input_ids=torch.tensor([ids], device=device),
+                                           attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                                           do_sample=False, max_new_tokens=request["max_tokens"],
+                                           eos_token_id=sorted(eos) or None,
+                                           pad_token_id=tokenizer.pad_token_id or next(iter(eos), 0))
+            out[name].append({"prompt_ids": ids, "generated_ids": generated[0, len(ids):].tolist()})
+    return {"dtype": str(base.dtype).removeprefix("torch."), "device": device,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "peft": peft.__version__},
+            "adapters": out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m workflow.evaluation.parity REQUEST.json OUT.json`` (train env)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m workflow.evaluation.parity REQUEST.json OUT.json", file=sys.stderr)
+        return 2
+    result = generate_reference(json.loads(Path(argv[0]).read_text()))
+    Path(argv[1]).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
