@@ -127,6 +127,18 @@ class NamespaceCluster:
         self.nodes.remove(node)
         self.wait_for_nodes()
 
+    def kill_node(self, node: Node) -> None:
+        """Lose a worker node at once, as a host that goes away: SIGKILL to every process in its namespace
+        together (raylet, object store, workers; no drain), then its namespace and veth pair removed. The head
+        learns of it when its health checks of the node fail."""
+        while pids := _netns_pids(node.netns):
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
+        _remove_node(self, node)
+        self.nodes.remove(node)
+
     def run_in(self, node: Node, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
         """``argv`` in ``node``'s network namespace (this machine's files): a client on another host."""
         return subprocess.run(["ip", "netns", "exec", node.netns, *argv], **kwargs)

@@ -267,6 +267,8 @@ def ingest_with_an_outage(recipe, server: StoppableS3, *, outage_s: float | None
                 threading.Timer(outage_s, server.start).start()
     code = proc.wait(timeout=600)
     assert stopped is not None, "".join(stdout + stderr)
+    print(f"[outage] {outage_s if outage_s is not None else 'until the end'} s: exit {code}, "
+          f"{time.monotonic() - stopped:.1f}s from the stop to the end of the command")
     if outage_s is None:
         server.start()
     return code, "".join(stdout), "".join(stderr)

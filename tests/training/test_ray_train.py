@@ -75,6 +75,39 @@ def test_two_nodes_strict_spread_with_checkpoints_on_s3(tiny_model, viggo_alpaca
     assert any("events.out.tfevents" in f for f in storage.list_files(f"{s3_bucket}/tensorboard"))
 
 
+@pytest.mark.train_env
+def test_workers_without_room_on_the_cluster_fail_in_one_line_after_the_configured_tries(s3_bucket, monkeypatch):
+    """As after a lost node with none to replace it: 2 one-CPU workers on a cluster of one CPU. Ray Train
+    waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S per try; controller_failure_limit 1 gives up after 2 tries."""
+    import time
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from workflow.training.ray_train import run_training
+
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "3")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        ray.init(address=cluster.address)
+        started = time.monotonic()
+        with pytest.raises(WorkflowError) as err:
+            run_training({"stage": "sft"}, experiment="no-room", checkpoints_uri=f"{s3_bucket}/checkpoints",
+                         export_uri=f"{s3_bucket}/adapters/x", export_last=[], model_key="m", data_key="d",
+                         scaling_config={"num_workers": 2, "resources_per_worker": {"CPU": 1}},
+                         failure_config={"max_failures": 1, "controller_failure_limit": 1},
+                         checkpoint_config={"num_to_keep": 1})
+        took = time.monotonic() - started
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert str(err.value) == (
+        "training failed: the cluster had no room for 2 worker(s) ({'CPU': 1} each) in 2 tries of 3 s (add nodes "
+        "(a lost node must be replaced), lower train.scaling_config, or wait longer: "
+        "train.failure_config.controller_failure_limit (-1 waits for ever) and RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S)")
+    assert 6 <= took < 120, took
+
+
 def test_pretrain_corpus_is_plain_text_documents_not_the_task():
     from workflow.training.pretrain_corpus import pretrain_corpus
 

@@ -31,8 +31,12 @@ class ScalingSection(Section):
 
 
 class FailureSection(Section):
-    # Whole-group restarts after a worker fails; each restart resumes from the latest checkpoint.
+    # Whole-group restarts after a worker fails (a lost node included); each resumes from the latest checkpoint.
     max_failures: int = Field(0, ge=-1)
+    # How often starting the worker group may time out for want of resources (each try waits
+    # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default) before the run fails: -1, Ray's default,
+    # waits for ever (for a node an autoscaler adds); N gives up after about N+1 tries.
+    controller_failure_limit: int = Field(-1, ge=-1)
 
 
 class CheckpointSection(Section):

@@ -251,11 +251,25 @@ def run_training(args: dict, *, experiment: str, checkpoints_uri: str, export_ur
     try:
         result = trainer.fit()
     except Exception as err:  # noqa: BLE001 - Ray wraps the worker's error; report its last line
+        if type(getattr(err, "controller_failure", None)).__name__ == "WorkerGroupStartupTimeoutError":
+            raise _no_room_for_workers(scaling_config, failure_config) from err
         raise WorkflowError(f"training failed: {_root_cause(err)}", hint="the workers' log above has the details") from err
     finally:
         if started_ray:
             ray.shutdown()
     return dict(result.return_value or {})
+
+
+def _no_room_for_workers(scaling_config: dict, failure_config: dict) -> WorkflowError:
+    """Ray Train gave up starting the worker group: the cluster lacks the workers' resources (a node lost and
+    none to replace it, or a request no node can meet)."""
+    wait = os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+    return WorkflowError(
+        f"training failed: the cluster had no room for {scaling_config.get('num_workers', 1)} worker(s) "
+        f"({scaling_config.get('resources_per_worker') or 'default resources'} each) in "
+        f"{failure_config.get('controller_failure_limit', -1) + 1} tries of {wait} s",
+        hint="add nodes (a lost node must be replaced), lower train.scaling_config, or wait longer: "
+             "train.failure_config.controller_failure_limit (-1 waits for ever) and RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
 
 
 def _root_cause(err: BaseException) -> str:
