@@ -64,3 +64,25 @@ def test_at_the_threshold_passes_and_the_override_turns_failures_into_warnings()
     warnings = parity.check(results, 1.0, where="serve", key="serve.smoke.parity", allow_mismatch=True)
     assert len(warnings) == 1 and warnings[0].startswith("serve: adapter 'a' answers differently")
     assert parity.greedy_note({"temperature": 0.0}) == ""
+
+
+def test_the_peft_reference_is_computed_once_per_run_then_read_back(tiny_model, tiny_adapter, tmp_path):
+    """The train environment decodes once (serve reuses what evaluate computed); its prompt ids are the ones the
+    serve environment's tokenizer renders (the prompt-format guard's claim, across the two environments)."""
+    from transformers import AutoTokenizer
+
+    from workflow.prompts.guard import chat_template_prompt_ids
+
+    rows = [[{"role": "user", "content": "Dirt: Showdown from 2012 is a sport racing game."}]]
+    settings = {"model_manifest": {"fingerprint": "m" * 64, "outputs": {"model": str(tiny_model)}},
+                "train_manifest": {"fingerprint": "t" * 64}, "rows": rows, "template": "qwen", "dtype": "float32",
+                "max_tokens": 8, "cache_uri": str(tmp_path / "cache"), "scratch": tmp_path / "scratch"}
+    first = parity.stored_reference(adapters={"viggo": str(tiny_adapter)}, **settings)
+    found = first["viggo"]
+    assert found["dtype"] == "float32" and found["template"] == "qwen" and found["versions"]["peft"]
+    assert len(found["rows"]) == 1 and 0 < len(found["rows"][0]["generated_ids"]) <= 8
+    assert found["rows"][0]["prompt_ids"] == chat_template_prompt_ids(AutoTokenizer.from_pretrained(tiny_model),
+                                                                      rows[0])
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    # Read back, not decoded again: the adapter folder is not even opened.
+    assert parity.stored_reference(adapters={"viggo": str(tmp_path / "gone")}, **settings) == first

@@ -24,6 +24,8 @@ RUN = "serve-test"
 KEY_ENV = "WORKFLOW_TEST_SERVE_KEY"
 KEY = "test-serve-key-0123456789"
 ADAPTERS = ("viggo", "viggo2")
+# Rows of the test split the parity check sends to each adapter (fewer than its default 16: CPU time).
+PARITY_ROWS = 3
 LLM_CONFIG = {
     "accelerator_config": {"kind": "cpu"},
     "placement_group_config": {"bundles": [{"CPU": 1}]},
@@ -219,10 +221,13 @@ def _layout_run(run_uri: str, tiny_model: Path, tiny_adapter: Path, viggo_alpaca
     """The manifests and files the ingest, model and train stages would have written."""
     train_rows = storage.join(run_uri, "ingest", "train.jsonl")
     storage.write_bytes(train_rows, (viggo_alpaca / "train.jsonl").read_bytes())
+    test_rows = storage.join(run_uri, "ingest", "test.jsonl")
+    storage.write_text(test_rows, "".join((viggo_alpaca / "test.jsonl").read_text().splitlines(True)[:PARITY_ROWS]))
     for name in ADAPTERS:
         storage.upload_dir(tiny_adapter, storage.join(run_uri, "train", "adapters", name), last=["adapter_config.json"])
     common = {"run": RUN, "config": {}, "inputs": {}, "started_at": manifest.now()}
-    manifest.write(storage.join(run_uri, "ingest"), stage="ingest", outputs={"train": train_rows}, **common)
+    manifest.write(storage.join(run_uri, "ingest"), stage="ingest", outputs={"train": train_rows, "test": test_rows},
+                   **common)
     manifest.write(storage.join(run_uri, "model"), stage="model", outputs={"model": str(tiny_model)}, **common)
     manifest.write(storage.join(run_uri, "train"), stage="train", summary={"adapter_name": "viggo", "lora_rank": 8},
                    outputs={"adapter": storage.join(run_uri, "train", "adapters", "viggo"),
@@ -260,6 +265,18 @@ def _auth(key: str = KEY) -> dict:
     return {"Authorization": f"Bearer {key}"}
 
 
+def _assert_parity(smoke: dict, out: str) -> None:
+    """The live endpoint's greedy tokens (return_token_ids) agree with PEFT's at the default threshold."""
+    from workflow.config.evaluate import ParityConfig
+
+    checked = smoke["parity"]
+    assert checked["rows"] == PARITY_ROWS and checked["max_tokens"] == 32 and set(checked["adapters"]) == set(ADAPTERS)
+    for name, result in checked["adapters"].items():
+        assert result["share_identical"] >= ParityConfig().min_identical, (name, result)
+        assert result["mean_common_prefix"] > 0
+        assert f"[serve] parity: adapter {name}: {result['identical']}/{PARITY_ROWS} rows identical to training" in out
+
+
 def test_deploy_prints_usage_and_records_the_smoke_check(served):
     proc = served["proc"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -272,6 +289,7 @@ def test_deploy_prints_usage_and_records_the_smoke_check(served):
     assert smoke["passed"] and smoke["model_ids"] == ids and set(ids) <= set(smoke["listed"])
     for adapter in ids[1:]:
         assert smoke["models"][adapter]["beats_base"]
+    _assert_parity(smoke, out)
     written = manifest.read(f"{served['run_uri']}/serve")
     assert written["summary"]["model_ids"] == ids
     endpoint = storage.read_json(written["outputs"]["endpoint"])
@@ -381,6 +399,7 @@ def test_direct_streaming_serves_base_and_adapters_behind_haproxy(tiny_model, ti
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         smoke = storage.read_json(f"{storage_uri}/{RUN}/serve/smoke.json")
         assert smoke["passed"] and all(smoke["models"][f"{RUN}:{a}"]["beats_base"] for a in ADAPTERS)
+        _assert_parity(smoke, proc.stdout)
         state = json.loads((tmp_path / "cache" / RUN / "serve" / "state.json").read_text())
         titles = " ".join(_cluster_pids(state["address"]).values())
         assert "haproxy" in titles and "WorkflowIngress" not in titles and "OpenAiIngress" not in titles

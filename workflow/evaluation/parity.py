@@ -23,8 +23,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..core import envs
+from ..core import envs, storage
 from ..core.errors import WorkflowError
+from ..core.manifest import sha256_text
+from ..inference.adapters import local_adapters, model_for_engine
 from ..prompts.guard import first_difference
 
 FILE = "parity.json"
@@ -113,6 +115,67 @@ def reference(model: str, adapters: dict[str, str], rows: list[list[dict[str, st
             raise WorkflowError(f"parity: the PEFT reference failed in the train environment ({python}): {last}",
                                 hint="run it with --debug for the whole output")
         return json.loads((Path(tmp) / "out.json").read_text())
+
+
+def cache_uri(run_uri: str) -> str:
+    """Where a run keeps its PEFT references (a cache: any stage may add to it, none depends on it being there)."""
+    return storage.join(run_uri, "cache", "parity")
+
+
+def training_template(adapters_dir: str, names: list[str], recipe) -> str | None:
+    """The LLaMA-Factory template the adapters were trained with: the first one's prompt-format record, else the
+    recipe's ``train.llamafactory.template``; None: the tokenizer's chat template."""
+    from ..prompts.guard import FILE as RECORD
+
+    record = storage.join(adapters_dir, names[0], RECORD)
+    if storage.exists(record):
+        return storage.read_json(record)["template"]
+    return recipe.train.llamafactory.get("template") if recipe.train is not None else None
+
+
+def reference_dtype(settings, engine_kwargs: dict[str, Any] | None) -> str:
+    """The dtype the reference computes in (``ParityConfig.reference_dtype``, ``engine``: the engine's)."""
+    if settings.reference_dtype == "engine":
+        return (engine_kwargs or {}).get("dtype", "auto")
+    return settings.reference_dtype
+
+
+def describe_reference(found: dict[str, Any]) -> dict[str, Any]:
+    """How a reference was computed, for parity.json and smoke.json."""
+    return {"by": "PEFT + transformers (train environment), greedy", "dtype": found["dtype"],
+            "device": found["device"], "template": found["template"], "versions": found["versions"]}
+
+
+def stored_reference(*, model_manifest: dict[str, Any], train_manifest: dict[str, Any], adapters: dict[str, str],
+                     rows: list[list[dict[str, str]]], template: str | None, dtype: str, max_tokens: int,
+                     cache_uri: str, scratch: Path) -> dict[str, Any]:
+    """:func:`reference` for a run's adapters (name -> URI), each computed once per run.
+
+    Each adapter's reference is kept under ``cache_uri`` keyed by the model and train stages'
+    fingerprints, the adapter's name, the rows, the template, the dtype and ``max_tokens``: the
+    serve stage reuses what evaluate computed, and computes only what it lacks (no evaluate stage,
+    other settings). A model or adapter in a bucket is copied to ``scratch`` first.
+    """
+    def key(name: str) -> str:
+        return sha256_text(json.dumps({"model": model_manifest["fingerprint"], "train": train_manifest["fingerprint"],
+                                       "adapter": name, "rows": rows, "template": template, "dtype": dtype,
+                                       "max_tokens": max_tokens}, sort_keys=True))[:32]
+
+    uris = {name: storage.join(cache_uri, f"reference-{key(name)}.json") for name in adapters}
+    found = {name: storage.read_json(uri) for name, uri in uris.items() if storage.exists(uri)}
+    missing = {name: uri for name, uri in adapters.items() if name not in found}
+    if missing:
+        source = model_for_engine(model_manifest["outputs"]["model"])
+        if "://" in source:
+            source = str(storage.materialize(source, scratch / "model"))
+        computed = reference(source, local_adapters(missing, scratch / "adapters"), rows, template=template,
+                             max_tokens=max_tokens, dtype=dtype,
+                             revision=model_manifest.get("summary", {}).get("revision"))
+        for name in missing:
+            found[name] = {**{k: v for k, v in computed.items() if k != "adapters"}, "template": template,
+                           "rows": computed["adapters"][name]}
+            storage.write_json(uris[name], found[name])
+    return found
 
 
 def generate_reference(request: dict[str, Any]) -> dict[str, Any]:

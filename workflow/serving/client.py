@@ -124,6 +124,24 @@ def smoke_check(base_url: str, *, model_id: str, adapters: list[str], rows: list
     return results
 
 
+def greedy_token_ids(base_url: str, model: str, messages: list[dict], *, api_key: str | None, max_tokens: int,
+                     timeout_s: float = 120) -> list[int]:
+    """The token ids of one greedy chat completion (vLLM's ``return_token_ids`` extension, which Ray Serve
+    LLM's request model inherits from vLLM's, so it reaches the engine behind the ingress and directly)."""
+    import httpx
+
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
+            "return_token_ids": True}
+    resp = httpx.post(f"{base_url}/chat/completions", json=body, headers=client_headers(api_key), timeout=timeout_s)
+    if resp.status_code != 200:
+        raise WorkflowError(f"serve: {model!r} answered HTTP {resp.status_code}: {resp.text[:300]}")
+    ids = resp.json()["choices"][0].get("token_ids")
+    if ids is None:
+        raise WorkflowError(f"serve: {model!r} returned no token_ids for return_token_ids: true",
+                            hint="the parity check needs vLLM's return_token_ids; set evaluate.parity: null to skip it")
+    return list(ids)
+
+
 def usage_text(base_url: str, model_ids: list[str], api_key_env: str | None) -> str:
     """Ready-to-paste curl and openai examples for the served models."""
     auth = f' -H "Authorization: Bearer ${api_key_env}"' if api_key_env else ""

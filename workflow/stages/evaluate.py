@@ -29,7 +29,6 @@ from ..inference.adapters import (
     check_trained_on,
     engine_adapters,
     lint_adapters,
-    local_adapters,
     lora_engine_kwargs,
     model_for_engine,
 )
@@ -182,30 +181,21 @@ def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]], 
 
 def parity_reference(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]],
                      adapters: dict[str, str]) -> dict[str, Any] | None:
-    """The adapters' greedy answers to the first ``evaluate.parity.rows`` rows as trained (PEFT), or None
+    """Each adapter's greedy answers to the first ``evaluate.parity.rows`` rows as trained (PEFT), or None
     when the recipe turns parity off. Runs before the engine starts, so a GPU is still free for it."""
     if cfg.parity is None:
         say("[evaluate] parity: off (evaluate.parity: null)")
         return None
-    model = ctx.upstream("model")
-    source = model_for_engine(model["outputs"]["model"])
-    if "://" in source:
-        source = str(storage.materialize(source, ctx.scratch("parity-model")))
-    adapters_dir = ctx.upstream("train")["outputs"]["adapters_dir"]
-    record = storage.join(adapters_dir, next(iter(adapters)), guard.FILE)
-    template = (storage.read_json(record)["template"] if storage.exists(record)
-                else (ctx.recipe.train.llamafactory.get("template") if ctx.recipe.train else None))
-    dtype = cfg.parity.reference_dtype
-    if dtype == "engine":
-        dtype = (cfg.processor.get("engine_kwargs") or {}).get("dtype", "auto")
+    train = ctx.upstream("train")
+    template = parity.training_template(train["outputs"]["adapters_dir"], list(adapters), ctx.recipe)
+    dtype = parity.reference_dtype(cfg.parity, cfg.processor.get("engine_kwargs"))
     k = min(cfg.parity.rows, len(rows))
     say(f"[evaluate] parity: {k} rows, greedy, by PEFT in the train environment ({dtype}, prompts by "
         f"{f'LLaMA-Factory template {template!r}' if template else 'the chat template'})")
-    found = parity.reference(source, local_adapters(adapters, ctx.scratch("parity-adapters")),
-                             [row_messages(row) for row in rows[:k]], template=template,
-                             max_tokens=int(cfg.sampling_params.get("max_tokens", 16)), dtype=dtype,
-                             revision=model.get("summary", {}).get("revision"))
-    return {**found, "template": template}
+    return parity.stored_reference(model_manifest=ctx.upstream("model"), train_manifest=train, adapters=adapters,
+                                   rows=[row_messages(row) for row in rows[:k]], template=template, dtype=dtype,
+                                   max_tokens=int(cfg.sampling_params.get("max_tokens", 16)),
+                                   cache_uri=parity.cache_uri(ctx.run_uri), scratch=ctx.scratch("parity"))
 
 
 def check_parity(ctx: StageContext, cfg: EvaluateConfig, table, reference: dict[str, Any] | None):
@@ -223,15 +213,14 @@ def check_parity(ctx: StageContext, cfg: EvaluateConfig, table, reference: dict[
                                           model.get("summary", {}).get("revision"))
     seed = cfg.seeds[0] if cfg.seeds else None
     results = {}
-    for name, ref in reference["adapters"].items():
+    for name, ref in reference.items():
         engine = {r["row_id"]: r["generated_tokens"] or [] for r in table.to_pylist()
                   if r["variant"] == name and (seed is None or r["seed"] == seed)}
-        results[name] = parity.compare([r["generated_ids"] for r in ref], [engine[i] for i in range(len(ref))],
-                                       lambda t: tokenizer.decode([t]))
-    content = {"rows": len(next(iter(reference["adapters"].values()))), "min_identical": cfg.parity.min_identical,
-               "reference": {"by": "PEFT + transformers (train environment), greedy", "dtype": reference["dtype"],
-                             "device": reference["device"], "template": reference["template"],
-                             "versions": reference["versions"]},
+        results[name] = parity.compare([r["generated_ids"] for r in ref["rows"]],
+                                       [engine[i] for i in range(len(ref["rows"]))], lambda t: tokenizer.decode([t]))
+    first = next(iter(reference.values()))
+    content = {"rows": len(first["rows"]), "min_identical": cfg.parity.min_identical,
+               "reference": parity.describe_reference(first),
                "engine": {"dtype": (cfg.processor.get("engine_kwargs") or {}).get("dtype", "auto"),
                           "sampling_params": cfg.sampling_params, "seed": seed},
                "adapters": results}

@@ -25,17 +25,19 @@ import json
 import os
 from pathlib import Path
 
+from ..config.evaluate import ParityConfig
 from ..core import envs, manifest, ray_cluster, storage
 from ..core.console import say
 from ..core.envs import SERVE
 from ..core.errors import WorkflowError
 from ..core.stage import StageContext, StageResult
 from ..dataset.read import read_records
-from ..evaluation import tasks
-from ..inference.adapters import check_trained_on, lint_adapters
+from ..evaluation import parity, tasks
+from ..inference import processor
+from ..inference.adapters import check_trained_on, lint_adapters, model_for_engine
 from ..patches import ray_serve_direct_streaming
 from ..prompts import guard
-from ..prompts.messages import expected_output
+from ..prompts.messages import expected_output, row_messages
 from ..serving import adapter_store, app, client, cluster
 
 ENV = SERVE
@@ -147,6 +149,55 @@ def _smoke_metric(ctx: StageContext, rows: list[dict]):
     return task.main_metric, task.row_score
 
 
+def _parity_settings(ctx: StageContext) -> ParityConfig | None:
+    """The parity rule of the recipe's evaluate section (one rule for both stages), or its defaults."""
+    return ctx.recipe.evaluate.parity if ctx.recipe.evaluate is not None else ParityConfig()
+
+
+def _parity_reference(ctx: StageContext, settings: ParityConfig, adapters_dir: str,
+                      names: list[str]) -> tuple[list[list[dict]], int, dict] | None:
+    """(rows as messages, max_tokens, each adapter's PEFT reference) for the live endpoint's parity check:
+    the rows and max_tokens of the evaluate stage's, so its stored reference is reused; None without rows."""
+    evaluate = ctx.recipe.evaluate
+    split = evaluate.split if evaluate is not None else "test"
+    uri = ctx.upstream("ingest")["outputs"].get(split)
+    if not uri:
+        say(f"[serve] parity: skipped (the ingest stage has no {split!r} split)")
+        return None
+    rows = [row_messages(row) for row in read_records(uri, "jsonl")[: settings.rows]]
+    if evaluate is not None and evaluate.max_rows:
+        rows = rows[: evaluate.max_rows]
+    max_tokens = int(evaluate.sampling_params.get("max_tokens", 16)) if evaluate else ctx.recipe.serve.smoke.max_tokens
+    template = parity.training_template(adapters_dir, names, ctx.recipe)
+    dtype = parity.reference_dtype(settings, ctx.recipe.serve.llm_config.get("engine_kwargs"))
+    reference = parity.stored_reference(
+        model_manifest=ctx.upstream("model"), train_manifest=ctx.upstream("train"),
+        adapters={name: storage.join(adapters_dir, name) for name in names}, rows=rows, template=template,
+        dtype=dtype, max_tokens=max_tokens, cache_uri=parity.cache_uri(ctx.run_uri), scratch=ctx.scratch("parity"))
+    say(f"[serve] parity: {len(rows)} rows of {split!r}, PEFT reference ready ({dtype})")
+    return rows, max_tokens, reference
+
+
+def _endpoint_parity(ctx: StageContext, base_url: str, model_id: str, api_key: str | None,
+                     checked: tuple[list[list[dict]], int, dict]) -> dict:
+    """The live endpoint's greedy token ids for the parity rows, against the PEFT reference (smoke.json's
+    ``parity``)."""
+    rows, max_tokens, reference = checked
+    model = ctx.upstream("model")
+    tokenizer = processor.model_tokenizer(model_for_engine(model["outputs"]["model"]), model["fingerprint"],
+                                          model.get("summary", {}).get("revision"))
+    results = {}
+    for name, ref in reference.items():
+        served = [client.greedy_token_ids(base_url, f"{model_id}:{name}", messages, api_key=api_key,
+                                          max_tokens=max_tokens) for messages in rows]
+        results[name] = parity.compare([r["generated_ids"] for r in ref["rows"]], served,
+                                       lambda t: tokenizer.decode([t]))
+        say(f"[serve] parity: adapter {name}: {parity.describe(results[name])}")
+    first = next(iter(reference.values()))
+    return {"rows": len(rows), "max_tokens": max_tokens, "reference": parity.describe_reference(first),
+            "adapters": results}
+
+
 def _serve_listening_at(ctx: StageContext, host: str, port: int, address: str) -> tuple[str, int]:
     """Where the cluster's Serve will answer: ours if Serve is not running yet, else where it already listens.
 
@@ -212,6 +263,11 @@ def run(ctx: StageContext) -> StageResult:
         guard.check_stored_adapters(adapters_dir, adapter_names, model_source, ctx.scratch("prompt-format"),
                                     where="serve", allow_mismatch=cfg.allow_prompt_mismatch,
                                     revision=model.get("summary", {}).get("revision"))
+    parity_settings = _parity_settings(ctx)
+    checked = None
+    if adapter_names and parity_settings is not None:
+        # Before the serving cluster takes the cores (and a GPU).
+        checked = _parity_reference(ctx, parity_settings, adapters_dir, adapter_names)
     s3_port = cluster.free_port() if local_adapters else None
     # The loopback URI is only known once published; validate with a placeholder of the same form.
     placeholder = f"s3://{adapter_store.LOOPBACK_BUCKET}/{ctx.recipe.name}" if local_adapters else adapters_dir
@@ -277,8 +333,14 @@ def run(ctx: StageContext) -> StageResult:
         smoke = client.smoke_check(base_url, model_id=model_id, adapters=adapter_names, rows=rows or
                                    [{"instruction": "Say hello.", "output": ""}], api_key=api_key,
                                    max_tokens=cfg.smoke.max_tokens, main_metric=main_metric)
+        if checked is not None:
+            smoke["parity"] = _endpoint_parity(ctx, base_url, model_id, api_key, checked)
         smoke_uri = storage.join(ctx.out_uri, "smoke.json")
         storage.write_json(smoke_uri, smoke)
+        if checked is not None:
+            for warning in parity.check(smoke["parity"]["adapters"], parity_settings.min_identical, where="serve",
+                                        key="evaluate.parity", allow_mismatch=parity_settings.allow_mismatch):
+                say(f"warning: {warning}; going on because evaluate.parity.allow_mismatch is true")
         endpoint = {"base_url": base_url, "model_ids": model_ids, "api_key_env": cfg.api_key_env,
                     "detached": bool(ctx.options.get("detach")), **where}
         storage.write_json(_endpoint_uri(ctx), endpoint)
