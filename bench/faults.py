@@ -18,6 +18,16 @@ the tiny random base, LoRA, ``max_steps`` 24, a checkpoint every 4 steps, seed 4
   ``failure_config.controller_failure_limit: 1`` and ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``
   30, the run must fail in one line after about 2 × 30 s.
 
+``--scenarios evaluate-node-lost``: the recipe with an ``evaluate`` section (40 test rows, base and
+adapter, batches of 4) is trained, then evaluated; 2 s after the vLLM engine actor has started,
+every process of its node is killed, none added; the JSON counts the prediction
+rows per variant (or says what was written).
+
+``--scenarios train-storage-outage,train-storage-outage-long`` (one host, no namespaces; Ray
+started by the stage): the S3 server (moto, stopped and started in this process, its buckets
+kept) is stopped once Ray Train recorded the first checkpoint, for 15 s, or until the run ends
+(``WORKFLOW_STORAGE_RETRY_SECONDS`` 20), after which the same run is run again.
+
 Prints one line per event and a summary; writes JSON to ``--out``. Needs root (namespaces).
 
     .venvs/serve/bin/python bench/faults.py --out bench/results/faults/train-node-lost.json
@@ -28,7 +38,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,23 +52,33 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "core"))
 sys.path.insert(0, str(REPO))
 
 from netns_cluster import leftovers, namespace_cluster  # noqa: E402
+from test_storage_faults import StoppableS3  # noqa: E402
 
 from workflow.core import envs  # noqa: E402
 
-SCENARIOS = ("baseline", "train-node-lost", "train-node-lost-no-replacement", "evaluate-node-lost")
+SCENARIOS = ("baseline", "train-node-lost", "train-node-lost-no-replacement", "evaluate-node-lost",
+             "train-storage-outage", "train-storage-outage-long")
+STORAGE_SCENARIOS = SCENARIOS[4:]  # one host: Ray started by the stage, the S3 server in this process
+SHORT_OUTAGE_S = 15
 DEFAULT_SCENARIOS = SCENARIOS[:3]
 EVAL_ROWS = 40
-PROGRESS_LINE = re.compile(r"\[evaluate\] \d+/\d+ rows")
-# The GCS's table of live actors, with the IP of each one's node.
-WHERE_ACTORS_RUN = """
-import json, ray
+# From the GCS's actor table: the IP of the node of the first live vLLM engine actor (an actor is
+# ALIVE once its __init__, the engine's start, has returned).
+WHERE_THE_ENGINE_RUNS = """
+import time, ray
 from ray._private import state
 ray.init(log_to_driver=False, logging_level="ERROR")
-print("ACTORS", json.dumps([[a["ActorClassName"], a["Address"]["IPAddress"]] for a in state.actors().values()
-                            if a["State"] == "ALIVE"]))
+while True:
+    ips = [a["Address"]["IPAddress"] for a in state.actors().values()
+           if a["State"] == "ALIVE" and "vLLMEngineStageUDF" in a["ActorClassName"]]
+    if ips:
+        print("ENGINE", ips[0], flush=True)
+        break
+    time.sleep(0.5)
 """
 CHECKPOINT_LINE = re.compile(r"\[training\] checkpoint at step (\d+) is in storage")
 STEPS, SAVE_EVERY = 24, 4
@@ -95,12 +117,12 @@ def recipe(name: str, storage_uri: str, folder: Path, failure_config: dict, eval
 class Run:
     """``workflow run RECIPE --stages ingest,model,train`` from the driver's namespace; lines timestamped."""
 
-    def __init__(self, cluster, path: Path, stages: str = "ingest,model,train", **env: str):
+    def __init__(self, env: dict, path: Path, stages: str = "ingest,model,train"):
         self.started = time.monotonic()
         self.lines: list[tuple[float, str]] = []
         self.proc = subprocess.Popen([envs.python_for(envs.SERVE), "-m", "workflow", "run", str(path), "--stages",
-                                      stages], env=cluster.driver_env(**env), text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                      stages], env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -180,8 +202,8 @@ def recorded_step(cluster, bucket: str, name: str) -> int:
 def node_lost(cluster, bucket: str, folder: Path, *, replace: bool, kill_at: str) -> dict:
     name = "lost" if replace else "lost-alone"
     failure = {"max_failures": 1} if replace else {"max_failures": 1, "controller_failure_limit": 1}
-    run = Run(cluster, recipe(name, f"s3://{bucket}/runs", folder, failure),
-              RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=START_TIMEOUT_S)
+    run = Run(cluster.driver_env(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=START_TIMEOUT_S),
+              recipe(name, f"s3://{bucket}/runs", folder, failure))
     first = run.wait_for(CHECKPOINT_LINE)
     step = int(CHECKPOINT_LINE.search(next(line for _, line in run.lines if CHECKPOINT_LINE.search(line))).group(1))
     if kill_at == "recorded":
@@ -212,12 +234,11 @@ def node_lost(cluster, bucket: str, folder: Path, *, replace: bool, kill_at: str
 
 
 def engine_node(cluster):
-    """The worker node that runs the vLLM engine actor of the evaluate stage."""
-    proc = subprocess.run([envs.python_for(envs.SERVE), "-c", WHERE_ACTORS_RUN], env=cluster.driver_env(),
-                          capture_output=True, text=True, timeout=300, check=False)
-    actors = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("ACTORS "))[7:])
-    ips = {ip for name, ip in actors if "vLLMEngineStageUDF" in name}
-    return next(node for node in cluster.nodes if node.ip in ips)
+    """The worker node of the evaluate stage's vLLM engine actor, once the engine has started."""
+    proc = subprocess.run([envs.python_for(envs.SERVE), "-c", WHERE_THE_ENGINE_RUNS], env=cluster.driver_env(),
+                          capture_output=True, text=True, timeout=900, check=False)
+    ip = next(line for line in proc.stdout.splitlines() if line.startswith("ENGINE "))[7:]
+    return next(node for node in cluster.nodes if node.ip == ip)
 
 
 def evaluate_node_lost(cluster, bucket: str, folder: Path) -> dict:
@@ -225,19 +246,19 @@ def evaluate_node_lost(cluster, bucket: str, folder: Path) -> dict:
     import pyarrow.parquet as pq
 
     path = recipe("eval", f"s3://{bucket}/runs", folder, {"max_failures": 1}, evaluate=True)
-    trained = Run(cluster, path).finish()
+    trained = Run(cluster.driver_env(), path).finish()
     assert trained["exit_code"] == 0, trained["lines"][-20:]
-    run = Run(cluster, path, stages="evaluate")
-    run.wait_for(PROGRESS_LINE, timeout=1200)
+    run = Run(cluster.driver_env(), path, stages="evaluate")
     victim = engine_node(cluster)
+    time.sleep(2)  # batches are in the engine
     killed = time.monotonic() - run.started
     cluster.kill_node(victim)
     print(f"[faults] {killed:.1f}s: killed every process of node {victim.name} ({victim.ip}), the engine's", flush=True)
     try:
-        result = run.finish(timeout=900)
+        result = run.finish(timeout=300)
     except subprocess.TimeoutExpired:
-        run.proc.kill()
-        result = {**run.finish(), "timed_out_after_s": 900}
+        os.killpg(run.proc.pid, signal.SIGKILL)  # the runner, its stage process and their children
+        result = {**run.finish(), "timed_out_after_s": 300}
     out = {"killed_at_s": round(killed, 1), "killed_node": victim.ip, **result}
     s3 = s3_client(cluster)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="runs/eval/evaluate/").get("Contents", [])]
@@ -253,6 +274,50 @@ def evaluate_node_lost(cluster, bucket: str, folder: Path) -> dict:
     return out
 
 
+def train_storage_outage(folder: Path, *, outage_s: float | None) -> dict:
+    """The S3 server stopped once Ray Train recorded the first checkpoint, for ``outage_s`` seconds (None: until
+    the run has ended, with ``WORKFLOW_STORAGE_RETRY_SECONDS`` 20); a failed run is run again once it is back."""
+    from types import SimpleNamespace
+
+    server = StoppableS3()
+    server.start()
+    aws = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    store = SimpleNamespace(s3_endpoint=server.url, aws_env=aws)
+    bucket = f"outage-{server.port}"
+    s3_client(store).create_bucket(Bucket=bucket)
+    env = {**envs.stage_environment(envs.SERVE), **aws, "AWS_ENDPOINT_URL": server.url}
+    env.pop("RAY_ADDRESS", None)
+    if outage_s is None:
+        env["WORKFLOW_STORAGE_RETRY_SECONDS"] = "20"
+    name = "outage" if outage_s else "outage-long"
+    path = recipe(name, f"s3://{bucket}/runs", folder, {"max_failures": 1})
+    try:
+        run = Run(env, path)
+        run.wait_for(CHECKPOINT_LINE)
+        while (step := recorded_step(store, bucket, name)) == 0:
+            if run.proc.poll() is not None:
+                raise RuntimeError("the run ended before Ray Train recorded a checkpoint")
+            time.sleep(0.2)
+        stopped = time.monotonic() - run.started
+        server.stop()
+        print(f"[faults] {stopped:.1f}s: S3 server stopped after Ray Train recorded the checkpoint of step {step}"
+              f" ({'for ' + str(outage_s) + ' s' if outage_s else 'until the run ends'})", flush=True)
+        if outage_s:
+            threading.Timer(outage_s, server.start).start()
+        out = {"outage_s": outage_s, "stopped_at_s": round(stopped, 1), "checkpoint_step_before_outage": step,
+               **run.finish()}
+        if outage_s is None:
+            server.start()
+            print("[faults] S3 server started again; the same run again", flush=True)
+            out["manifest_after_failure"] = train_manifest(store, bucket, name)
+            out["rerun"] = Run(env, path).finish()
+        out["manifest"] = train_manifest(store, bucket, name)
+        return out
+    finally:
+        server.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS), help=f"comma-separated, of {', '.join(SCENARIOS)}")
@@ -264,13 +329,19 @@ def main() -> int:
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "scenarios": {}}
     folder = Path(tempfile.mkdtemp(prefix="bench-faults-"))
     started = time.monotonic()
+    for name in (n for n in STORAGE_SCENARIOS if n in scenarios):
+        print(f"[faults] {name}: the S3 server stopped while the train stage trains (one host)", flush=True)
+        results["scenarios"][name] = train_storage_outage(folder, outage_s=None if name.endswith("-long")
+                                                          else SHORT_OUTAGE_S)
+    if not set(scenarios) - set(STORAGE_SCENARIOS):
+        return write_results(results, args.out)
     with namespace_cluster(folder, workers=2, worker_cpus=1) as cluster:
         print(f"[faults] cluster up in {time.monotonic() - started:.0f}s: head {cluster.address}, "
               f"nodes {[n.ip for n in cluster.nodes]}", flush=True)
         bucket = cluster.make_bucket("faults").removeprefix("s3://")
         if "baseline" in scenarios:
             print("[faults] baseline: uninterrupted", flush=True)
-            run = Run(cluster, recipe("baseline", f"s3://{bucket}/runs", folder, {"max_failures": 1}))
+            run = Run(cluster.driver_env(), recipe("baseline", f"s3://{bucket}/runs", folder, {"max_failures": 1}))
             results["scenarios"]["baseline"] = {**run.finish(), "manifest": train_manifest(cluster, bucket, "baseline")}
         if "train-node-lost" in scenarios:
             print("[faults] train-node-lost: a worker node killed after the first checkpoint, a replacement added",
@@ -289,10 +360,14 @@ def main() -> int:
             results["scenarios"]["evaluate-node-lost"] = evaluate_node_lost(cluster, bucket, folder)
         cluster_id, temp_dir = cluster.id, cluster.temp_dir
     results["left_after_teardown"] = leftovers(cluster_id, temp_dir)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return write_results(results, args.out)
+
+
+def write_results(results: dict, out: str) -> int:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2, default=str) + "\n")
     print_summary(results)
-    print(f"[faults] wrote {args.out}")
+    print(f"[faults] wrote {out}")
     return 0
 
 
@@ -306,12 +381,17 @@ def print_summary(results: dict) -> None:
         print(f"[faults] {name}: exit {r['exit_code']} in {r['seconds']}s; global_step {summary.get('global_step')}, "
               f"resumed_from_step {summary.get('resumed_from_step')}, final_loss {summary.get('final_loss')}; "
               f"errors {r['errors']}")
-        for key in ("killed_at_s", "replacement_joined_at_s", "resumed_at_s", "failed_at_s"):
+        if r.get("rerun"):
+            rerun = r["rerun"]
+            print(f"[faults]   rerun: exit {rerun['exit_code']} in {rerun['seconds']}s; "
+                  f"{[line for line in rerun['lines'] if '[train] ' in line and 'steps' in line]}")
+        for key in ("killed_at_s", "replacement_joined_at_s", "resumed_at_s", "failed_at_s", "stopped_at_s"):
             if r.get(key) is not None:
                 print(f"[faults]   {key}: {r[key]}")
     if "adapter_vs_baseline" in results:
         print(f"[faults] adapter vs baseline: {results['adapter_vs_baseline']}")
-    print(f"[faults] left after teardown: {results['left_after_teardown'] or 'nothing'}")
+    if "left_after_teardown" in results:
+        print(f"[faults] left after teardown: {results['left_after_teardown'] or 'nothing'}")
 
 
 if __name__ == "__main__":
