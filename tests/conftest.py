@@ -122,6 +122,28 @@ def http_server():
         server.shutdown()
 
 
+def with_lm_head_lora(tiny_adapter, dest):
+    """The tiny adapter plus low-rank weights on ``lm_head`` (PEFT's names and shapes), as a LoRA
+    trained with ``lora_target: all,lm_head`` would be saved."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(tiny_adapter, dest)
+    tensors = load_file(dest / "adapter_model.safetensors")
+    a = next(v for k, v in tensors.items() if k.endswith("q_proj.lora_A.weight"))
+    rank, hidden = a.shape
+    tensors["base_model.model.lm_head.lora_A.weight"] = np.zeros((rank, hidden), np.float32)
+    tensors["base_model.model.lm_head.lora_B.weight"] = np.zeros((4000, rank), np.float32)  # the tiny vocab
+    save_file(tensors, dest / "adapter_model.safetensors")
+    cfg = json.loads((dest / "adapter_config.json").read_text())
+    targets = cfg["target_modules"]
+    cfg["target_modules"] = [*targets, "lm_head"] if isinstance(targets, list) else targets + "|lm_head"
+    (dest / "adapter_config.json").write_text(json.dumps(cfg))
+    return dest
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """An S3-compatible server (moto) on loopback; AWS_* variables point every client at it.

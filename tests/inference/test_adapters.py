@@ -1,33 +1,11 @@
 """The adapter lint: LoRA weights on modules vLLM does not adapt are refused before an engine loads them."""
 
-import json
-import shutil
-
 import pytest
+from conftest import with_lm_head_lora
 
 from workflow.core import storage
 from workflow.core.errors import WorkflowError
 from workflow.inference import adapters
-
-
-def with_lm_head_lora(tiny_adapter, dest):
-    """The tiny adapter plus low-rank weights on ``lm_head`` (PEFT's names and shapes), as a LoRA
-    trained with ``lora_target: all,lm_head`` would be saved."""
-    import numpy as np
-    from safetensors.numpy import load_file, save_file
-
-    shutil.copytree(tiny_adapter, dest)
-    tensors = load_file(dest / "adapter_model.safetensors")
-    a = next(v for k, v in tensors.items() if k.endswith("q_proj.lora_A.weight"))
-    rank, hidden = a.shape
-    tensors["base_model.model.lm_head.lora_A.weight"] = np.zeros((rank, hidden), np.float32)
-    tensors["base_model.model.lm_head.lora_B.weight"] = np.zeros((4000, rank), np.float32)  # the tiny vocab
-    save_file(tensors, dest / "adapter_model.safetensors")
-    cfg = json.loads((dest / "adapter_config.json").read_text())
-    targets = cfg["target_modules"]
-    cfg["target_modules"] = [*targets, "lm_head"] if isinstance(targets, list) else targets + "|lm_head"
-    (dest / "adapter_config.json").write_text(json.dumps(cfg))
-    return dest
 
 
 def test_lora_weights_on_the_lm_head_are_refused_in_one_line(tiny_adapter, tmp_path):
@@ -48,8 +26,13 @@ def test_which_modules_vllm_adapts_follows_the_model_class():
     assert adapters.modules_vllm_does_not_adapt(tensors, ["Qwen2ForCausalLM"]) == ["lm_head", "wte"]
     # vLLM's Exaone class declares both as embedding modules it adapts.
     assert adapters.modules_vllm_does_not_adapt(tensors, ["ExaoneForCausalLM"]) == []
-    del tensors["base_model.model.lm_head.lora_A.weight"], tensors["base_model.model.transformer.wte.lora_embedding_A"]
-    assert adapters.modules_vllm_does_not_adapt(tensors, []) == []
+    assert adapters.modules_vllm_does_not_adapt(tensors, []) == []  # an architecture not known here: no refusal
+
+
+def test_the_architecture_is_read_from_the_models_config(tiny_model, s3_bucket):
+    assert adapters.model_architectures(str(tiny_model)) == ["Qwen2ForCausalLM"]
+    storage.upload_dir(tiny_model, f"{s3_bucket}/model", last=["config.json"])
+    assert adapters.model_architectures(f"{s3_bucket}/model") == ["Qwen2ForCausalLM"]
 
 
 def test_the_header_is_read_alone_from_object_storage(tiny_adapter, s3_bucket):

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, with_lm_head_lora
 
 from workflow.config.task import TaskConfig
 from workflow.core import envs
@@ -188,6 +188,13 @@ def test_adapters_the_engine_would_serve_differently_are_refused_before_it_start
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert "adapter 'saved' saves full modules ['lm_head'] (modules_to_save)" in line and "additional_target" in line
+
+    # LoRA weights on the LM head, which vLLM does not adapt in a Qwen2 model.
+    planted = with_lm_head_lora(tiny_adapter, tmp_path / "lm-head")
+    proc = run_cli("evaluate", str(make_run("eval-lm-head", rows=2, adapters={"lm-head": planted})))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "has LoRA weights on ['lm_head'], which vLLM does not adapt in Qwen2ForCausalLM" in line, line
 
     # The model stage ran again after training (another base), the train stage did not.
     recipe = make_run("eval-other-base", rows=2, adapters={"viggo": tiny_adapter})

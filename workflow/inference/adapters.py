@@ -90,7 +90,24 @@ def modules_vllm_does_not_adapt(tensors: dict[str, Any], architectures: list[str
     """
     candidates = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in tensors
                   if ".lora_embedding_" in name or name.split(".lora_")[0].endswith("lm_head")}
-    return sorted(candidates - _vllm_embedding_modules(architectures)) if candidates else []
+    if not candidates or not architectures:  # an unknown architecture: nothing to tell from
+        return []
+    return sorted(candidates - _vllm_embedding_modules(architectures))
+
+
+def model_architectures(model_uri: str, revision: str | None = None) -> list[str]:
+    """The ``architectures`` of the base model's ``config.json`` (a folder, a bucket or the hub at the
+    pinned ``revision``); empty where it cannot be read here (a hub model without network or cache)."""
+    if storage.is_local(model_uri) or "://" in model_uri:
+        uri = storage.join(model_uri, "config.json")
+        return list(storage.read_json(uri).get("architectures") or []) if storage.exists(uri) else []
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(model_uri, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - offline, gated or missing: the lint then skips this check
+        return []
+    return list(json.loads(Path(path).read_text()).get("architectures") or [])
 
 
 def _vllm_embedding_modules(architectures: list[str]) -> set[str]:

@@ -30,6 +30,7 @@ from ..inference.adapters import (
     engine_adapters,
     lint_adapters,
     lora_engine_kwargs,
+    model_architectures,
     model_for_engine,
 )
 from ..prompts import guard
@@ -127,7 +128,8 @@ def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]], 
         adapters = run_adapters(ctx, cfg)
         if adapters:
             check_trained_on(ctx.upstream("train"), model, "evaluate")
-            lint_adapters(adapters, "evaluate")
+            lint_adapters(adapters, "evaluate", model_architectures(model["outputs"]["model"],
+                                                                     model.get("summary", {}).get("revision")))
             guard.check_stored_adapters(ctx.upstream("train")["outputs"]["adapters_dir"], list(adapters),
                                         model["outputs"]["model"], ctx.scratch("prompt-format"), where="evaluate",
                                         allow_mismatch=cfg.allow_prompt_mismatch,

@@ -34,7 +34,7 @@ from ..core.stage import StageContext, StageResult
 from ..dataset.read import read_records
 from ..evaluation import parity, tasks
 from ..inference import processor
-from ..inference.adapters import check_trained_on, lint_adapters, model_for_engine
+from ..inference.adapters import check_trained_on, lint_adapters, model_architectures, model_for_engine
 from ..patches import ray_serve_direct_streaming
 from ..prompts import guard
 from ..prompts.messages import expected_output, row_messages
@@ -251,7 +251,8 @@ def run(ctx: StageContext) -> StageResult:
     rows = training[: cfg.smoke.rows]
     if adapter_names:
         check_trained_on(ctx.upstream("train"), model, "serve")
-        lint_adapters({name: storage.join(adapters_dir, name) for name in adapter_names}, "serve")
+        lint_adapters({name: storage.join(adapters_dir, name) for name in adapter_names}, "serve",
+                      model_architectures(model_source, model.get("summary", {}).get("revision")))
     local_adapters = adapters_dir is not None and storage.is_local(adapters_dir)
     if local_adapters and model_source.startswith("s3://"):
         raise WorkflowError(f"serve: the run's adapters are in a local folder ({adapters_dir}) and the model in "
