@@ -42,3 +42,35 @@ def test_the_header_is_read_alone_from_object_storage(tiny_adapter, s3_bucket):
     assert all(t["dtype"] == "F32" and len(t["shape"]) == 2 for t in found.values())
     assert {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in found} == {
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_a_bfloat16_adapter_in_a_float16_engine_is_refused_and_other_casts_are_said(tiny_adapter, tmp_path, capsys):
+    import json
+    import shutil
+    import struct
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    adapters.lint_adapters({"viggo": str(tiny_adapter)}, "serve", engine_dtype="bfloat16",
+                           dtype_key="serve.llm_config.engine_kwargs.dtype")
+    assert "adapter 'viggo': LoRA weights in float32, cast to the engine's bfloat16" in capsys.readouterr().out
+    adapters.lint_adapters({"viggo": str(tiny_adapter)}, "serve", engine_dtype="float32")
+    assert "cast" not in capsys.readouterr().out
+
+    bf16 = tmp_path / "bf16"  # the same weights in bfloat16 (numpy has none: the top 16 bits of each float32)
+    shutil.copytree(tiny_adapter, bf16)
+    header, data = {}, b""
+    for key, value in load_file(bf16 / "adapter_model.safetensors").items():
+        raw = (value.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes()
+        header[key] = {"dtype": "BF16", "shape": list(value.shape), "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    text = json.dumps(header).encode()
+    (bf16 / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + data)
+    assert {t["dtype"] for t in adapters.adapter_tensors(bf16).values()} == {"BF16"}
+    with pytest.raises(WorkflowError) as err:
+        adapters.lint_adapters({"bf16": str(bf16)}, "evaluate", engine_dtype="half",
+                               dtype_key="evaluate.processor.engine_kwargs.dtype")
+    assert ("evaluate: adapter 'bf16' has bfloat16 LoRA weights and the engine computes in float16 "
+            "(evaluate.processor.engine_kwargs.dtype)") in str(err.value)
+    assert "(set evaluate.processor.engine_kwargs.dtype: bfloat16)" in str(err.value)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core import storage
+from ..core.console import say
 from ..core.errors import WorkflowError
 
 # vLLM's allowed values for max_lora_rank (vllm.config.lora.MaxLoRARanks).
@@ -37,7 +38,12 @@ def adapter_rank(location: str | Path) -> int:
     return int(storage.read_json(config)["r"])
 
 
-def lint_adapters(adapters: dict[str, str], where: str, architectures: list[str] | None = None) -> None:
+# safetensors' dtype names -> the names of vLLM's ``dtype`` setting
+_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def lint_adapters(adapters: dict[str, str], where: str, architectures: list[str] | None = None, *,
+                  engine_dtype: str | None = None, dtype_key: str = "engine_kwargs.dtype") -> None:
     """Refuse, before an engine loads them, adapters the engine would serve differently from training
     or reject only when a request first names them.
 
@@ -49,6 +55,12 @@ def lint_adapters(adapters: dict[str, str], where: str, architectures: list[str]
     Low-rank weights on a module vLLM does not adapt in the base model's architecture (its
     ``config.json``'s ``architectures``): vLLM refuses such an adapter when it loads it, which on a
     serving replica is at the first request that names it (vLLM issues #9280, #30690).
+
+    LoRA weights in another dtype than the engine's (``engine_dtype``, the recipe's ``dtype_key``):
+    vLLM casts them when it loads them, silently. bfloat16 weights into a float16 engine are refused
+    (float16 holds values up to 65504, bfloat16 up to 3e38: large ones would become inf); any other
+    cast is said in one line (PEFT saves float32 weights, engines mostly compute in bfloat16: the
+    parity check measures what the cast changes).
     """
     for name, location in adapters.items():
         config = storage.read_json(storage.join(str(location), "adapter_config.json"))
@@ -58,13 +70,30 @@ def lint_adapters(adapters: dict[str, str], where: str, architectures: list[str]
                                 "does not apply to a generative model: its answers would differ from training",
                                 hint="train without them (remove train.llamafactory.additional_target), or evaluate "
                                      "it with transformers + PEFT instead of vLLM")
-        refused = modules_vllm_does_not_adapt(adapter_tensors(location), architectures or [])
+        tensors = adapter_tensors(location)
+        _check_dtype(name, tensors, engine_dtype, where, dtype_key)
+        refused = modules_vllm_does_not_adapt(tensors, architectures or [])
         if refused:
             architecture = (architectures or ["this model"])[0]
             raise WorkflowError(f"{where}: adapter {name!r} has LoRA weights on {refused}, which vLLM does not adapt in "
                                 f"{architecture}: the engine would refuse the adapter when it loads it",
                                 hint="train again with train.llamafactory.lora_target naming linear layers of the decoder "
                                      "only (`all` does; lm_head and the embeddings are not among them)")
+
+
+def _check_dtype(name: str, tensors: dict[str, Any], engine_dtype: str | None, where: str, dtype_key: str) -> None:
+    engine_dtype = {"half": "float16", "float": "float32"}.get(engine_dtype or "", engine_dtype)
+    if engine_dtype in (None, "auto") or not tensors:
+        return
+    weights = sorted({_DTYPES.get(t["dtype"], t["dtype"].lower()) for t in tensors.values()})
+    if engine_dtype == "float16" and "bfloat16" in weights:
+        raise WorkflowError(f"{where}: adapter {name!r} has bfloat16 LoRA weights and the engine computes in float16 "
+                            f"({dtype_key}), which vLLM casts them to silently: values beyond 65504 become inf",
+                            hint=f"set {dtype_key}: bfloat16")
+    cast = [w for w in weights if w != engine_dtype]
+    if cast:
+        say(f"[{where}] adapter {name!r}: LoRA weights in {', '.join(cast)}, cast to the engine's {engine_dtype} when "
+            "loaded (the parity check measures what that changes)")
 
 
 def adapter_tensors(location: str | Path) -> dict[str, dict[str, Any]]:

@@ -129,7 +129,9 @@ def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]], 
         if adapters:
             check_trained_on(ctx.upstream("train"), model, "evaluate")
             lint_adapters(adapters, "evaluate", model_architectures(model["outputs"]["model"],
-                                                                     model.get("summary", {}).get("revision")))
+                                                                     model.get("summary", {}).get("revision")),
+                          engine_dtype=(cfg.processor.get("engine_kwargs") or {}).get("dtype"),
+                          dtype_key="evaluate.processor.engine_kwargs.dtype")
             guard.check_stored_adapters(ctx.upstream("train")["outputs"]["adapters_dir"], list(adapters),
                                         model["outputs"]["model"], ctx.scratch("prompt-format"), where="evaluate",
                                         allow_mismatch=cfg.allow_prompt_mismatch,

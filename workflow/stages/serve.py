@@ -252,7 +252,9 @@ def run(ctx: StageContext) -> StageResult:
     if adapter_names:
         check_trained_on(ctx.upstream("train"), model, "serve")
         lint_adapters({name: storage.join(adapters_dir, name) for name in adapter_names}, "serve",
-                      model_architectures(model_source, model.get("summary", {}).get("revision")))
+                      model_architectures(model_source, model.get("summary", {}).get("revision")),
+                      engine_dtype=(cfg.llm_config.get("engine_kwargs") or {}).get("dtype"),
+                      dtype_key="serve.llm_config.engine_kwargs.dtype")
     local_adapters = adapters_dir is not None and storage.is_local(adapters_dir)
     if local_adapters and model_source.startswith("s3://"):
         raise WorkflowError(f"serve: the run's adapters are in a local folder ({adapters_dir}) and the model in "
