@@ -18,8 +18,8 @@ the tiny random base, LoRA, ``max_steps`` 24, a checkpoint every 4 steps, seed 4
   ``failure_config.controller_failure_limit: 1`` and ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``
   30, the run must fail in one line after about 2 × 30 s.
 
-``--scenarios evaluate-node-lost``: the recipe with an ``evaluate`` section (40 test rows, base and
-adapter, batches of 4) is trained, then evaluated; 2 s after the vLLM engine actor has started,
+``--scenarios evaluate-node-lost``: the recipe with an ``evaluate`` section (1,000 test rows, base and
+adapter, batches of 16) is trained, then evaluated; 2 s after the vLLM engine actor has started,
 every process of its node is killed, none added; the JSON counts the prediction
 rows per variant (or says what was written).
 
@@ -65,7 +65,7 @@ SCENARIOS = ("baseline", "train-node-lost", "train-node-lost-no-replacement", "e
 STORAGE_SCENARIOS = SCENARIOS[4:]  # one host: Ray started by the stage, the S3 server in this process
 SHORT_OUTAGE_S = 15
 DEFAULT_SCENARIOS = SCENARIOS[:3]
-EVAL_ROWS = 40
+EVAL_ROWS = 1000  # ~2,000 prompts: the tiny model answers 80 in under a second
 # From the GCS's actor table: the IP of the node of the first live vLLM engine actor (an actor is
 # ALIVE once its __init__, the engine's start, has returned).
 WHERE_THE_ENGINE_RUNS = """
@@ -105,7 +105,7 @@ def recipe(name: str, storage_uri: str, folder: Path, failure_config: dict, eval
         data["ingest"]["max_samples"]["test"] = EVAL_ROWS
         data["evaluate"] = {
             "split": "test", "task": "viggo", "parity": None, "sampling_params": {"temperature": 0.0, "max_tokens": 48},
-            "processor": {"batch_size": 4, "concurrency": 1,
+            "processor": {"batch_size": 16, "concurrency": 1,
                           "engine_kwargs": {"max_model_len": 512, "dtype": "bfloat16", "enforce_eager": True},
                           "placement_group_config": {"bundles": [{"CPU": 1}]},
                           "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}}}
