@@ -108,6 +108,20 @@ def test_workers_without_room_on_the_cluster_fail_in_one_line_after_the_configur
     assert 6 <= took < 120, took
 
 
+def test_checkpoint_storage_away_is_one_line_naming_the_uri():
+    from workflow.training.ray_train import _storage_failure
+
+    # The last line of the WorkerGroupError that bench/faults.py's train-storage-outage-long got (2026-11-27).
+    cause = ("WorkerGroupError: OSError: When getting information for key 'runs/o/train/checkpoints/o-a9/checkpoint-000004'"
+             " in bucket 'outage-51395': AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: 7, Could "
+             "not connect to server; Details: Failed to connect to 127.0.0.1:51395 after 0 ms: Could not connect to server")
+    assert str(_storage_failure(cause)) == (
+        "training failed: s3://outage-51395/runs/o/train/checkpoints/o-a9/checkpoint-000004: HeadObject failed "
+        "(AWS Error NETWORK_CONNECTION) (check that the storage endpoint is up; a rerun resumes from the last "
+        "checkpoint in storage, and train.failure_config.max_failures restarts ride out shorter outages)")
+    assert _storage_failure("ValueError: lora_rank must be positive") is None
+
+
 def test_pretrain_corpus_is_plain_text_documents_not_the_task():
     from workflow.training.pretrain_corpus import pretrain_corpus
 

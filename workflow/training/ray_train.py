@@ -253,7 +253,8 @@ def run_training(args: dict, *, experiment: str, checkpoints_uri: str, export_ur
     except Exception as err:  # noqa: BLE001 - Ray wraps the worker's error; report its last line
         if type(getattr(err, "controller_failure", None)).__name__ == "WorkerGroupStartupTimeoutError":
             raise _no_room_for_workers(scaling_config, failure_config) from err
-        raise WorkflowError(f"training failed: {_root_cause(err)}", hint="the workers' log above has the details") from err
+        raise (_storage_failure(_root_cause(err))
+               or WorkflowError(f"training failed: {_root_cause(err)}", hint="the workers' log above has the details")) from err
     finally:
         if started_ray:
             ray.shutdown()
@@ -270,6 +271,24 @@ def _no_room_for_workers(scaling_config: dict, failure_config: dict) -> Workflow
         f"{failure_config.get('controller_failure_limit', -1) + 1} tries of {wait} s",
         hint="add nodes (a lost node must be replaced), lower train.scaling_config, or wait longer: "
              "train.failure_config.controller_failure_limit (-1 waits for ever) and RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
+
+
+# How pyarrow's S3 client, which Ray Train stores checkpoints with, words a failed request.
+_PYARROW_S3_ERROR = re.compile(r"key '(?P<key>[^']+)' in bucket '(?P<bucket>[^']+)': "
+                               r"AWS Error (?P<code>\w+) during (?P<operation>\w+) operation")
+
+
+def _storage_failure(cause: str) -> WorkflowError | None:
+    """Ray Train's checkpoint storage failing (the object store away past Ray's ~3 s of upload retries), as one
+    line naming the object's URI; None for any other cause."""
+    match = _PYARROW_S3_ERROR.search(cause)
+    if not match:
+        return None
+    return WorkflowError(
+        f"training failed: s3://{match['bucket']}/{match['key']}: {match['operation']} failed "
+        f"(AWS Error {match['code']})",
+        hint="check that the storage endpoint is up; a rerun resumes from the last checkpoint in storage, and "
+             "train.failure_config.max_failures restarts ride out shorter outages")
 
 
 def _root_cause(err: BaseException) -> str:
