@@ -13,3 +13,16 @@ def test_a_rows_constraint_and_seed_reach_its_sampling_parameters():
     assert processor._per_row({"__constraint": json.dumps({"choice": ["a", "b"]}), "__seed": None}) == {
         "structured_outputs": {"choice": ["a", "b"]}}
     assert processor._per_row({"__constraint": "", "seed": 3}) == {}
+
+
+def test_the_generated_token_ids_are_kept_and_a_batch_of_failed_rows_gets_none():
+    import pyarrow as pa
+
+    answered = pa.table({"row_id": [0, 1], "generated_text": ["a", "b"], "num_input_tokens": [3, 4],
+                         "num_generated_tokens": [2, 1], "generated_tokens": [[5, 6], [7]]})
+    out = processor._select(answered, input_columns=["row_id"], http=False, extra_columns=("generated_tokens",))
+    assert out.column("generated_tokens").to_pylist() == [[5, 6], [7]] and out.column("error").to_pylist() == ["", ""]
+    failed = pa.table({"row_id": [2], "generated_text": [""], "num_input_tokens": [0], "num_generated_tokens": [0],
+                       "__inference_error__": ["prompt too long"]})
+    out = processor._select(failed, input_columns=["row_id"], http=False, extra_columns=("generated_tokens",))
+    assert out.column("generated_tokens").to_pylist() == [None] and out.column("error").to_pylist() == ["prompt too long"]
