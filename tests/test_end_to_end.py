@@ -81,6 +81,31 @@ def test_no_planted_secret_in_any_output(demo_run):
     assert not leaks
 
 
+# Lines the libraries print that a person should not have to read past (issue 19), and a stage log
+# each is known to reach in this run: the console has none of them, the logs hold them.
+NOISE = {"Version checking has been disabled": "train.log",  # LLaMA-Factory
+         "streaming_executor": "evaluate.log",  # Ray Data's INFO lines
+         '{"asctime"': "serve.log"}  # vLLM's and Ray Serve's JSON log records
+# Warnings the pipeline itself provoked, whose cause is fixed: in neither the console nor the logs.
+# Ray Train's placement-group cleaner without a dashboard warned every second, or its thread died
+# with a traceback where another Ray ran on the machine (workflow.patches.ray_train_controller_state).
+FIXED = ("Failed to query Ray Train Controller actor state", "Exception in thread PlacementGroupCleanerMonitor",
+         "PreemptionWatcher")
+
+
+def test_the_console_is_quiet_and_the_logs_hold_the_libraries_output(demo_run):
+    console = demo_run["proc"].stdout + demo_run["proc"].stderr
+    assert [noise for noise in (*NOISE, *FIXED) if noise in console] == []
+    assert "Triton" not in console and "core_worker.cc" not in console
+    logs = Path(demo_run["recipe"].run_uri) / "logs"
+    for stage in ("ingest", "model", "train", "evaluate", "serve"):
+        assert f"[{stage}] log: {logs / f'{stage}.log'}" in demo_run["proc"].stdout
+    missing = {noise: log for noise, log in NOISE.items() if noise not in (logs / log).read_text()}
+    assert not missing, missing
+    for stage in ("model", "train"):
+        assert [fixed for fixed in FIXED if fixed in (logs / f"{stage}.log").read_text()] == [], stage
+
+
 def test_rerun_skips_every_cacheable_stage(demo_run, ci_recipe):
     env = {**envs.stage_environment(envs.SERVE), **SECRETS}
     proc = subprocess.run([sys.executable, "-m", "workflow", "run", str(ci_recipe), "--stages", "ingest,model,train,evaluate"],

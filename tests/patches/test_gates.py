@@ -7,6 +7,7 @@ installed version is what the tests change (``installed_version``), nothing else
 
 from __future__ import annotations
 
+import time
 import types
 
 import pytest
@@ -151,3 +152,41 @@ def test_packed_attention_says_why_it_is_not_used_outside_the_tested_versions(ol
     neat = types.SimpleNamespace(neat_packing=True, block_diag_attn=True)
     reason = packed_attention.why_not_varlen(model=None, collate_fn=neat)
     assert reason.startswith("workflow.patches.packed_attention not applied: llamafactory 0.1.0 is outside")
+
+
+def test_the_train_cleaner_reads_the_controllers_state_from_the_gcs(monkeypatch):
+    """Without a dashboard (this Ray has none), the GCS actor table says whether an actor lives."""
+    import ray
+    from ray.train.v2._internal.execution.controller import placement_group_cleaner as cleaner
+
+    from workflow.patches import ray_train_controller_state as patch
+
+    monkeypatch.setattr(cleaner, "is_actor_alive", cleaner.is_actor_alive)  # restored after the test
+    patch.apply()
+    assert cleaner.is_actor_alive is patch.controller_alive
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        actor = ray.remote(num_cpus=0)(type("Controller", (), {"ping": lambda self: 1})).remote()
+        ray.get(actor.ping.remote())
+        actor_id = actor._actor_id.hex()
+        assert cleaner.is_actor_alive(actor_id, timeout=5) is True
+        ray.kill(actor)
+        deadline = time.monotonic() + 30
+        while cleaner.is_actor_alive(actor_id, timeout=5) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert cleaner.is_actor_alive(actor_id, timeout=5) is False
+    finally:
+        ray.shutdown()
+
+
+def test_the_train_cleaner_is_left_as_ray_ships_it_outside_the_tested_versions(old_versions, capsys, monkeypatch):
+    from ray.train.v2._internal.execution.controller import placement_group_cleaner as cleaner
+
+    from workflow.patches import ray_train_controller_state as patch
+
+    monkeypatch.setattr(cleaner, "is_actor_alive", cleaner.is_actor_alive)
+    before = cleaner.is_actor_alive
+    patch.apply()
+    assert cleaner.is_actor_alive is before
+    line = _one_warning(capsys)
+    assert "ray_train_controller_state not applied: ray 0.1.0" in line and "dashboard" in line

@@ -34,13 +34,14 @@ CONTRACT_HINT = ("every node needs the stage's environment at the same path, wit
 
 
 def init_ray(*, log_to_driver: bool, storage_uri: str | None = None, needs: tuple[str, ...] = (),
-             setup_hook: str | None = None) -> bool:
+             setup_hook: str | None = None, local_setup_hook: str | None = None) -> bool:
     """Join or start Ray (see the module doc); True if this call did, so the caller shuts it down.
 
     ``storage_uri``: the run's storage, which every node must reach (checked on a cluster of several nodes).
     ``needs``: modules the stage's Ray workers import (e.g. ``("vllm",)``), checked on every node of a cluster.
-    ``setup_hook``: on a cluster, a function (``module.name``) every worker process of the stage runs
-    first (Ray takes ``worker_process_setup_hook`` only in the job's runtime_env).
+    ``setup_hook`` (on a cluster) and ``local_setup_hook`` (on the private one): a function
+    (``module.name``) every worker process of the stage runs first (Ray takes
+    ``worker_process_setup_hook`` only in the job's runtime_env).
     """
     import ray
 
@@ -51,7 +52,8 @@ def init_ray(*, log_to_driver: bool, storage_uri: str | None = None, needs: tupl
         # The private cluster's one node is this machine, which no cloud preempts: Ray Train's preemption
         # watcher (an actor restarted forever) has nothing to watch, and Ray core logs an error about it.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver)
+        ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver,
+                 runtime_env={"worker_process_setup_hook": local_setup_hook} if local_setup_hook else None)
         return True
     # First with the cluster's own interpreter, which runs the check; then with the stage's.
     ray.init(address=address, log_to_driver=False, logging_level="WARNING")

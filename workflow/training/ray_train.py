@@ -24,6 +24,7 @@ from ..core import ray_cluster, storage
 from ..core.console import say
 from ..core.errors import WorkflowError
 from ..core.secrets import is_secret_name
+from ..patches import ray_train_controller_state
 from ..patches.packed_attention import packed_attention_callback
 from ..patches.peft_lora_fast_path import lora_fast_path_callback
 
@@ -183,8 +184,8 @@ WORKER_ENV_DEFAULTS = {
 
 
 def use_the_node_interface_for_gloo() -> None:
-    """On a cluster, the setup hook of every worker process of the train stage: gloo's own address on the interface that carries this
-    node's Ray IP, unless ``GLOO_SOCKET_IFNAME`` is set.
+    """On a cluster (part of every train worker process's setup hook): gloo's own address on the
+    interface that carries this node's Ray IP, unless ``GLOO_SOCKET_IFNAME`` is set.
 
     Left alone, gloo takes the address the host name resolves to, which is 127.0.0.1 wherever
     ``/etc/hosts`` maps the host name to loopback (many containers and VMs): every worker then
@@ -203,7 +204,15 @@ def use_the_node_interface_for_gloo() -> None:
             return
 
 
-GLOO_INTERFACE_HOOK = f"{__name__}.use_the_node_interface_for_gloo"
+def setup_worker() -> None:
+    """The setup hook of every worker process of the train stage's Ray job (Ray Train's controller and
+    its placement-group cleaner included): the cleaner reads the controller's state without a dashboard."""
+    ray_train_controller_state.apply()
+
+
+def setup_worker_on_a_cluster() -> None:
+    setup_worker()
+    use_the_node_interface_for_gloo()
 
 
 def run_training(args: dict, *, experiment: str, checkpoints_uri: str, export_uri: str, export_last: list[str],
@@ -224,7 +233,8 @@ def run_training(args: dict, *, experiment: str, checkpoints_uri: str, export_ur
     if fresh:
         storage.remove(storage.join(checkpoints_uri, experiment))
     started_ray = ray_cluster.init_ray(log_to_driver=True, storage_uri=checkpoints_uri, needs=("llamafactory",),
-                                       setup_hook=GLOO_INTERFACE_HOOK)
+                                       setup_hook=f"{__name__}.setup_worker_on_a_cluster",
+                                       local_setup_hook=f"{__name__}.setup_worker")
     worker_env = {**WORKER_ENV_DEFAULTS,
                   **{k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV_PREFIXES)}}
     # Tokens and keys travel in the loop's config, not the runtime_env: Ray's runtime_env
