@@ -136,8 +136,9 @@ def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]], 
                                         model["outputs"]["model"], ctx.scratch("prompt-format"), where="evaluate",
                                         allow_mismatch=cfg.allow_prompt_mismatch,
                                         revision=model.get("summary", {}).get("revision"))
-            reference = parity_reference(ctx, cfg, rows, adapters)
         lora_engine_kwargs(cfg.processor.get("engine_kwargs") or {}, adapters, "evaluate.processor")  # refuse early
+        if adapters:
+            reference = parity_reference(ctx, cfg, rows, adapters)
         lora = engine_adapters(adapters, ctx.scratch("adapters"))
         variants = ([("base", {"__adapter": ""})] if cfg.base else []) + [
             (name, {"__adapter": lora.row_model[name]}) for name in adapters]
