@@ -26,10 +26,13 @@ from workflow.core import envs
 
 RUN = "viggo-on-a-cluster"
 KEY_ENV, KEY = "WORKFLOW_API_KEY", "cluster-test-key-0123456789"
-# Beyond CI_OVERRIDES: the train (and pretrain) workers spread over the nodes, fewer rows to evaluate.
+# Beyond CI_OVERRIDES: the train (and pretrain) workers spread over the nodes, fewer rows to evaluate, and
+# 8 steps each: this run shows where the work runs, the end-to-end test what the adapter learns.
 CLUSTER_OVERRIDES = {
     "ingest": {"max_samples": {"test": 16}},
-    "train": {"scaling_config": {"placement_strategy": "SPREAD"}},
+    "model": {"pretrain": {"max_steps": 8, "save_steps": 4, "logging_steps": 2}},
+    "train": {"scaling_config": {"placement_strategy": "SPREAD"},
+              "llamafactory": {"max_samples": 64, "max_steps": 8, "save_steps": 4, "logging_steps": 2}},
 }
 
 
