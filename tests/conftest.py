@@ -122,6 +122,19 @@ def http_server():
         server.shutdown()
 
 
+def ingest_only_recipe(tmp_path: Path, name: str) -> Path:
+    """``tmp_path/r.yaml``: a recipe of 10 JSONL rows (``tmp_path/d.jsonl``) and the ingest stage alone, stored
+    under ``tmp_path/runs``: the cheapest real ``workflow run``."""
+    import yaml
+
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"input": f"i{i}", "output": f"o{i}"}) + "\n" for i in range(10)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": name, "storage": str(tmp_path / "runs"), "model": {"source": "tiny"},
+                                      "ingest": {"source": str(src), "instruction": "x"}}))
+    return recipe
+
+
 def with_lm_head_lora(tiny_adapter, dest):
     """The tiny adapter plus low-rank weights on ``lm_head`` (PEFT's names and shapes), as a LoRA
     trained with ``lora_target: all,lm_head`` would be saved."""

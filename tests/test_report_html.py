@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import ingest_only_recipe
 
 CHROMIUM = "/usr/bin/chromium"
 REF = "inform(name[Tom Clancy's The Division], genres[role-playing, shooter], rating[poor])"
@@ -141,11 +141,7 @@ def test_show_html_writes_the_page_where_asked(full_run, tmp_path, capsys):
 
 
 def test_workflow_run_writes_the_report_and_names_it(tmp_path):
-    src = tmp_path / "d.jsonl"
-    src.write_text("".join(json.dumps({"input": f"i{i}", "output": f"o{i}"}) + "\n" for i in range(10)))
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"name": "paged", "storage": str(tmp_path / "runs"), "model": {"source": "tiny"},
-                                      "ingest": {"source": str(src), "instruction": "x"}}))
+    recipe = ingest_only_recipe(tmp_path, "paged")
     proc = subprocess.run([sys.executable, "-m", "workflow", "run", str(recipe), "--stages", "ingest"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

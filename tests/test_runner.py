@@ -7,7 +7,6 @@ a Ray-core-style error on stderr before it starts the stage's Python.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ingest_only_recipe
 
 from workflow.core.console import MARK, console_line
 
@@ -30,11 +30,7 @@ def noisy_cli(tmp_path):
     wrapper.write_text(f'#!/bin/sh\necho "{LIBRARY_NOISE} token=$HF_TOKEN"\necho "{CORE_NOISE}" >&2\n'
                        f'exec {sys.executable} "$@"\n')
     wrapper.chmod(0o755)
-    src = tmp_path / "d.jsonl"
-    src.write_text("".join(json.dumps({"input": f"i{i}", "output": f"o{i}"}) + "\n" for i in range(10)))
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"name": "quiet", "storage": str(tmp_path / "runs"), "model": {"source": "tiny"},
-                                      "ingest": {"source": str(src), "instruction": "x"}}))
+    recipe = ingest_only_recipe(tmp_path, "quiet")
     env = {**os.environ, "WORKFLOW_SERVE_PYTHON": str(wrapper), "HF_TOKEN": TOKEN}
     env.pop("WORKFLOW_VERBOSE", None)
 

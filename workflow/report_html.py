@@ -17,6 +17,7 @@ import json
 import re
 
 from .core import manifest, storage
+from .evaluation.report import score_text
 from .runner import ORDER
 from .show import lineage
 
@@ -143,7 +144,7 @@ def _evaluation_section(evaluate: dict | None) -> str:
                      "<th>metric</th>" + "".join(f"<th>{_e(v)}</th>" for v in variants) + "</tr>")
         for n in names:
             parts.append(f"<tr><td>{_e(n)}</td>" + "".join(
-                f"<td class=num>{_e(_with_interval(results[v], n))}</td>" for v in variants) + "</tr>")
+                f"<td class=num>{_e(score_text(results[v], n))}</td>" for v in variants) + "</tr>")
         for key in ("rows", "errors", "generated_tokens"):
             parts.append(f"<tr><td>{key}</td>" + "".join(
                 f"<td class=num>{_e(results[v].get(key, ''))}</td>" for v in variants) + "</tr>")
@@ -240,16 +241,6 @@ def _json_tables(data) -> str:
 
     walk(data, "")
     return (_table(["key", "value"], scalars) if scalars else "") + "".join(lists)
-
-
-def _with_interval(result: dict, name: str) -> str:
-    text = f"{result['metrics'][name]:.3f}"
-    if "spread" in result:  # several sampling seeds: the mean and their standard deviation
-        text += f" ±{result['spread'][name]:.3f}"
-    if name in result.get("intervals", {}):
-        lo, hi = result["intervals"][name]
-        text += f" [{lo:.3f}, {hi:.3f}]"
-    return text
 
 
 def _table(header: list[str], rows: list[list]) -> str:

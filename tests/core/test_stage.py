@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ingest_only_recipe
 
 from workflow import runner
 from workflow.config import load_recipe
@@ -103,11 +104,7 @@ def test_manifest_redacts_secrets(recipe, monkeypatch):
 
 
 def test_run_through_the_cli_in_the_stage_environment(tmp_path):
-    src = tmp_path / "d.jsonl"
-    src.write_text("".join(json.dumps({"input": f"i{i}", "output": f"o{i}"}) + "\n" for i in range(10)))
-    p = tmp_path / "r.yaml"
-    p.write_text(yaml.safe_dump({"name": "cli", "storage": str(tmp_path / "runs"), "model": {"source": "tiny"},
-                                 "ingest": {"source": str(src), "instruction": "x"}}))
+    p = ingest_only_recipe(tmp_path, "cli")
     env = {**os.environ, "WORKFLOW_SERVE_PYTHON": sys.executable}
     proc = subprocess.run([sys.executable, "-m", "workflow", "run", str(p), "--stages", "ingest"], capture_output=True,
                           text=True, env=env)

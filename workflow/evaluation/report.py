@@ -108,7 +108,9 @@ def _cell(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _value(result: dict[str, Any], name: str) -> str:
+def score_text(result: dict[str, Any], name: str) -> str:
+    """A metric of one variant as a cell shows it: the score, ±sd over seeds where there are several,
+    and its 95% bootstrap interval (report.md and the run's report page)."""
     text = f"{result['metrics'][name]:.3f}"
     if "spread" in result:
         text += f" ±{result['spread'][name]:.3f}"
@@ -134,7 +136,7 @@ def markdown_report(run_name: str, results: dict[str, Any], table, cfg: Evaluate
              (f"95% intervals: bootstrap over rows ({cfg.bootstrap} resamplings)." if cfg.bootstrap else ""), "",
              "| metric | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
     for name in names:
-        lines.append(f"| {name} | " + " | ".join(_value(results[v], name) for v in variants) + " |")
+        lines.append(f"| {name} | " + " | ".join(score_text(results[v], name) for v in variants) + " |")
     lines.append("| error rows | " + " | ".join(str(results[v]["errors"]) for v in variants) + " |")
     lines.append("| generated tokens | " + " | ".join(str(results[v]["generated_tokens"]) for v in variants) + " |")
     if parity is not None:

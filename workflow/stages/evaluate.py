@@ -217,9 +217,11 @@ def check_parity(ctx: StageContext, cfg: EvaluateConfig, table, reference: dict[
     tokenizer = processor.model_tokenizer(model_for_engine(model["outputs"]["model"]), model["fingerprint"],
                                           model.get("summary", {}).get("revision"))
     seed = cfg.seeds[0] if cfg.seeds else None
+    answers = table.select([c for c in ("variant", "row_id", "seed", "generated_tokens") if c in table.column_names])
+    answers = answers.to_pylist()
     results = {}
     for name, ref in reference.items():
-        engine = {r["row_id"]: r["generated_tokens"] or [] for r in table.to_pylist()
+        engine = {r["row_id"]: r["generated_tokens"] or [] for r in answers
                   if r["variant"] == name and (seed is None or r["seed"] == seed)}
         results[name] = parity.compare([r["generated_ids"] for r in ref["rows"]],
                                        [engine[i] for i in range(len(ref["rows"]))], lambda t: tokenizer.decode([t]))
