@@ -27,6 +27,7 @@ from ..core import envs, storage
 from ..core.errors import WorkflowError
 from ..core.manifest import sha256_text
 from ..inference.adapters import local_adapters, model_for_engine
+from ..inference.processor import model_tokenizer
 from ..prompts.guard import first_difference
 
 FILE = "parity.json"
@@ -54,6 +55,13 @@ def compare(reference: list[list[int]], candidate: list[list[int]], decode: Call
     n = len(reference)
     return {"rows": n, "identical": n - len(mismatches), "share_identical": (n - len(mismatches)) / n if n else 1.0,
             "mean_common_prefix": sum(prefixes) / n if n else 0.0, "mismatches": mismatches}
+
+
+def token_decoder(model_manifest: dict[str, Any]) -> Callable[[int], str]:
+    """One token id as text, by the run's model's tokenizer: :func:`compare`'s ``decode``."""
+    tokenizer = model_tokenizer(model_for_engine(model_manifest["outputs"]["model"]), model_manifest["fingerprint"],
+                                model_manifest.get("summary", {}).get("revision"))
+    return lambda token: tokenizer.decode([token])
 
 
 def describe(result: dict[str, Any]) -> str:

@@ -213,9 +213,7 @@ def check_parity(ctx: StageContext, cfg: EvaluateConfig, table, reference: dict[
             why = "evaluate.endpoint scores an endpoint, not the run's adapters" if cfg.endpoint else "no adapters"
             say(f"[evaluate] parity: skipped ({why})")
         return None
-    model = ctx.upstream("model")
-    tokenizer = processor.model_tokenizer(model_for_engine(model["outputs"]["model"]), model["fingerprint"],
-                                          model.get("summary", {}).get("revision"))
+    decode = parity.token_decoder(ctx.upstream("model"))
     seed = cfg.seeds[0] if cfg.seeds else None
     answers = table.select([c for c in ("variant", "row_id", "seed", "generated_tokens") if c in table.column_names])
     answers = answers.to_pylist()
@@ -224,7 +222,7 @@ def check_parity(ctx: StageContext, cfg: EvaluateConfig, table, reference: dict[
         engine = {r["row_id"]: r["generated_tokens"] or [] for r in answers
                   if r["variant"] == name and (seed is None or r["seed"] == seed)}
         results[name] = parity.compare([r["generated_ids"] for r in ref["rows"]],
-                                       [engine[i] for i in range(len(ref["rows"]))], lambda t: tokenizer.decode([t]))
+                                       [engine[i] for i in range(len(ref["rows"]))], decode)
     first = next(iter(reference.values()))
     content = {"rows": len(first["rows"]), "min_identical": cfg.parity.min_identical,
                "reference": parity.describe_reference(first),

@@ -33,8 +33,7 @@ from ..core.errors import WorkflowError
 from ..core.stage import StageContext, StageResult
 from ..dataset.read import read_records
 from ..evaluation import parity, tasks
-from ..inference import processor
-from ..inference.adapters import check_trained_on, lint_adapters, model_architectures, model_for_engine
+from ..inference.adapters import check_trained_on, lint_adapters, model_architectures
 from ..patches import ray_serve_direct_streaming
 from ..prompts import guard
 from ..prompts.messages import expected_output, row_messages
@@ -183,15 +182,12 @@ def _endpoint_parity(ctx: StageContext, base_url: str, model_id: str, api_key: s
     """The live endpoint's greedy token ids for the parity rows, against the PEFT reference (smoke.json's
     ``parity``)."""
     rows, max_tokens, reference = checked
-    model = ctx.upstream("model")
-    tokenizer = processor.model_tokenizer(model_for_engine(model["outputs"]["model"]), model["fingerprint"],
-                                          model.get("summary", {}).get("revision"))
+    decode = parity.token_decoder(ctx.upstream("model"))
     results = {}
     for name, ref in reference.items():
         served = [client.greedy_token_ids(base_url, f"{model_id}:{name}", messages, api_key=api_key,
                                           max_tokens=max_tokens) for messages in rows]
-        results[name] = parity.compare([r["generated_ids"] for r in ref["rows"]], served,
-                                       lambda t: tokenizer.decode([t]))
+        results[name] = parity.compare([r["generated_ids"] for r in ref["rows"]], served, decode)
         say(f"[serve] parity: adapter {name}: {parity.describe(results[name])}")
     first = next(iter(reference.values()))
     return {"rows": len(rows), "max_tokens": max_tokens, "reference": parity.describe_reference(first),
