@@ -25,6 +25,12 @@ from . import adapter_store
 APP_NAME = "workflow"  # on the workflow's own cluster; on a user's cluster: app_name(recipe)
 INGRESS = "workflow.serving.ingress"
 INGRESS_TESTED = {"ray": "==2.60.*"}
+# The replicas' server class where adapters are served: Ray's LLMServer with one adapter load per
+# replica however many requests ask at once (serving/llm_server.py; it overrides a private method).
+SERVER = "workflow.serving.llm_server:LLMServer"
+SERVER_TESTED = {"ray": "==2.60.*"}
+SERVER_CONSEQUENCE = ("Ray's LLMServer serves: requests arriving together for an adapter a replica has not loaded "
+                      "yet may fail with HTTP 500 (vLLM: 'has already been loaded')")
 
 
 def build_llm_config(cfg: ServeConfig, *, model_source: str, default_model_id: str, adapters_uri: str | None,
@@ -34,6 +40,8 @@ def build_llm_config(cfg: ServeConfig, *, model_source: str, default_model_id: s
     ``revision``: the commit the model stage pinned a hub model to (vLLM's ``revision`` and ``tokenizer_revision``).
     """
     llm = copy.deepcopy(cfg.llm_config)
+    if adapters_uri is not None and supported(SERVER.split(":")[0], SERVER_TESTED, SERVER_CONSEQUENCE):
+        llm.setdefault("server_cls", SERVER)  # adapters loaded once per replica (serving/llm_server.py)
     loading = llm.setdefault("model_loading_config", {})
     loading.setdefault("model_id", default_model_id)
     loading.setdefault("model_source", model_source)
