@@ -36,6 +36,7 @@ Prints one line per event and a summary; writes JSON to ``--out``. Needs root (n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -61,8 +62,9 @@ from test_storage_faults import StoppableS3  # noqa: E402
 from workflow.core import envs  # noqa: E402
 
 SCENARIOS = ("baseline", "train-node-lost", "train-node-lost-no-replacement", "evaluate-node-lost",
-             "train-storage-outage", "train-storage-outage-long")
-STORAGE_SCENARIOS = SCENARIOS[4:]  # one host: Ray started by the stage, the S3 server in this process
+             "train-storage-outage", "train-storage-outage-long", "serve-node-lost", "head-restart")
+STORAGE_SCENARIOS = SCENARIOS[4:6]  # one host: Ray started by the stage, the S3 server in this process
+SERVE_SCENARIOS = SCENARIOS[6:]  # a cluster of nodes of 4 CPUs; the head keeps the GCS's state with --gcs-storage
 SHORT_OUTAGE_S = 15
 DEFAULT_SCENARIOS = SCENARIOS[:3]
 EVAL_ROWS = 1000  # ~2,000 prompts: the tiny model answers 80 in under a second
@@ -117,11 +119,11 @@ def recipe(name: str, storage_uri: str, folder: Path, failure_config: dict, eval
 class Run:
     """``workflow run RECIPE --stages ingest,model,train`` from the driver's namespace; lines timestamped."""
 
-    def __init__(self, env: dict, path: Path, stages: str = "ingest,model,train"):
+    def __init__(self, env: dict, path: Path, stages: str = "ingest,model,train", extra: tuple[str, ...] = ()):
         self.started = time.monotonic()
         self.lines: list[tuple[float, str]] = []
         self.proc = subprocess.Popen([envs.python_for(envs.SERVE), "-m", "workflow", "run", str(path), "--stages",
-                                      stages], env=env, text=True,
+                                      stages, *extra], env=env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -317,14 +319,372 @@ def train_storage_outage(folder: Path, *, outage_s: float | None) -> dict:
     finally:
         server.stop()
 
+# ---------------------------------------------------------------- serving
+
+SERVE_RUN = "serve-faults"
+SERVE_KEY_ENV, SERVE_KEY = "WORKFLOW_API_KEY", "faults-bench-key-0123456789"  # a test key, not a secret
+CLIENTS = 6  # streaming clients, each one request after another, base and adapter in turn
+CLIENT_READ_TIMEOUT_S = 180  # no byte for this long ends a request as a timeout: a hang shows as one (longer
+CLIENT_MAX_S = 240  # than a replica's restart, so that a request's own end shows); no request lasts longer
+AFTER_RECOVERY_S = 20  # the load goes on this long once both models answered again
+RECOVERY_LIMIT_S = 480  # after the fault, at most
+# Every second: the app's status in Serve and the live LLMServer replicas (id, node IP, pid), from the GCS.
+SERVE_MONITOR = """
+import json, sys, time, ray
+from ray import serve
+from ray._private import state
+ray.init(log_to_driver=False, logging_level="ERROR")
+while True:
+    try:
+        app = serve.status().applications.get(sys.argv[1])
+        alive = [a for a in state.actors().values() if a["State"] == "ALIVE"]
+        replicas = [[a["ActorID"][:12], a["Address"]["IPAddress"], a["Pid"]] for a in alive
+                    if "LLMServer" in a["ActorClassName"]]
+        ingress = sorted(a["Address"]["IPAddress"] for a in alive
+                         if a["ActorClassName"].startswith("ServeReplica") and "Ingress" in a["ActorClassName"])
+        proxies = sorted(a["Address"]["IPAddress"] for a in alive if a["ActorClassName"] == "ProxyActor")
+        nodes = sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"])
+        print("STATE", json.dumps({"app": app.status if app else None, "replicas": replicas, "ingress": ingress,
+                                   "proxies": proxies, "nodes": nodes}), flush=True)
+    except Exception as error:  # the GCS away: say so, try again
+        print("STATE", json.dumps({"error": f"{type(error).__name__}: {str(error)[:160]}"}), flush=True)
+    time.sleep(1)
+"""
+
+
+def serve_recipe(cluster, bucket: str, folder: Path) -> Path:
+    """The CPU recipe shrunk as tests/test_on_a_cluster.py shrinks it (8 pre-training and 8 LoRA steps), its
+    ``direct_streaming: true`` kept, an API key, no parity reference (serving faults, not answers)."""
+    from conftest import CI_OVERRIDES, VIGGO, _merge, free_port
+    from test_on_a_cluster import CLUSTER_OVERRIDES
+
+    data = _merge(_merge(yaml.safe_load((REPO / "recipes" / "viggo-cpu.yaml").read_text()), CI_OVERRIDES),
+                  CLUSTER_OVERRIDES)
+    data.update(name=SERVE_RUN, storage=f"s3://{bucket}/runs")
+    data["ingest"]["source"] = str(VIGGO)
+    data["evaluate"]["parity"] = None
+    data["serve"].update(port=free_port(), api_key_env=SERVE_KEY_ENV)
+    path = folder / f"{SERVE_RUN}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def deploy_serve_run(cluster, bucket: str, folder: Path) -> dict:
+    """``workflow run --stages ingest,model,train,serve --detach`` onto the cluster; the endpoint it wrote."""
+    run = Run(cluster.driver_env(**{SERVE_KEY_ENV: SERVE_KEY}), serve_recipe(cluster, bucket, folder),
+              stages="ingest,model,train,serve", extra=("--detach",))
+    result = run.finish(timeout=2400)
+    if result["exit_code"] != 0:
+        raise RuntimeError(f"the serve run failed: {result['errors'] or result['lines'][-5:]}")
+    body = s3_client(cluster).get_object(Bucket=bucket, Key=f"runs/{SERVE_RUN}/serve/endpoint.json")["Body"].read()
+    return {"endpoint": json.loads(body), "run_seconds": result["seconds"],
+            "serve_lines": [line for line in result["lines"] if "[serve]" in line]}
+
+
+class Monitor:
+    """SERVE_MONITOR in a driver process, started again when it ends or has said nothing for 10 s (a driver
+    connected to a GCS that went away neither prints nor exits)."""
+
+    def __init__(self, cluster, app: str, t0: float):
+        self.cluster, self.app, self.t0 = cluster, app, t0
+        self.states: list[tuple[float, dict]] = []
+        self.stopped = threading.Event()
+        self.proc = None
+        self.heard = time.monotonic()
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _read(self, proc) -> None:
+        for line in proc.stdout:
+            if line.startswith("STATE "):
+                self.heard = time.monotonic()
+                state = json.loads(line[6:])
+                if not self.states or self.states[-1][1] != state:
+                    print(f"  {time.monotonic() - self.t0:7.1f}s [monitor] {json.dumps(state)}", flush=True)
+                self.states.append((time.monotonic() - self.t0, state))
+
+    def _loop(self) -> None:
+        while not self.stopped.is_set():
+            self.heard = started = time.monotonic()
+            self.proc = proc = subprocess.Popen([envs.python_for(envs.SERVE), "-c", SERVE_MONITOR, self.app],
+                                                env=self.cluster.driver_env(), text=True, stdout=subprocess.PIPE,
+                                                stderr=subprocess.DEVNULL, start_new_session=True)
+            threading.Thread(target=self._read, args=(proc,), daemon=True).start()
+            # ray.init takes a while on a loaded machine: 30 s for the first line, 10 s between lines
+            while proc.poll() is None and not self.stopped.is_set() and \
+                    time.monotonic() - self.heard < (10 if self.heard > started else 30):
+                time.sleep(0.5)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            if not self.stopped.is_set():
+                state = {"error": "no answer from the cluster (monitor restarted)"}
+                if not self.states or self.states[-1][1] != state:
+                    print(f"  {time.monotonic() - self.t0:7.1f}s [monitor] {json.dumps(state)}", flush=True)
+                self.states.append((time.monotonic() - self.t0, state))
+
+    def latest(self) -> dict:
+        """The last state the cluster answered with."""
+        return next((state for _, state in reversed(self.states) if "error" not in state), {})
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def first(self, predicate, after: float) -> float | None:
+        return next((round(at, 1) for at, state in self.states if at >= after and predicate(state)), None)
+
+
+def stream_once(url: str, model: str, prompt: str) -> dict:
+    """One streaming chat completion, bounded: how it ended (ok, http N, error in stream, timeout, error)."""
+    import httpx
+
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 32,
+            "temperature": 0.0, "stream": True}
+    chunks, outcome, detail = 0, None, ""
+    started = time.monotonic()
+    try:
+        with httpx.stream("POST", f"{url}/chat/completions", json=body,
+                          headers={"Authorization": f"Bearer {SERVE_KEY}"},
+                          timeout=httpx.Timeout(CLIENT_READ_TIMEOUT_S, connect=10)) as resp:
+            if resp.status_code != 200:
+                outcome, detail = f"http {resp.status_code}", resp.read().decode(errors="replace")[:200]
+            else:
+                for line in resp.iter_lines():
+                    if time.monotonic() - started > CLIENT_MAX_S:
+                        outcome = "timeout (whole request)"
+                        break
+                    if line == "data: [DONE]":
+                        outcome = "ok"
+                        break
+                    if line.startswith("data: "):
+                        event = json.loads(line[6:])
+                        if "error" in event:
+                            outcome, detail = "error in stream", json.dumps(event["error"])[:200]
+                            break
+                        chunks += 1
+                outcome = outcome or "stream ended without [DONE]"
+    except httpx.TimeoutException as error:
+        outcome, detail = f"timeout ({type(error).__name__})", str(error)[:200]
+    except (httpx.HTTPError, ValueError) as error:
+        outcome, detail = f"error {type(error).__name__}", str(error)[:200]
+    return {"outcome": outcome, "chunks": chunks, "detail": detail}
+
+
+class Load:
+    """Streaming clients per URL, each one request after another (base and adapter in turn), all recorded."""
+
+    def __init__(self, urls: dict[str, str], models: list[str], clients: int, t0: float, prompt: str):
+        self.t0, self.prompt = t0, prompt
+        self.records: list[dict] = []
+        self.stopped = threading.Event()
+        self.threads = [threading.Thread(target=self._client, args=(where, url, models, i), daemon=True)
+                        for where, url in urls.items() for i in range(clients)]
+        for thread in self.threads:
+            thread.start()
+
+    def _client(self, where: str, url: str, models: list[str], index: int) -> None:
+        n = index
+        while not self.stopped.is_set():
+            model = models[n % len(models)]
+            n += 1
+            start = time.monotonic() - self.t0
+            result = stream_once(url, model, self.prompt)
+            end = time.monotonic() - self.t0
+            self.records.append({"via": where, "client": index, "model": model, "start": round(start, 2),
+                                 "end": round(end, 2), **result})
+            if result["outcome"] != "ok":
+                print(f"  {end:7.1f}s [client {where}/{index}] {model}: {result['outcome']} after "
+                      f"{end - start:.1f}s, {result['chunks']} chunks {result['detail'][:120]}", flush=True)
+                time.sleep(0.5)  # a refused connection does not become a busy loop
+
+    def stop(self) -> None:
+        self.stopped.set()
+        for thread in self.threads:
+            thread.join(timeout=CLIENT_MAX_S + 30)
+
+    def ok_again(self, model: str, after: float, via: str | None = None) -> float | None:
+        """When the first request started after ``after`` for ``model`` ended ok."""
+        ends = [r["end"] for r in self.records if r["model"] == model and r["start"] >= after and
+                r["outcome"] == "ok" and (via is None or r["via"] == via)]
+        return min(ends) if ends else None
+
+
+def summarize_requests(records: list[dict], fault_at: float, recovered_at: float | None) -> dict:
+    """Requests by phase (before the fault, in flight at it, during the outage, after recovery) and outcome."""
+    def count(rows):
+        out: dict = {}
+        for r in rows:
+            out[r["outcome"]] = out.get(r["outcome"], 0) + 1
+        return out
+
+    in_flight = [r for r in records if r["start"] < fault_at <= r["end"]]
+    after = recovered_at if recovered_at is not None else float("inf")
+    return {
+        "before": count(r for r in records if r["end"] < fault_at),
+        "in_flight_at_fault": count(in_flight),
+        "in_flight_durations_s": sorted(round(r["end"] - fault_at, 1) for r in in_flight),
+        "started_during_outage": count(r for r in records if fault_at <= r["start"] < after),
+        "started_after_recovery": count(r for r in records if r["start"] >= after),
+        "longest_request_s": max((round(r["end"] - r["start"], 1) for r in records), default=None),
+        "total": len(records)}
+
+
+def replica_node(cluster, monitor: Monitor, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        replicas = monitor.latest().get("replicas") or []
+        if len(replicas) == 1:
+            ip = replicas[0][1]
+            return next(node for node in cluster.nodes if node.ip == ip), replicas[0]
+        time.sleep(0.5)
+    raise TimeoutError(f"no single live LLMServer replica: {monitor.latest()}")
+
+
+def warm_until_both_answer(load: Load, models: list[str], t0: float, timeout: float = 300) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(load.ok_again(m, 0) is not None for m in models):
+            return time.monotonic() - t0
+        time.sleep(0.5)
+    raise TimeoutError(f"the app does not answer both {models}")
+
+
+def serve_node_lost(cluster, deployed: dict, prompt: str) -> dict:
+    """Under load, every process of the LLMServer replica's node killed; the other worker node has room."""
+    endpoint = deployed["endpoint"]
+    base, adapter = endpoint["model_ids"][0], endpoint["model_ids"][1]
+    t0 = time.monotonic()
+    monitor = Monitor(cluster, endpoint["app"], t0)
+    load = None
+    try:
+        victim, replica = replica_node(cluster, monitor)
+        print(f"[faults] {time.monotonic() - t0:.1f}s: the LLMServer replica {replica} is on {victim.name} "
+              f"({victim.ip}); {CLIENTS} streaming clients on {endpoint['base_url']}", flush=True)
+        load = Load({"head": endpoint["base_url"]}, [base, adapter], CLIENTS, t0, prompt)
+        warm = warm_until_both_answer(load, [base, adapter], t0)
+        time.sleep(10)  # steady load, the adapter loaded
+        killed = time.monotonic() - t0
+        cluster.kill_node(victim)
+        print(f"[faults] {killed:.1f}s: killed every process of node {victim.name} ({victim.ip}), the replica's "
+              f"(both models answered since {warm:.1f}s)", flush=True)
+        deadline = time.monotonic() + RECOVERY_LIMIT_S
+        while time.monotonic() < deadline:
+            back = [load.ok_again(m, killed) for m in (base, adapter)]
+            if None not in back and time.monotonic() - t0 > max(back) + AFTER_RECOVERY_S:
+                break
+            time.sleep(1)
+        load.stop()
+        base_back, adapter_back = (load.ok_again(m, killed) for m in (base, adapter))
+        new = [r for r in monitor.latest().get("replicas") or []]
+        out = {"killed_node": victim.ip, "replica_before": replica, "replica_after": new,
+               "killed_at_s": round(killed, 1), "clients": CLIENTS, "client_read_timeout_s": CLIENT_READ_TIMEOUT_S,
+               "node_dead_in_gcs_at_s": monitor.first(lambda s: s.get("nodes") and victim.ip not in s["nodes"],
+                                                       killed),
+               "replica_alive_elsewhere_at_s": monitor.first(
+                   lambda s: any(r[1] != victim.ip for r in s.get("replicas") or []), killed),
+               "app_running_again_at_s": monitor.first(lambda s: s.get("app") == "RUNNING" and any(
+                   r[1] != victim.ip for r in s.get("replicas") or []), killed),
+               "base_ok_again_at_s": base_back, "adapter_ok_again_at_s": adapter_back,
+               "recovery_s": round(max(base_back, adapter_back) - killed, 1) if base_back and adapter_back else None,
+               "requests": summarize_requests(load.records, killed, max(base_back, adapter_back)
+                                              if base_back and adapter_back else None),
+               "records": load.records, "monitor": [[round(at, 1), state] for at, state in monitor.states]}
+        return out
+    finally:
+        if load is not None:
+            load.stop()
+        monitor.stop()
+
+
+def head_restart(cluster, deployed: dict, prompt: str, down_s: float, limit_s: float) -> dict:
+    """Under load (clients on the head's proxy and on the replica node's), every process of the head killed;
+    after ``down_s`` seconds the head starts again with the same address and GCS storage."""
+    endpoint = deployed["endpoint"]
+    base, adapter = endpoint["model_ids"][0], endpoint["model_ids"][1]
+    port = endpoint["base_url"].rsplit(":", 1)[1].split("/")[0]
+    t0 = time.monotonic()
+    monitor = Monitor(cluster, endpoint["app"], t0)
+    load = None
+    try:
+        node, replica = replica_node(cluster, monitor)
+        urls = {"head": endpoint["base_url"], "replica-node": f"http://{node.ip}:{port}/v1"}
+        print(f"[faults] {time.monotonic() - t0:.1f}s: the LLMServer replica {replica} is on {node.name} ({node.ip});"
+              f" {CLIENTS // 2} streaming clients on each of {urls}", flush=True)
+        load = Load(urls, [base, adapter], CLIENTS // 2, t0, prompt)
+        warm = warm_until_both_answer(load, [base, adapter], t0)
+        time.sleep(10)
+        killed = time.monotonic() - t0
+        cluster.kill_head()
+        print(f"[faults] {killed:.1f}s: killed every process of the head ({cluster.address}: GCS, raylet, Serve's "
+              f"controller and proxy there; answering since {warm:.1f}s)", flush=True)
+        time.sleep(down_s)
+        restarting = time.monotonic() - t0
+        print(f"[faults] {restarting:.1f}s: starting the head again", flush=True)
+        head_error = None
+        try:
+            cluster.start_head()
+        except BaseException as error:  # pytest.fail: Failed is a BaseException
+            head_error = f"{type(error).__name__}: {str(error)[:300]}"
+            print(f"[faults] the head did not start again: {head_error}", flush=True)
+        head_up = time.monotonic() - t0
+        print(f"[faults] {head_up:.1f}s: the head's `ray start` says the runtime started", flush=True)
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            back = [load.ok_again(m, head_up, via="head") for m in (base, adapter)]
+            if None not in back and time.monotonic() - t0 > max(back) + AFTER_RECOVERY_S:
+                break
+            time.sleep(1)
+        load.stop()
+        back = {f"{kind}_via_{via}": load.ok_again(model, head_up, via=via)
+                for kind, model in (("base", base), ("adapter", adapter)) for via in urls}
+        via_replica_during = [r for r in load.records if r["via"] == "replica-node" and killed <= r["start"] < head_up]
+        via_head_during = [r for r in load.records if r["via"] == "head" and killed <= r["start"] < head_up]
+        replicas_after = monitor.latest().get("replicas") or []
+        seen_after = sorted({tuple(r) for at, state in monitor.states if at >= head_up
+                             for r in state.get("replicas") or []})
+        out = {"gcs_storage": cluster.head_env.get("RAY_gcs_storage", "memory"), "replica_node": node.ip,
+               "replica_before": replica, "replica_after": replicas_after,
+               "same_replica_process": bool(replicas_after) and [replicas_after[0][0], replicas_after[0][2]] ==
+               [replica[0], replica[2]],
+               "killed_at_s": round(killed, 1), "head_restarted_at_s": round(restarting, 1),
+               "head_up_at_s": round(head_up, 1), "head_start_error": head_error, "clients": CLIENTS,
+               "ok_again_at_s": back,
+               "while_head_down": {
+                   "via_replica_node": {"requests": len(via_replica_during),
+                                        "ok": sum(r["outcome"] == "ok" for r in via_replica_during),
+                                        "outcomes": summarize_requests(via_replica_during, killed, None)[
+                                            "started_during_outage"]},
+                   "via_head": {"requests": len(via_head_during),
+                                "ok": sum(r["outcome"] == "ok" for r in via_head_during)}},
+               "nodes_alive_after": monitor.latest().get("nodes"),
+               "replicas_seen_after_restart": [list(r) for r in seen_after],
+               "cluster_answers_again_at_s": monitor.first(lambda s: "error" not in s, head_up),
+               "app_running_again_at_s": monitor.first(lambda s: s.get("app") == "RUNNING", head_up),
+               "requests_head": summarize_requests([r for r in load.records if r["via"] == "head"], killed, None),
+               "requests_replica_node": summarize_requests([r for r in load.records if r["via"] == "replica-node"],
+                                                           killed, None),
+               "records": load.records, "monitor": [[round(at, 1), state] for at, state in monitor.states]}
+        return out
+    finally:
+        if load is not None:
+            load.stop()
+        monitor.stop()
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS), help=f"comma-separated, of {', '.join(SCENARIOS)}")
     parser.add_argument("--kill-at", choices=("recorded", "reported"), default="recorded",
                         help="kill once Ray Train recorded the first checkpoint, or once rank 0 reported it")
+    parser.add_argument("--gcs-storage", choices=("rocksdb", "memory"), default="rocksdb",
+                        help="the head's GCS storage in the serve scenarios: rocksdb (Ray's embedded store on the "
+                             "head's disk: GCS fault tolerance without Redis) or memory (Ray's default)")
+    parser.add_argument("--head-down-s", type=float, default=10, help="head-restart: seconds the head stays down")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "faults" / "train-node-lost.json"))
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, _interrupt)  # a `kill` tears the cluster down too (a background job ignores ^C)
     scenarios = args.scenarios.split(",")
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "scenarios": {}}
     folder = Path(tempfile.mkdtemp(prefix="bench-faults-"))
@@ -333,7 +693,10 @@ def main() -> int:
         print(f"[faults] {name}: the S3 server stopped while the train stage trains (one host)", flush=True)
         results["scenarios"][name] = train_storage_outage(folder, outage_s=None if name.endswith("-long")
                                                           else SHORT_OUTAGE_S)
-    if not set(scenarios) - set(STORAGE_SCENARIOS):
+    if set(scenarios) & set(SERVE_SCENARIOS):
+        results["serve"] = serve_scenarios(folder, scenarios, args)
+        results["left_after_teardown"] = results["serve"].pop("left_after_teardown")
+    if not set(scenarios) - set(STORAGE_SCENARIOS) - set(SERVE_SCENARIOS):
         return write_results(results, args.out)
     with namespace_cluster(folder, workers=2, worker_cpus=1) as cluster:
         print(f"[faults] cluster up in {time.monotonic() - started:.0f}s: head {cluster.address}, "
@@ -363,6 +726,40 @@ def main() -> int:
     return write_results(results, args.out)
 
 
+def serve_scenarios(folder: Path, scenarios: list[str], args) -> dict:
+    """The serve run deployed once onto a cluster of 2 worker nodes of 4 CPUs; then each serve scenario."""
+    from conftest import INSTRUCTION
+
+    head_env = ({"RAY_gcs_storage": "rocksdb", "RAY_gcs_storage_path": str(folder / "gcs-storage")}
+                if args.gcs_storage == "rocksdb" else {})
+    prompt = f"{INSTRUCTION}\n\nDo you like Tetris?"
+    started = time.monotonic()
+    out: dict = {"gcs_storage": args.gcs_storage}
+    with namespace_cluster(folder, workers=2, worker_cpus=4, head_env=head_env) as cluster:
+        print(f"[faults] cluster up in {time.monotonic() - started:.0f}s: head {cluster.address} (GCS storage "
+              f"{args.gcs_storage}), nodes {[n.ip for n in cluster.nodes]}", flush=True)
+        bucket = cluster.make_bucket("serve-faults").removeprefix("s3://")
+        print("[faults] the serve run: ingest, model, train, serve --detach onto the cluster", flush=True)
+        deployed = deploy_serve_run(cluster, bucket, folder)
+        out["deploy"] = deployed
+        print(f"[faults] deployed in {deployed['run_seconds']}s: {deployed['endpoint']}", flush=True)
+        if "serve-node-lost" in scenarios:
+            print("[faults] serve-node-lost: the LLMServer replica's node killed under load, none added", flush=True)
+            out["serve-node-lost"] = serve_node_lost(cluster, deployed, prompt)
+        if "head-restart" in scenarios:
+            print(f"[faults] head-restart: the head killed under load, started again {args.head_down_s:.0f}s later",
+                  flush=True)
+            out["head-restart"] = head_restart(cluster, deployed, prompt, args.head_down_s,
+                                               RECOVERY_LIMIT_S if args.gcs_storage == "rocksdb" else 150)
+        cluster_id, temp_dir = cluster.id, cluster.temp_dir
+    out["left_after_teardown"] = leftovers(cluster_id, temp_dir)
+    return out
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def write_results(results: dict, out: str) -> int:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(results, indent=2, default=str) + "\n")
@@ -372,6 +769,24 @@ def write_results(results: dict, out: str) -> int:
 
 
 def print_summary(results: dict) -> None:
+    serve = results.get("serve") or {}
+    if "serve-node-lost" in serve:
+        r = serve["serve-node-lost"]
+        print(f"[faults] serve-node-lost: killed {r['killed_node']} at {r['killed_at_s']}s; node dead in the GCS at "
+              f"{r['node_dead_in_gcs_at_s']}s, replica alive elsewhere at {r['replica_alive_elsewhere_at_s']}s, app "
+              f"RUNNING at {r['app_running_again_at_s']}s; base ok again at {r['base_ok_again_at_s']}s, adapter at "
+              f"{r['adapter_ok_again_at_s']}s: recovery {r['recovery_s']}s; replica {r['replica_before']} -> "
+              f"{r['replica_after']}")
+        print(f"[faults]   requests: {json.dumps({k: v for k, v in r['requests'].items()})}")
+    if "head-restart" in serve:
+        r = serve["head-restart"]
+        print(f"[faults] head-restart ({r['gcs_storage']}): killed at {r['killed_at_s']}s, started again at "
+              f"{r['head_restarted_at_s']}s, up at {r['head_up_at_s']}s ({r['head_start_error'] or 'ok'}); ok again "
+              f"at {r['ok_again_at_s']}; app RUNNING at {r['app_running_again_at_s']}s; same replica process "
+              f"{r['same_replica_process']}; nodes after {r['nodes_alive_after']}")
+        print(f"[faults]   while the head was down: {json.dumps(r['while_head_down'])}")
+        print(f"[faults]   requests via the head: {json.dumps(r['requests_head'])}")
+        print(f"[faults]   requests via the replica's node: {json.dumps(r['requests_replica_node'])}")
     for name, r in results["scenarios"].items():
         if name == "evaluate-node-lost":
             print(f"[faults] {name}: exit {r['exit_code']} in {r['seconds']}s, killed at {r['killed_at_s']}s; "

@@ -77,6 +77,8 @@ class NamespaceCluster:
     tmp_path: Path
     nodes: list[Node] = field(default_factory=list)  # the worker nodes
     _next_index: int = 2
+    head_argv: list[str] = field(default_factory=list)  # the head's `ray start`, for start_head
+    head_env: dict[str, str] = field(default_factory=dict)  # the head's environment (node_env + head_env)
 
     def make_bucket(self, name: str) -> str:
         """Create a bucket on the cluster's S3 server; returns ``s3://name``."""
@@ -139,6 +141,29 @@ class NamespaceCluster:
         _remove_node(self, node)
         self.nodes.remove(node)
 
+    def kill_head(self) -> None:
+        """Lose the head at once: SIGKILL to every process of this cluster in the root network namespace
+        (``ray start``, GCS, raylet, the workers there: Serve's controller and proxy), none in a worker node's."""
+        root = os.readlink("/proc/self/ns/net")
+        while pids := [p for p in _marked_pids(self.id) if _net_ns(p) == root]:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
+        if self.head.proc is not None:
+            self.head.proc.wait(timeout=30)
+
+    def start_head(self) -> None:
+        """Start the head again as it was started (same address, ports, temp dir, environment), as a
+        supervisor restarts it; returns once its ``ray start`` says the runtime started.
+
+        ``<temp_dir>/ray_current_cluster`` is removed first: the worker nodes' raylets, in this machine's
+        process table with ``--gcs-address=<the head>``, would make ``ray start --head`` refuse the address
+        as "already running" (on hosts of their own they are not seen)."""
+        (self.temp_dir / "ray_current_cluster").unlink(missing_ok=True)
+        self.head.log = self.tmp_path / f"node-head-{time.strftime('%H%M%S')}.log"
+        self.head.proc = start_ray_node(self.head_argv, self.head_env, self.head.log, stop=_kill_group)
+
     def run_in(self, node: Node, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
         """``argv`` in ``node``'s network namespace (this machine's files): a client on another host."""
         return subprocess.run(["ip", "netns", "exec", node.netns, *argv], **kwargs)
@@ -163,11 +188,13 @@ class NamespaceCluster:
 
 @contextlib.contextmanager
 def namespace_cluster(tmp_path: Path, *, workers: int = 2, worker_cpus: int = 4,
-                      env: dict[str, str] | None = None) -> Iterator[NamespaceCluster]:
+                      env: dict[str, str] | None = None,
+                      head_env: dict[str, str] | None = None) -> Iterator[NamespaceCluster]:
     """A head (0 CPUs) and ``workers`` worker nodes of ``worker_cpus`` CPUs each; removed on exit, whatever happens.
 
     ``env`` is added to every node's environment (after ``os.environ`` without ``RAY_*``
-    variables, and ``aws_env``).
+    variables, and ``aws_env``); ``head_env`` to the head's only (e.g. the GCS's storage backend:
+    ``RAY_gcs_storage``, ``RAY_gcs_storage_path``).
     """
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("unshare"):
         pytest.skip("a cluster of namespaces needs root, ip and unshare")
@@ -210,7 +237,8 @@ def namespace_cluster(tmp_path: Path, *, workers: int = 2, worker_cpus: int = 4,
         argv = [str(ray), "start", "--head", "--block", "--disable-usage-stats", f"--node-ip-address={bridge_ip}",
                 f"--port={head_port}", "--num-cpus=0", "--include-dashboard=false", f"--temp-dir={temp_dir}",
                 *(f"--{name}-port={free_port()}" for name in ports)]
-        head.proc = start_ray_node(argv, node_env, head.log, stop=_kill_group)
+        cluster.head_argv, cluster.head_env = argv, {**node_env, **(head_env or {})}
+        head.proc = start_ray_node(argv, cluster.head_env, head.log, stop=_kill_group)
         for i in range(workers):
             cluster._start_node(f"w{i + 1}", (), worker_cpus)
         cluster.wait_for_nodes()
@@ -370,6 +398,17 @@ def _kill_marked(cluster_id: str) -> None:
         time.sleep(0.3)
         if time.monotonic() > deadline:
             raise RuntimeError(f"processes of {cluster_id} do not end: {pids}")
+
+
+def _marked_pids(cluster_id: str) -> list[int]:
+    return [int(p.split()[1].rstrip(":")) for p in leftovers(cluster_id) if p.startswith("process ")]
+
+
+def _net_ns(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:  # gone already
+        return None
 
 
 def _remove_leftovers(cluster_id: str) -> None:
