@@ -79,6 +79,8 @@ DROPPED_KEYS = ("ddp_backend", "ddp_timeout", "eval_steps", "per_device_eval_bat
 # --try keys that are no LLaMA-Factory arguments, to measure what the train stage's own callbacks
 # save: peft_lora_forward=true runs without lora_fast_path_callback (PEFT's own LoRA forward),
 # sdpa_neat_packing=true without packed_attention_callback (padded packs, SDPA with a 4-D mask).
+# A key env.NAME=VALUE sets the environment variable NAME for that variant's process (the patches'
+# switches: env.WORKFLOW_LORA_GROUPS=0, ...).
 BENCH_ONLY_KEYS = ("peft_lora_forward", "sdpa_neat_packing")
 PROFILE_STEPS = (5, 7)  # --profile: the optimizer steps 6 and 7, by kernel
 TOKENIZER_VOCAB = 8000  # an upper bound: BPE on 800 ViGGO rows stops at ~3.1k tokens, ~235 per templated row
@@ -153,7 +155,55 @@ def model_flops(config, tokens: float, sum_sq: float) -> float:
 
 # ---------------------------------------------------------------- one run (a child process)
 
-def _meter(profile_to: str | None = None):
+SYNC_DEBUG_STEPS = (3, 5)  # --sync-debug: the optimizer steps 4 and 5
+
+
+class _SyncLog:
+    """Every synchronizing CUDA call while on (``torch.cuda.set_sync_debug_mode("warn")``), by call site."""
+
+    def __init__(self):
+        self.sites: dict[str, int] = {}
+        self.total = 0
+        self._previous = None
+
+    def start(self):
+        import warnings
+
+        import torch
+
+        self._previous = warnings.showwarning
+        self._filters = list(warnings.filters)
+        warnings.simplefilter("always")
+        warnings.showwarning = self._record
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self):
+        import warnings
+
+        import torch
+
+        torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning = self._previous
+        warnings.filters[:] = self._filters
+
+    def _record(self, message, category, filename, lineno, file=None, line=None):
+        import traceback
+
+        if "synchroniz" not in str(message):
+            return self._previous(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1] if "warnings.py" not in f.filename]
+        site = " <- ".join(f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno} {f.name}"
+                           for f in frames[-4:][::-1])
+        self.sites[site] = self.sites.get(site, 0) + 1
+        self.total += 1
+
+    def report(self, steps: int) -> str:
+        lines = [f"{self.total} synchronizing CUDA calls in {steps} optimizer steps, by call site (innermost first):"]
+        lines += [f"  {n:5d}  {site}" for site, n in sorted(self.sites.items(), key=lambda kv: -kv[1])]
+        return "\n".join(lines) + "\n"
+
+
+def _meter(profile_to: str | None = None, syncs_to: str | None = None):
     """A Trainer callback that times every optimizer step and counts what the model saw in it.
 
     Nothing in it makes the host wait for the GPU during training (a wait per step would
@@ -173,8 +223,13 @@ def _meter(profile_to: str | None = None):
             self.pending: list[tuple] = []
             self.profiler = None
             self.profiled = False
+            self.sync_log = None
 
         def on_step_begin(self, args, state, control, **kwargs):
+            if syncs_to and state.global_step == SYNC_DEBUG_STEPS[0]:
+                self.sync_log = _SyncLog()
+                self.sync_log.start()
+                self.profiled = True
             if profile_to and state.global_step == PROFILE_STEPS[0]:
                 self.profiler = torch.profiler.profile(
                     activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
@@ -221,8 +276,13 @@ def _meter(profile_to: str | None = None):
                 Path(profile_to).write_text(table + "\n" + gpu_idle_report(trace))
                 trace.unlink()
                 self.profiler = None
+            elif self.sync_log is not None and state.global_step == SYNC_DEBUG_STEPS[1]:
+                self.sync_log.stop()
+                Path(syncs_to).write_text(self.sync_log.report(SYNC_DEBUG_STEPS[1] - SYNC_DEBUG_STEPS[0]))
+                self.sync_log = None
+                self.profiled = False
             else:  # the step after the profiled ones waited for the trace export: left out as well
-                self.profiled = self.profiler is not None
+                self.profiled = self.profiler is not None or self.sync_log is not None
             self.last = end
 
         def on_train_end(self, args, state, control, **kwargs):
@@ -282,7 +342,7 @@ def run_one(spec: dict) -> dict:
     import torch
     from llamafactory.train.tuner import run_exp
 
-    meter = _meter(spec.get("profile_to"))
+    meter = _meter(spec.get("profile_to"), spec.get("syncs_to"))
     # The train stage's own callbacks that change the computation (the others report to Ray).
     callbacks = [meter]
     if not spec["bench_only"].get("peft_lora_forward"):
@@ -416,6 +476,9 @@ def main() -> int:
     parser.add_argument("--skip", type=float, default=0.1, help="fraction of the optimizer steps left out as warm-up")
     parser.add_argument("--timeout", type=int, default=560, help="seconds per run")
     parser.add_argument("--profile", action="store_true", help="write <variant>.profile.txt: GPU time by kernel")
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="write <variant>.syncs.txt: where the host waited for the GPU in optimizer steps 4-5 "
+                             "(torch.cuda.set_sync_debug_mode), by Python call site; those steps are left out")
     parser.add_argument("--warmup", default="fast",
                         help="run this variant once first, unmeasured, to fill Triton's kernel cache ('' for none)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -445,17 +508,19 @@ def main() -> int:
         """One variant in its own process: (where its result is, why it failed or False)."""
         output = opts.work / "runs" / name
         bench_only = {k: v for k, v in changes.items() if k in BENCH_ONLY_KEYS}
-        llamafactory_changes = {k: v for k, v in changes.items() if k not in BENCH_ONLY_KEYS}
+        variant_env = {k[4:]: str(v) for k, v in changes.items() if k.startswith("env.")}
+        llamafactory_changes = {k: v for k, v in changes.items() if k not in BENCH_ONLY_KEYS and not k.startswith("env.")}
         args, dropped = variant_args(base, llamafactory_changes, data=data, model=model, output=output)
         spec = {"args": args, "result": str(opts.work / f"{name}.result.json"), "bench_only": bench_only,
-                "profile_to": str(opts.out / f"{name}.profile.txt") if opts.profile else None}
+                "profile_to": str(opts.out / f"{name}.profile.txt") if opts.profile else None,
+                "syncs_to": str(opts.out / f"{name}.syncs.txt") if opts.sync_debug else None}
         spec_path = opts.work / f"{name}.spec.json"
         spec_path.write_text(json.dumps(spec))
         print(f"[bench] {name}: {base} recipe, changed {changes or 'nothing'}; dropped {dropped}; "
               f"bench overrides {BENCH_OVERRIDES}", flush=True)
         print(f"[bench] {name} args: {json.dumps(args, sort_keys=True)}", flush=True)
         env = {"PYTORCH_CUDA_ALLOC_CONF": WORKER_ENV_DEFAULTS["PYTORCH_CUDA_ALLOC_CONF"],  # as the train stage
-               **os.environ, "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false"}
+               **os.environ, "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false", **variant_env}
         try:
             proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_path)], env=env,
                                   timeout=opts.timeout, check=False)

@@ -86,3 +86,116 @@ def test_fast_path_refuses_a_peft_outside_the_tested_versions(monkeypatch, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "peft 0.1.0 is outside the versions it was tested on" in err[0]
     assert "PEFT's own LoRA forward runs" in err[0]
+
+
+def _attention_like_model(seed: int):
+    """q/k/v (with biases) and gate/up reading one input, o/down after them: a decoder layer's LoRA shapes."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(48, 64), torch.nn.Linear(48, 16),
+                                                     torch.nn.Linear(48, 16))
+            self.o_proj = torch.nn.Linear(64, 48, bias=False)
+            self.gate_proj, self.up_proj = torch.nn.Linear(48, 96, bias=False), torch.nn.Linear(48, 96, bias=False)
+            self.down_proj = torch.nn.Linear(96, 48, bias=False)
+
+        def forward(self, x):
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            h = x + self.o_proj(q * torch.cat([k, v, k, v], -1))
+            return h + self.down_proj(torch.nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+
+    torch.manual_seed(seed)
+    model = get_peft_model(Block(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    return model
+
+
+@pytest.mark.train_env
+@pytest.mark.parametrize("groups", ["1", "0"])
+def test_shared_input_groups_match_peft_outputs_and_gradients(monkeypatch, groups):
+    import torch
+
+    from workflow.patches.peft_lora_fast_path import _LoraGroup
+
+    monkeypatch.setenv("WORKFLOW_LORA_GROUPS", groups)
+    x = torch.randn(2, 5, 48, dtype=torch.float64, requires_grad=True)  # fp64: the sums differ in order only
+    results = []
+    for fused in (False, True):
+        model = _attention_like_model(seed=0).double()
+        callback = None
+        if fused:
+            from types import SimpleNamespace
+
+            from workflow.patches.peft_lora_fast_path import lora_fast_path_callback
+
+            callback = lora_fast_path_callback()
+            callback.on_train_begin(SimpleNamespace(bf16=False, fp16=False), None, None, model=model)
+            assert len(callback.groups) == (2 if groups == "1" else 0)
+            assert all(isinstance(g, _LoraGroup) for g in callback.groups)
+        x.grad = None
+        for _ in range(2):  # twice: B's columns are rewritten each forward
+            out = model(x)
+            out.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((out.detach(), grads, x.grad.clone()))
+        if callback is not None:
+            weights = [m.get_base_layer().weight for m in model.modules() if hasattr(m, "_lora_group")]
+            callback.on_train_end(None, None, None, model=model)
+            assert all(w.is_contiguous() for w in weights) and not any(hasattr(m, "_lora_group")
+                                                                       for m in model.modules())
+            torch.testing.assert_close(model(x), out)  # the members' own forward again, same weights
+    (out_peft, grads_peft, dx_peft), (out_fused, grads_fused, dx_fused) = results
+    assert len(grads_peft) == 14  # A and B of 7 projections
+    torch.testing.assert_close(out_fused, out_peft)
+    torch.testing.assert_close(dx_fused, dx_peft)
+    for name in grads_peft:
+        torch.testing.assert_close(grads_fused[name], grads_peft[name], msg=name)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="bf16 matmuls on a GPU: run on a GPU machine")
+@pytest.mark.train_env
+def test_shared_input_groups_on_a_gpu_match_peft_on_a_bf16_qwen2_under_autocast():
+    """A 2-layer bf16 Qwen2 with LoRA on every projection, trained as the fast recipe does (autocast
+    bf16, fp32 adapters): loss and adapter gradients of PEFT's forward, the fast path and the groups."""
+    from types import SimpleNamespace
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from workflow.patches.peft_lora_fast_path import lora_fast_path_callback
+
+    config = Qwen2Config(vocab_size=512, hidden_size=512, intermediate_size=1408, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, attn_implementation="sdpa")
+    ids = torch.randint(0, 512, (2, 200), device="cuda")
+    results = {}
+    for variant in ("peft", "single", "groups"):
+        torch.manual_seed(0)
+        base = Qwen2ForCausalLM(config).to("cuda", torch.bfloat16)
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.02)
+        if variant != "peft":
+            callback = lora_fast_path_callback()
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("WORKFLOW_LORA_GROUPS", "1" if variant == "groups" else "0")
+                callback.on_train_begin(SimpleNamespace(bf16=True, fp16=False), None, None, model=model)
+            assert len(callback.groups) == (4 if variant == "groups" else 0)
+        for _ in range(2):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        results[variant] = (loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad})
+    loss_peft, grads_peft = results["peft"]
+    for variant in ("single", "groups"):
+        loss, grads = results[variant]
+        assert abs(loss - loss_peft) < 1e-2 * abs(loss_peft), variant
+        for name, want in grads_peft.items():
+            error = (grads[name] - want).norm() / want.norm()
+            assert error < 3e-2, (variant, name, float(error))

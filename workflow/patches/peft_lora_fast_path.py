@@ -2,11 +2,13 @@
 
 Applied by a Hugging Face callback that the train stage adds to LLaMA-Factory's run, only
 with the PEFT versions in ``TESTED`` (it replaces forward methods and flags of PEFT's LoRA
-layers); elsewhere PEFT's own forward runs, with one warning line.
+layers); elsewhere PEFT's own forward runs, with one warning line. LoRA layers that read one
+input (q/k/v, gate/up) also run as one group (``_LoraGroup``; ``WORKFLOW_LORA_GROUPS=0`` off).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 from . import outside_tested, warn
@@ -37,6 +39,174 @@ def _fused_lora_linear_forward(self, x, *args, **kwargs):
     return out.view(result.shape)
 
 
+# Projections that read the same input in every decoder layer (Qwen2, Llama, Mistral, ...):
+# their LoRA layers run as one group (``_GroupLoraLinear``).
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class _GroupLoraLinear:
+    """Autograd function of a group of LoRA linears that share their input x (q/k/v, gate/up).
+
+    PEFT runs, per projection i, ``x W_i^T + b_i + s_i (x A_i^T) B_i^T``: one read of x per
+    A_i, and the rank-r product added to the output in a second pass over it (the output of
+    gate/up is 5.3x the input's size). Here ``xa = x [A_1; A_2; ...]^T`` is one matmul, and
+    each output is ONE matmul over the concatenated input ``[x | xa]`` with the weight
+    ``[W_i | 0 .. s_i B_i .. 0]``: the frozen weight is stored with R extra columns (R = the
+    group's summed ranks) that take the scaled B_i before every forward (``W_i`` is a view of
+    its first columns, so no memory is added). Backward: ``d[x | xa]`` accumulates
+    ``dy_i [W_i | .. s_i B_i ..]`` over the group in one buffer (no separate adds),
+    ``dx + dxa [A_1; A_2; ...]`` in one matmul's epilogue, ``dA = dxa^T x`` in one matmul,
+    ``dB_i = s_i dy_i^T xa_i``. Same sums as PEFT's up to rounding (in bf16 the LoRA term is
+    now added before the output is rounded, where PEFT rounds the base output first). Tested
+    against PEFT in fp64 (exact) and on a bf16 Qwen2 on an H100 (tests/patches/).
+    """
+
+    @staticmethod
+    def build():
+        import torch
+
+        class Fn(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, group, x, *params):
+                n = len(group.members)
+                a_weights, b_weights = params[:n], params[n:]
+                dtype = group.weights[0].dtype
+                width = group.in_features
+                x2 = x.reshape(-1, width)
+                a_cat = torch.cat([a.to(dtype) for a in a_weights])
+                xx = torch.cat([x2, x2 @ a_cat.t()], dim=1)  # [x | xa]
+                outs = []
+                for weight, b, bias, (lo, hi), scale in zip(group.weights, b_weights, group.biases,
+                                                            group.spans, group.scales):
+                    weight[:, width + lo:width + hi].copy_(b * scale)
+                    y = torch.addmm(bias, xx, weight.t()) if bias is not None else xx @ weight.t()
+                    outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+                ctx.group = group
+                ctx.x_shape = x.shape
+                ctx.a_dtypes = [a.dtype for a in a_weights]
+                ctx.b_dtypes = [b.dtype for b in b_weights]
+                ctx.save_for_backward(xx, a_cat)
+                return tuple(outs)
+
+            @staticmethod
+            def backward(ctx, *grads):
+                group = ctx.group
+                xx, a_cat = ctx.saved_tensors
+                width = group.in_features
+                dxx = None
+                grad_b = []
+                for weight, dy, (lo, hi), scale, b_dtype in zip(group.weights, grads, group.spans, group.scales,
+                                                                 ctx.b_dtypes):
+                    if dy is None:
+                        grad_b.append(None)
+                        continue
+                    dy = dy.reshape(-1, dy.shape[-1]).to(xx.dtype)
+                    if dxx is None:
+                        dxx = dy @ weight
+                    else:
+                        dxx.addmm_(dy, weight)
+                    grad_b.append((dy.t() @ xx[:, width + lo:width + hi]).to(b_dtype) * scale)
+                if dxx is None:
+                    return (None, None) + (None,) * (2 * len(group.members))
+                dx, dxa = dxx[:, :width], dxx[:, width:]
+                grad_a_cat = dxa.t() @ xx[:, :width]
+                grad_a = [grad_a_cat[lo:hi].to(a_dtype) for (lo, hi), a_dtype in zip(group.spans, ctx.a_dtypes)]
+                dx = torch.addmm(dx, dxa, a_cat)  # a new, contiguous dx: the norm before needs one
+                return (None, dx.view(ctx.x_shape)) + tuple(grad_a) + tuple(grad_b)
+
+        return Fn
+
+
+class _LoraGroup:
+    """LoRA linears of one module that read the same input, run by ``_GroupLoraLinear``.
+
+    The first member called with an input computes every member's output; the others return
+    theirs when called with the same tensor (transformers calls q, k, v on one
+    ``hidden_states``). Anything else (another input, adapters off, ...) takes the member's
+    own forward.
+    """
+
+    fn = None
+
+    def __init__(self, members: list):
+        import torch
+
+        if _LoraGroup.fn is None:
+            _LoraGroup.fn = _GroupLoraLinear.build()
+        self.members = members
+        self.name = members[0].active_adapters[0]
+        self.in_features = members[0].get_base_layer().in_features
+        ranks = [m.lora_A[self.name].weight.shape[0] for m in members]
+        self.rank = sum(ranks)
+        starts = [sum(ranks[:i]) for i in range(len(ranks))]
+        self.spans = [(lo, lo + r) for lo, r in zip(starts, ranks)]
+        self.scales = [float(m.scaling[self.name]) for m in members]
+        self.weights, self.biases = [], []
+        for m in members:
+            base = m.get_base_layer()
+            old = base.weight.data
+            wide = torch.zeros(old.shape[0], self.in_features + self.rank, dtype=old.dtype, device=old.device)
+            wide[:, :self.in_features].copy_(old)
+            base.weight.data = wide[:, :self.in_features]  # the frozen weight, now a view of the wide one
+            del old
+            self.weights.append(wide)
+            self.biases.append(base.bias.detach() if base.bias is not None else None)
+        self.pending_x = None
+        self.pending: dict[int, object] = {}
+
+    def usable(self, x) -> bool:
+        return (x.dtype == self.weights[0].dtype and x.shape[-1] == self.in_features and all(
+            not m.disable_adapters and not m.merged and list(m.active_adapters) == [self.name] for m in self.members))
+
+    def forward(self, index: int, x, *args, **kwargs):
+        if self.pending_x is x and index in self.pending:
+            out = self.pending.pop(index)
+            if not self.pending:
+                self.pending_x = None
+            return out
+        member = self.members[index]
+        if args or kwargs.get("adapter_names") is not None or not self.usable(x):
+            return member._single_forward(x, *args, **kwargs)
+        params = ([m.lora_A[self.name].weight for m in self.members]
+                  + [m.lora_B[self.name].weight for m in self.members])
+        outs = _LoraGroup.fn.apply(self, x, *params)
+        self.pending_x = x
+        self.pending = {i: out for i, out in enumerate(outs) if i != index}
+        return outs[index]
+
+    def restore(self) -> None:
+        """Members back to their own forward, frozen weights back to plain contiguous tensors."""
+        for m, wide in zip(self.members, self.weights):
+            m.forward = m._single_forward
+            del m._single_forward, m._lora_group
+            base = m.get_base_layer()
+            base.weight.data = wide[:, :self.in_features].contiguous()
+        self.weights.clear()
+        self.pending_x, self.pending = None, {}
+
+
+def _group_reason(members: list) -> str | None:
+    """None when these LoRA linears can run as one ``_LoraGroup``; else why not."""
+    import torch
+
+    first = members[0]
+    if not all(hasattr(m, "_peft_forward") for m in members):
+        return "a member is not on the fast path"
+    names = {tuple(m.active_adapters) for m in members}
+    if len(names) != 1 or len(next(iter(names))) != 1:
+        return "not one active adapter"
+    bases = [m.get_base_layer() for m in members]
+    if not all(isinstance(b, torch.nn.Linear) for b in bases):
+        return "a base layer is not torch.nn.Linear"
+    if len({b.in_features for b in bases}) != 1 or len({b.weight.dtype for b in bases}) != 1:
+        return "members differ in input width or dtype"
+    if any(b.weight.requires_grad or (b.bias is not None and b.bias.requires_grad) for b in bases):
+        return "a base weight is trained"
+    if any(m.use_dora.get(first.active_adapters[0], False) for m in members if hasattr(m, "use_dora")):
+        return "DoRA"
+    return None
+
+
 def lora_fast_path_callback():
     """A Hugging Face callback that takes two avoidable passes out of every LoRA layer.
 
@@ -48,13 +218,28 @@ def lora_fast_path_callback():
     2. Plain LoRA layers (one adapter, no dropout, no DoRA-like variant, inputs and weights of
        one dtype or autocast on) run ``_fused_lora_linear_forward``.
 
-    ``WORKFLOW_FUSED_LORA=0`` keeps PEFT's own forward (both changes off).
+    3. The LoRA layers of projections that read one input (q/k/v, gate/up: ``SHARED_INPUT_GROUPS``)
+       run as one group (``_GroupLoraLinear``): one ``x A^T`` for the group, and each output in
+       one matmul over ``[x | xa]`` (no second pass over the output to add the LoRA term).
+       ``WORKFLOW_LORA_GROUPS=0`` keeps 1 and 2 only. The frozen weights of grouped projections
+       are views of wider ones during training and plain tensors again at its end.
+
+    ``WORKFLOW_FUSED_LORA=0`` keeps PEFT's own forward (all three off).
+
+    The callback also applies ``workflow.patches.liger_flce_nosync`` (Liger's fused linear
+    cross-entropy without its two host waits a step) when Liger is in use: it is the one callback
+    of the train stage that changes how a training step runs on any model.
     bench/train_throughput.py measures both (bench/README.md).
     """
     from transformers import TrainerCallback
 
     class LoraFastPath(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
+            # Not LoRA, but a pass of the same step: Liger's loss without its host waits
+            # (workflow.patches.liger_flce_nosync; WORKFLOW_LIGER_NOSYNC=0 keeps Liger's).
+            from .liger_flce_nosync import apply as liger_nosync
+
+            liger_nosync(getattr(args, "process_index", 0))
             if model is None or os.environ.get("WORKFLOW_FUSED_LORA", "1") == "0":
                 return
             problem = outside_tested(TESTED)
@@ -77,5 +262,38 @@ def lora_fast_path_callback():
                 if plain and (autocast or same_dtype) and not hasattr(module, "_peft_forward"):
                     module._peft_forward = module.forward
                     module.forward = _fused_lora_linear_forward.__get__(module)
+            self.groups = []
+            if os.environ.get("WORKFLOW_LORA_GROUPS", "1") != "0":
+                self.groups = shared_input_groups(model)
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            for group in getattr(self, "groups", []):
+                group.restore()
+            self.groups = []
 
     return LoraFastPath()
+
+
+def shared_input_groups(model) -> list:
+    """Run the LoRA linears of ``SHARED_INPUT_GROUPS`` in every module as ``_LoraGroup`` s.
+
+    Only members already on the fast path (``_fused_lora_linear_forward``), with one adapter,
+    frozen ``torch.nn.Linear`` bases of one input width and dtype. Returns the groups made.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+
+    groups = []
+    for module in model.modules():
+        for names in SHARED_INPUT_GROUPS:
+            members = [getattr(module, n, None) for n in names]
+            if not all(isinstance(m, LoraLinear) for m in members) or any(hasattr(m, "_lora_group") for m in members):
+                continue
+            if _group_reason(members) is not None:
+                continue
+            group = _LoraGroup(members)
+            for index, m in enumerate(members):
+                m._single_forward = m.forward
+                m._lora_group = group
+                m.forward = functools.partial(group.forward, index)
+            groups.append(group)
+    return groups
