@@ -25,6 +25,7 @@ from ..core.console import say
 from ..core.errors import WorkflowError
 from ..core.secrets import is_secret_name
 from ..patches import ray_train_controller_state
+from ..patches.labelled_logits import labelled_logits_callback
 from ..patches.packed_attention import packed_attention_callback
 from ..patches.peft_lora_fast_path import lora_fast_path_callback
 
@@ -41,7 +42,7 @@ def _checkpoint_step(path: str) -> int:
     return int(state["global_step"])
 
 
-def _make_callbacks(rank: int, tensorboard_dir: Path, tensorboard_uri: str | None):
+def _make_callbacks(rank: int, tensorboard_dir: Path, tensorboard_uri: str | None, args: dict):
     """Hugging Face callbacks: report checkpoints to Ray Train; print progress on rank 0."""
     import ray.train
     from transformers import TrainerCallback
@@ -83,7 +84,8 @@ def _make_callbacks(rank: int, tensorboard_dir: Path, tensorboard_uri: str | Non
                 f"lr {logs.get('learning_rate', 0):.2e} epoch {logs.get('epoch', 0):.2f} "
                 f"elapsed {elapsed:.1f}s left ~{left:.0f}s")
 
-    return [ReportCheckpointToRay(), PrintProgress(), lora_fast_path_callback(), packed_attention_callback()]
+    return [ReportCheckpointToRay(), PrintProgress(), lora_fast_path_callback(), packed_attention_callback(),
+            labelled_logits_callback(args)]
 
 
 def train_loop_per_worker(config: dict) -> dict | None:
@@ -114,7 +116,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
             say(f"[training] rank {rank}: resuming from step {resumed_from} ({checkpoint.path})")
 
         nodes = _count_nodes()
-        run_exp(args=args, callbacks=_make_callbacks(rank, tensorboard_dir, config.get("tensorboard_uri")))
+        run_exp(args=args, callbacks=_make_callbacks(rank, tensorboard_dir, config.get("tensorboard_uri"), args))
 
         if rank != 0:
             return None
