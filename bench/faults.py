@@ -629,8 +629,9 @@ def head_restart(cluster, deployed: dict, prompt: str, down_s: float, limit_s: f
             head_error = f"{type(error).__name__}: {str(error)[:300]}"
             print(f"[faults] the head did not start again: {head_error}", flush=True)
         head_up = time.monotonic() - t0
-        print(f"[faults] {head_up:.1f}s: the head's `ray start` says the runtime started", flush=True)
-        deadline = time.monotonic() + limit_s
+        if head_error is None:
+            print(f"[faults] {head_up:.1f}s: the head's `ray start` says the runtime started", flush=True)
+        deadline = time.monotonic() + (limit_s if head_error is None else 100)  # long enough for the raylets' 60 s
         while time.monotonic() < deadline:
             back = [load.ok_again(m, head_up, via="head") for m in (base, adapter)]
             if None not in back and time.monotonic() - t0 > max(back) + AFTER_RECOVERY_S:
