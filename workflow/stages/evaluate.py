@@ -10,7 +10,6 @@ metrics are computed per variant and written to ``<run>/evaluate/``: ``predictio
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import tempfile
 from pathlib import Path
@@ -119,7 +118,7 @@ def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]], 
     """All variants' predictions for the rows, as one Arrow table, and the parity reference (or None)."""
     import pyarrow as pa
 
-    reference = None  # the reference itself, or a future of it while the engine answers beside it
+    reference = None
     if cfg.endpoint is not None:
         variants = [(m, {"__endpoint_model": m}) for m in cfg.endpoint.models]
         adapters: dict[str, str] = {}
@@ -138,12 +137,8 @@ def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]], 
                                         allow_mismatch=cfg.allow_prompt_mismatch,
                                         revision=model.get("summary", {}).get("revision"))
         lora_engine_kwargs(cfg.processor.get("engine_kwargs") or {}, adapters, "evaluate.processor")  # refuse early
-        if adapters and engine_on_cpu(cfg.processor):
-            # PEFT on the CPU beside the engine's start and work: nothing to share but cores.
-            reference = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="parity").submit(
-                parity_reference, ctx, cfg, rows, adapters)
-        elif adapters:
-            reference = parity_reference(ctx, cfg, rows, adapters)  # before the engine takes the GPU
+        if adapters:
+            reference = parity_reference(ctx, cfg, rows, adapters)
         lora = engine_adapters(adapters, ctx.scratch("adapters"))
         variants = ([("base", {"__adapter": ""})] if cfg.base else []) + [
             (name, {"__adapter": lora.row_model[name]}) for name in adapters]
@@ -184,15 +179,7 @@ def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]], 
     n = sum(b.num_rows for b in batches)
     if n != len(items):
         raise WorkflowError(f"evaluate: {len(items)} rows went in but {n} came out")
-    if isinstance(reference, concurrent.futures.Future):
-        reference = reference.result()
     return pa.concat_tables(batches).sort_by([("variant", "ascending"), ("row_id", "ascending")]), reference
-
-
-def engine_on_cpu(processor_config: dict[str, Any]) -> bool:
-    """True when the recipe gives the engine no GPU (its placement bundles name none)."""
-    bundles = (processor_config.get("placement_group_config") or {}).get("bundles") or []
-    return bool(bundles) and not any(bundle.get("GPU") for bundle in bundles)
 
 
 # ---------------------------------------------------------------- parity with training
@@ -200,8 +187,7 @@ def engine_on_cpu(processor_config: dict[str, Any]) -> bool:
 def parity_reference(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]],
                      adapters: dict[str, str]) -> dict[str, Any] | None:
     """Each adapter's greedy answers to the first ``evaluate.parity.rows`` rows as trained (PEFT), or None
-    when the recipe turns parity off. Runs before the engine starts, so a GPU is still free for it, or
-    beside the engine when that runs on the CPU."""
+    when the recipe turns parity off. Runs before the engine starts, so a GPU is still free for it."""
     if cfg.parity is None:
         say("[evaluate] parity: off (evaluate.parity: null)")
         return None
