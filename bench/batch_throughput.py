@@ -91,9 +91,9 @@ def mode_ray(args, processor_overrides: dict, num_cpus: int | None = None) -> di
     processor.init_ray()
     ds = io.from_rows(rows, args.batch_size)
     columns = ["instruction", "input"]
-    processor = {**CPU_PROCESSOR, "batch_size": args.batch_size, "engine_kwargs": dict(ENGINE_KWARGS),
-                 **processor_overrides}
-    proc = processor.engine_processor(args.model, processor, {"temperature": 0.0, "max_tokens": args.max_tokens},
+    config = {**CPU_PROCESSOR, "batch_size": args.batch_size, "engine_kwargs": dict(ENGINE_KWARGS),
+              **processor_overrides}
+    proc = processor.engine_processor(args.model, config, {"temperature": 0.0, "max_tokens": args.max_tokens},
                                       {}, columns)
     out = processor.run(ds, proc, columns, extra_columns=("metrics",))
     n = tokens = errors = 0
