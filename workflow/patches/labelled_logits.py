@@ -19,7 +19,7 @@ Used only where it is the same computation: an SFT stage, no loss function of LL
 own (DFT/EAFT/ASFT read the full logits), a model class in ``ARCHITECTURES`` whose forward is
 still transformers' (Liger's kernels replace it with a fused linear cross-entropy that never
 builds the logits), and the versions in ``TESTED``. ``WORKFLOW_LABELLED_LOGITS=0`` turns it
-off. bench/README.md ("CPU demo") has the figures.
+off. bench/README.md ("CPU LoRA training") has the figures.
 """
 from __future__ import annotations
 
