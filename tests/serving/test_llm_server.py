@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-pytest.importorskip("ray.llm")
+pytest.importorskip("vllm", reason="Ray Serve LLM: serve environment")
 # Replicas made without __init__: Ray's async __del__ then has nothing to close.
 pytestmark = pytest.mark.filterwarnings("ignore:coroutine 'LLMServer.__del__' was never awaited")
 
