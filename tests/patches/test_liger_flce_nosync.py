@@ -9,7 +9,7 @@ import workflow.patches as patches
 
 @pytest.fixture
 def liger_module(monkeypatch):
-    pytest.importorskip("liger_kernel")
+    pytest.importorskip("liger_kernel", reason="liger-kernel is installed in the train environment only")
     import importlib
 
     from workflow.patches import liger_flce_nosync
