@@ -116,13 +116,17 @@ def _attention_like_model(seed: int):
 
 
 @pytest.mark.train_env
-@pytest.mark.parametrize("groups", ["1", "0"])
-def test_shared_input_groups_match_peft_outputs_and_gradients(monkeypatch, groups):
+@pytest.mark.parametrize("groups,stacked,align", [("1", "1", "8"), ("1", "0", "8"), ("0", "1", "8"), ("0", "0", "8"),
+                                                  ("1", "backward", "64")])
+def test_shared_input_groups_and_stacks_match_peft_outputs_and_gradients(monkeypatch, groups, stacked, align):
+    """q/k/v and gate/up as groups, o/down with A stacked under W (rank 4: padded rows), each on and off."""
     import torch
 
-    from workflow.patches.peft_lora_fast_path import _LoraGroup
+    from workflow.patches.peft_lora_fast_path import _LoraGroup, _LoraStack
 
     monkeypatch.setenv("WORKFLOW_LORA_GROUPS", groups)
+    monkeypatch.setenv("WORKFLOW_LORA_STACKED", stacked)
+    monkeypatch.setenv("WORKFLOW_LORA_STACKED_ALIGN", align)
     x = torch.randn(2, 5, 48, dtype=torch.float64, requires_grad=True)  # fp64: the sums differ in order only
     results = []
     for fused in (False, True):
@@ -135,8 +139,10 @@ def test_shared_input_groups_match_peft_outputs_and_gradients(monkeypatch, group
 
             callback = lora_fast_path_callback()
             callback.on_train_begin(SimpleNamespace(bf16=False, fp16=False), None, None, model=model)
-            assert len(callback.groups) == (2 if groups == "1" else 0)
-            assert all(isinstance(g, _LoraGroup) for g in callback.groups)
+            kinds = [type(g) for g in callback.groups]
+            assert kinds.count(_LoraGroup) == (2 if groups == "1" else 0)
+            assert kinds.count(_LoraStack) == (0 if stacked == "0" else 2)  # o_proj, down_proj (q/k/v: biases,
+            # gate/up: wider outputs)
         x.grad = None
         for _ in range(2):  # twice: B's columns are rewritten each forward
             out = model(x)
@@ -161,7 +167,8 @@ def test_shared_input_groups_match_peft_outputs_and_gradients(monkeypatch, group
 @pytest.mark.train_env
 def test_shared_input_groups_on_a_gpu_match_peft_on_a_bf16_qwen2_under_autocast():
     """A 2-layer bf16 Qwen2 with LoRA on every projection, trained as the fast recipe does (autocast
-    bf16, fp32 adapters): loss and adapter gradients of PEFT's forward, the fast path and the groups."""
+    bf16, fp32 adapters): loss and adapter gradients of PEFT's forward, the fast path, the groups, and
+    the groups with o/down stacked."""
     from types import SimpleNamespace
 
     import torch
@@ -174,7 +181,7 @@ def test_shared_input_groups_on_a_gpu_match_peft_on_a_bf16_qwen2_under_autocast(
                          num_attention_heads=8, num_key_value_heads=2, attn_implementation="sdpa")
     ids = torch.randint(0, 512, (2, 200), device="cuda")
     results = {}
-    for variant in ("peft", "single", "groups"):
+    for variant in ("peft", "single", "groups", "stacked"):
         torch.manual_seed(0)
         base = Qwen2ForCausalLM(config).to("cuda", torch.bfloat16)
         model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
@@ -184,18 +191,70 @@ def test_shared_input_groups_on_a_gpu_match_peft_on_a_bf16_qwen2_under_autocast(
         if variant != "peft":
             callback = lora_fast_path_callback()
             with pytest.MonkeyPatch.context() as mp:
-                mp.setenv("WORKFLOW_LORA_GROUPS", "1" if variant == "groups" else "0")
+                mp.setenv("WORKFLOW_LORA_GROUPS", "0" if variant == "single" else "1")
+                mp.setenv("WORKFLOW_LORA_STACKED", "1" if variant == "stacked" else "0")
                 callback.on_train_begin(SimpleNamespace(bf16=True, fp16=False), None, None, model=model)
-            assert len(callback.groups) == (4 if variant == "groups" else 0)
+            assert len(callback.groups) == {"single": 0, "groups": 4, "stacked": 8}[variant]
         for _ in range(2):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
         results[variant] = (loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad})
     loss_peft, grads_peft = results["peft"]
-    for variant in ("single", "groups"):
+    for variant in ("single", "groups", "stacked"):
         loss, grads = results[variant]
         assert abs(loss - loss_peft) < 1e-2 * abs(loss_peft), variant
         for name, want in grads_peft.items():
             error = (grads[name] - want).norm() / want.norm()
             assert error < 3e-2, (variant, name, float(error))
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="bf16 matmuls on a GPU: run on a GPU machine")
+@pytest.mark.train_env
+@pytest.mark.parametrize("stacked", ["1", "backward"])
+def test_stacked_lora_on_a_gpu_rounds_no_worse_than_peft(stacked):
+    """A down_proj-shaped LoRA layer (in 4x out) in bf16 under autocast: PEFT's path and the stacked one
+    against the same layer in fp64; output, input gradient and adapter gradients no further off than PEFT's."""
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from workflow.patches.peft_lora_fast_path import _LoraStack, lora_fast_path_callback
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(4096, 1024, bias=False)).to("cuda", torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["0"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    x = torch.randn(2, 3000, 4096, device="cuda", dtype=torch.bfloat16)
+    upstream = torch.randn(2, 3000, 1024, device="cuda", dtype=torch.float64)
+
+    def run(net, dtype, autocast):
+        inp = x.detach().to(dtype, copy=True).requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = net(inp)
+        (out.double() * upstream).sum().backward()
+        grads = {n: p.grad.double() for n, p in net.named_parameters() if p.requires_grad}
+        return out.detach().double(), inp.grad.double(), grads
+
+    reference = run(copy.deepcopy(model).double(), torch.float64, False)
+    peft = run(copy.deepcopy(model), torch.bfloat16, True)
+    stacked_model = copy.deepcopy(model)
+    callback = lora_fast_path_callback()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WORKFLOW_LORA_STACKED", stacked)
+        callback.on_train_begin(SimpleNamespace(bf16=True, fp16=False), None, None, model=stacked_model)
+    assert [type(g) for g in callback.groups] == [_LoraStack]
+    stacked = run(stacked_model, torch.bfloat16, True)
+
+    def error(got, want):
+        return float((got - want).norm() / want.norm())
+
+    for what, want, got_peft, got_stacked in (("output", reference[0], peft[0], stacked[0]),
+                                              ("input gradient", reference[1], peft[1], stacked[1])):
+        assert error(got_stacked, want) <= max(1.25 * error(got_peft, want), 1e-3), what
+    for name, want in reference[2].items():
+        assert error(stacked[2][name], want) <= max(1.25 * error(peft[2][name], want), 1e-3), name

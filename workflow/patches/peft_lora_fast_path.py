@@ -3,7 +3,9 @@
 Applied by a Hugging Face callback that the train stage adds to LLaMA-Factory's run, only
 with the PEFT versions in ``TESTED`` (it replaces forward methods and flags of PEFT's LoRA
 layers); elsewhere PEFT's own forward runs, with one warning line. LoRA layers that read one
-input (q/k/v, gate/up) also run as one group (``_LoraGroup``; ``WORKFLOW_LORA_GROUPS=0`` off).
+input (q/k/v, gate/up) also run as one group (``_LoraGroup``; ``WORKFLOW_LORA_GROUPS=0`` off);
+those whose output is no wider than their input (o/down) with A stacked under the frozen weight
+(``_LoraStack``; ``WORKFLOW_LORA_STACKED=0`` off).
 """
 
 from __future__ import annotations
@@ -185,6 +187,111 @@ class _LoraGroup:
         self.pending_x, self.pending = None, {}
 
 
+class _StackedLoraLinear:
+    """Autograd function of one LoRA linear whose frozen weight carries A as extra rows (o/down).
+
+    PEFT's path for ``y = x W^T + s (x A^T) B^T`` reads x a second time for ``x A^T`` (for
+    down_proj x is 5.3x the output's size), and backward writes ``dxa A`` input-sized and adds
+    it to ``dy W`` in another pass (three input-sized reads and writes). Here the frozen weight
+    is stored as ``[W; A]`` (A's rows under W's, padded to a multiple of 8 rows; ``W`` is a
+    view of the first rows, so nothing is copied and no memory added): ``x [W; A]^T`` gives
+    ``[x W^T | xa]`` in one matmul, the LoRA term is added into the output in place
+    (``addmm_``), and backward computes ``dx = [dy | dxa] [W; A]`` in one matmul over the
+    output gradient with ``dxa = s dy B`` as extra columns (a copy of dy, output-sized, which
+    is why it is used only where the output is no wider than the input). ``dA = dxa^T x``,
+    ``dB = s dy^T xa``. Same sums as PEFT's up to rounding (dx is rounded once, where PEFT
+    rounds ``dy W`` and ``dxa A`` and adds them). Tested against PEFT in fp64 (exact) and on a
+    bf16 Qwen2 on an H100 (tests/patches/).
+    """
+
+    @staticmethod
+    def build():
+        import torch
+
+        class Fn(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, stack, x, a_weight, b_weight):
+                tall, out_features, rank = stack.weight, stack.out_features, stack.rank
+                tall[out_features:out_features + rank].copy_(a_weight)
+                x2 = x.reshape(-1, stack.in_features)
+                if stack.stacked_forward:
+                    z = x2 @ tall.t()  # [x W^T | x A^T | 0]
+                    y = z[:, :out_features]
+                    xa = z[:, out_features:out_features + rank].contiguous()
+                else:  # the base matmul at its own width, x A^T apart
+                    y = x2 @ tall[:out_features].t()
+                    xa = x2 @ tall[out_features:out_features + rank].t()
+                sb = (b_weight * stack.scale).to(tall.dtype)
+                y.addmm_(xa, sb.t())  # the LoRA term, in place (y may keep z's row stride)
+                ctx.stack = stack
+                ctx.x_shape = x.shape
+                ctx.dtypes = (a_weight.dtype, b_weight.dtype)
+                ctx.save_for_backward(x2, xa, sb)
+                return y.view(*x.shape[:-1], out_features)
+
+            @staticmethod
+            def backward(ctx, dy):
+                stack = ctx.stack
+                x2, xa, sb = ctx.saved_tensors
+                a_dtype, b_dtype = ctx.dtypes
+                dy = dy.reshape(-1, stack.out_features).to(xa.dtype)
+                dxa = dy @ sb  # s dy B
+                grad_b = (dy.t() @ xa).to(b_dtype) * stack.scale
+                grad_a = (dxa.t() @ x2).to(a_dtype)
+                dx = None
+                if ctx.needs_input_grad[1]:
+                    rows = stack.out_features + stack.rank
+                    dx = (torch.cat([dy, dxa], dim=1) @ stack.weight[:rows]).view(ctx.x_shape)
+                return None, dx, grad_a, grad_b
+
+        return Fn
+
+
+class _LoraStack:
+    """One LoRA linear run by ``_StackedLoraLinear``; the same interface as ``_LoraGroup``."""
+
+    fn = None
+
+    def __init__(self, member):
+        import torch
+
+        if _LoraStack.fn is None:
+            _LoraStack.fn = _StackedLoraLinear.build()
+        self.members = [member]
+        self.name = member.active_adapters[0]
+        base = member.get_base_layer()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank = member.lora_A[self.name].weight.shape[0]
+        self.scale = float(member.scaling[self.name])
+        self.stacked_forward = os.environ.get("WORKFLOW_LORA_STACKED", "1") != "backward"
+        align = max(1, int(os.environ.get("WORKFLOW_LORA_STACKED_ALIGN", "8")))
+        old = base.weight.data
+        rows = self.out_features + self.rank + (-self.rank) % align  # 8: 16-byte aligned rows of z in bf16
+        self.weight = torch.zeros(rows, self.in_features, dtype=old.dtype, device=old.device)
+        self.weight[:self.out_features].copy_(old)
+        base.weight.data = self.weight[:self.out_features]  # the frozen weight, a view of the tall one
+        del old
+
+    def usable(self, x) -> bool:
+        m = self.members[0]
+        return (x.dtype == self.weight.dtype and x.shape[-1] == self.in_features and not m.disable_adapters
+                and not m.merged and list(m.active_adapters) == [self.name])
+
+    def forward(self, index: int, x, *args, **kwargs):
+        member = self.members[0]
+        if args or kwargs.get("adapter_names") is not None or not self.usable(x):
+            return member._single_forward(x, *args, **kwargs)
+        return _LoraStack.fn.apply(self, x, member.lora_A[self.name].weight, member.lora_B[self.name].weight)
+
+    def restore(self) -> None:
+        """The member back to its own forward, the frozen weight back to a tensor of its own."""
+        m = self.members[0]
+        m.forward = m._single_forward
+        del m._single_forward, m._lora_group
+        m.get_base_layer().weight.data = self.weight[:self.out_features].clone()
+        self.weight = None
+
+
 def _group_reason(members: list) -> str | None:
     """None when these LoRA linears can run as one ``_LoraGroup``; else why not."""
     import torch
@@ -223,8 +330,15 @@ def lora_fast_path_callback():
        one matmul over ``[x | xa]`` (no second pass over the output to add the LoRA term).
        ``WORKFLOW_LORA_GROUPS=0`` keeps 1 and 2 only. The frozen weights of grouped projections
        are views of wider ones during training and plain tensors again at its end.
+    4. Other LoRA layers whose output is no wider than their input and whose base has no bias
+       (o/down) run with A stacked under the frozen weight (``_StackedLoraLinear``): ``x A^T``
+       comes out of the base matmul, and backward's input gradient is one matmul, not two and
+       an add. ``WORKFLOW_LORA_STACKED=0`` off; ``=backward`` stacks in the backward only (the
+       forward multiplies by W and A apart); ``WORKFLOW_LORA_STACKED_ALIGN`` (8) pads the
+       stacked rows to a multiple. The frozen weights are views of taller ones during training,
+       as in 3.
 
-    ``WORKFLOW_FUSED_LORA=0`` keeps PEFT's own forward (all three off).
+    ``WORKFLOW_FUSED_LORA=0`` keeps PEFT's own forward (all four off).
 
     The callback also applies ``workflow.patches.liger_flce_nosync`` (Liger's fused linear
     cross-entropy without its two host waits a step) when Liger is in use: it is the one callback
@@ -265,6 +379,8 @@ def lora_fast_path_callback():
             self.groups = []
             if os.environ.get("WORKFLOW_LORA_GROUPS", "1") != "0":
                 self.groups = shared_input_groups(model)
+            if os.environ.get("WORKFLOW_LORA_STACKED", "1") != "0":
+                self.groups += stacked_singles(model)
 
         def on_train_end(self, args, state, control, model=None, **kwargs):
             for group in getattr(self, "groups", []):
@@ -297,3 +413,27 @@ def shared_input_groups(model) -> list:
                 m.forward = functools.partial(group.forward, index)
             groups.append(group)
     return groups
+
+
+def stacked_singles(model) -> list:
+    """Run the fast-path LoRA linears outside a group as ``_LoraStack`` s, where it saves passes.
+
+    Only where the output is no wider than the input (o/down: the backward's copy of the output
+    gradient is then cheaper than the input-sized pass it saves), the base has no bias, and
+    ``_group_reason`` would accept it alone. Returns the stacks made.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+
+    stacks = []
+    for module in model.modules():
+        if not isinstance(module, LoraLinear) or hasattr(module, "_lora_group") or _group_reason([module]) is not None:
+            continue
+        base = module.get_base_layer()
+        if base.bias is not None or base.out_features > base.in_features:
+            continue
+        stack = _LoraStack(module)
+        module._single_forward = module.forward
+        module._lora_group = stack
+        module.forward = functools.partial(stack.forward, 0)
+        stacks.append(stack)
+    return stacks
