@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from workflow.inference import processor
 
 
@@ -26,3 +28,14 @@ def test_the_generated_token_ids_are_kept_and_a_batch_of_failed_rows_gets_none()
                        "__inference_error__": ["prompt too long"]})
     out = processor._select(failed, input_columns=["row_id"], http=False, extra_columns=("generated_tokens",))
     assert out.column("generated_tokens").to_pylist() == [None] and out.column("error").to_pylist() == ["prompt too long"]
+
+
+def test_the_light_steps_run_one_task_at_a_time_per_engine(tmp_path):
+    """Prompt rendering and column selection start no more worker processes at a time than there can
+    be engines (each would start Python, Ray and a tokenizer beside the engine's own start)."""
+    pytest.importorskip("vllm", reason="Ray's vLLM processor: serve environment")
+    built = {n: processor.engine_processor(str(tmp_path), {"batch_size": 8, "concurrency": c}, {}, {}, ["input"])
+             for n, c in ((1, 1), (3, (1, 3)))}
+    for engines, proc in built.items():
+        for kwargs in (proc.preprocess_map_kwargs, proc.postprocess_map_kwargs):
+            assert kwargs == {"num_cpus": processor.LIGHT_TASK_CPUS, "concurrency": engines}

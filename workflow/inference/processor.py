@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import threading
 from typing import Any
 
 from ..core import ray_cluster, storage
@@ -52,9 +53,28 @@ PROCESSOR_DEFAULTS: dict[str, Any] = {
 }
 
 
-def init_ray(storage_uri: str | None = None) -> None:
+# Ray's vLLM stage imports torch and vLLM in this process too (its module imports vLLM's exception
+# types): ~6 s on a 2-core VM, on the way to the engine's start. Begun before ray.init, which mostly
+# waits for the processes it starts, the import overlaps it (bench/README.md, "Batch inference").
+_engine_imports: threading.Thread | None = None
+
+
+def _import_engine_modules() -> None:
+    try:
+        import torch  # noqa: F401
+        import vllm.v1.engine.exceptions  # noqa: F401
+    except Exception:  # noqa: BLE001, S110 - engine_processor imports them again and reports the error
+        pass
+
+
+def init_ray(storage_uri: str | None = None, *, engine: bool = False) -> None:
     """Join the cluster in RAY_ADDRESS, else start a private local one (``core.ray_cluster``);
-    the workers' logs reach this process only with ``WORKFLOW_RAY_LOGS`` set."""
+    the workers' logs reach this process only with ``WORKFLOW_RAY_LOGS`` set. ``engine``: the rows
+    will go through a vLLM engine (``engine_processor``), whose modules load in a thread meanwhile."""
+    global _engine_imports
+    if engine and _engine_imports is None:
+        _engine_imports = threading.Thread(target=_import_engine_modules, name="engine-imports", daemon=True)
+        _engine_imports.start()
     ray_cluster.init_ray(log_to_driver=bool(os.environ.get("WORKFLOW_RAY_LOGS")), storage_uri=storage_uri,
                          needs=("vllm",))
 
@@ -177,6 +197,8 @@ def engine_processor(model_source: str, processor: dict[str, Any], sampling_para
     ``model_key``: what identifies the model's content (the model stage's fingerprint); ``revision``: the
     commit the model stage pinned a hub model to (vLLM's ``revision`` and ``tokenizer_revision``).
     """
+    if _engine_imports is not None:
+        _engine_imports.join()  # its import is over before this one: no half-imported module seen here
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     fields = {**PROCESSOR_DEFAULTS, **processor}
@@ -189,8 +211,19 @@ def engine_processor(model_source: str, processor: dict[str, Any], sampling_para
     preprocess = functools.partial(_engine_preprocess, model_source=model_source, model_key=model_key,
                                    sampling_params=sampling_params, input_columns=input_columns, render=render,
                                    revision=revision)
-    return build_processor(config, preprocess=preprocess, preprocess_map_kwargs={"num_cpus": LIGHT_TASK_CPUS},
-                           postprocess_map_kwargs={"num_cpus": LIGHT_TASK_CPUS})
+    light = {"num_cpus": LIGHT_TASK_CPUS, "concurrency": _engine_count(config.concurrency)}
+    return build_processor(config, preprocess=preprocess, preprocess_map_kwargs=light, postprocess_map_kwargs=light)
+
+
+def _engine_count(concurrency: int | tuple[int, int]) -> int:
+    """As many prompt-rendering (and column-selecting) tasks at a time as there can be engines.
+
+    Each such task runs in a worker process that starts Python, Ray and a tokenizer first; unbounded,
+    Ray Data starts several at once, on the cores where the engine actor is importing vLLM: on the
+    2-core VM the engine's first request came 3 s later (bench/README.md, "Batch inference"). One
+    task renders a block far faster than one engine answers it.
+    """
+    return concurrency if isinstance(concurrency, int) else max(concurrency)
 
 
 def http_processor(processor: dict[str, Any], sampling_params: dict[str, Any], input_columns: list[str]):

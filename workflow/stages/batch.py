@@ -62,7 +62,7 @@ def run(ctx: StageContext) -> StageResult:
     model_source = model_for_engine(model["outputs"]["model"])
     lora_engine_kwargs(cfg.processor.get("engine_kwargs") or {}, adapters, "evaluate.processor")  # refuse early
     lora = engine_adapters(adapters, ctx.scratch("adapters"))
-    processor.init_ray(ctx.run_uri)
+    processor.init_ray(ctx.run_uri, engine=True)
     ds = io.read_dataset(source)
     columns = ds.columns()
     processor.check_input_columns(columns, source)

@@ -153,7 +153,7 @@ def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]], 
         for r in items:
             del r["system"]
     columns = [c for c in items[0] if not c.startswith("__")]
-    processor.init_ray(ctx.run_uri)
+    processor.init_ray(ctx.run_uri, engine=cfg.endpoint is None)
     passes = f" x {len(cfg.seeds)} seeds" if cfg.seeds else ""
     say(f"[evaluate] {len(rows)} rows x {len({r['variant'] for r in items})} variants{passes} "
         f"({', '.join(sorted({r['variant'] for r in items}))})")
