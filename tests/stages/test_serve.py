@@ -382,6 +382,8 @@ def test_direct_streaming_serves_base_and_adapters_behind_haproxy(tiny_model, ti
 
     The run is in a local folder, as the CPU recipe's: the adapters reach the replica through the
     loopback S3 server, which also picks up an adapter trained into the folder after the deploy.
+    One fixed replica, as the CPU recipe's: no router deployment; the replica finds the adapter
+    named in the request body (serving/llm_server.py).
     """
     import httpx
     from openai import OpenAI
@@ -390,7 +392,7 @@ def test_direct_streaming_serves_base_and_adapters_behind_haproxy(tiny_model, ti
     _layout_run(f"{storage_uri}/{RUN}", tiny_model, tiny_adapter, viggo_alpaca)
     port = cluster.free_port()
     serve = {"api_key_env": KEY_ENV, "port": port, "direct_streaming": True, "smoke": {"rows": 2, "max_tokens": 32},
-             "llm_config": LLM_CONFIG}
+             "llm_config": {**LLM_CONFIG, "deployment_config": {"num_replicas": 1}}}
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({**_recipe(serve), "storage": storage_uri}))
     env = {**envs.stage_environment(envs.SERVE), KEY_ENV: KEY, "WORKFLOW_CACHE": str(tmp_path / "cache")}
@@ -403,6 +405,7 @@ def test_direct_streaming_serves_base_and_adapters_behind_haproxy(tiny_model, ti
         state = json.loads((tmp_path / "cache" / RUN / "serve" / "state.json").read_text())
         titles = " ".join(_cluster_pids(state["address"]).values())
         assert "haproxy" in titles and "WorkflowIngress" not in titles and "OpenAiIngress" not in titles
+        assert "LLMRouter" not in titles
 
         base_url = f"http://127.0.0.1:{port}/v1"
         client = OpenAI(base_url=base_url, api_key=KEY, timeout=120)

@@ -10,6 +10,12 @@ process build both kinds of app (bench/serve_latency.py).
 If the globals are not where they were (another Ray), the driver would build an ingress app
 while the cluster runs with direct-streaming settings; so outside ``TESTED``, or with a global
 missing, :func:`available` says no and the serve stage deploys the ingress app instead.
+
+With one replica, :func:`single_replica_app` leaves out Ray's router deployment: HAProxy asks it
+which replica takes each request (a new TCP connection and a Python request per request, ~3 ms of
+CPU on the 2-core VM), and with one replica the answer is always the same. HAProxy then sends
+each request to the replica itself; the workflow's ``LLMServer`` reads the adapter's name from
+the request body (``serving/llm_server.py``), which Ray's router otherwise sends as a header.
 """
 
 from __future__ import annotations
@@ -54,3 +60,16 @@ def set_direct_streaming(enabled: bool) -> None:
     if enabled:
         replace_attribute(builder, TARGETS[1][1], True)
         replace_attribute(modules[TARGETS[2][0]], TARGETS[2][1], True)
+
+
+def single_replica_app(llm_config):
+    """The direct-streaming app of one replica without Ray's router (module doc), for ``serve.run``.
+
+    Call after ``set_direct_streaming(True)``. Serve refuses a custom request router on an
+    ingress that HAProxy balances, so the deployment keeps Serve's default one (it routes nothing).
+    """
+    from ray.llm._internal.serve.core.ingress.builder import _build_direct_streaming_llm_deployment
+    from ray.serve.config import RequestRouterConfig
+
+    return _build_direct_streaming_llm_deployment(
+        llm_config, override_serve_options={"request_router_config": RequestRouterConfig()})

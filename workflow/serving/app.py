@@ -182,7 +182,23 @@ def deploy(llm_config, *, host: str, port: int, ingress_cls_config: dict[str, An
         if ingress_cls_config is not None:
             args["ingress_cls_config"] = ingress_cls_config
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_openai_app(args), name=name, route_prefix="/", blocking=False)
+    if direct_streaming and _one_replica(llm_config) and _reads_adapter_from_body(llm_config):
+        application = ray_serve_direct_streaming.single_replica_app(llm_config)
+    else:
+        application = build_openai_app(args)
+    serve.run(application, name=name, route_prefix="/", blocking=False)
+
+
+def _one_replica(llm_config) -> bool:
+    """A fixed count of one replica (no autoscaling): no replica to choose, no router needed."""
+    deployment = llm_config.deployment_config or {}
+    return deployment.get("num_replicas") == 1 and not deployment.get("autoscaling_config")
+
+
+def _reads_adapter_from_body(llm_config) -> bool:
+    """Adapters reach a replica without Ray's router only through the workflow's LLMServer."""
+    server = llm_config.server_cls  # a class once validated
+    return llm_config.lora_config is None or f"{server.__module__}:{server.__qualname__}" == SERVER
 
 
 def delete(name: str) -> bool:

@@ -11,20 +11,62 @@ requests failed so once the replica that replaced a lost one was up. Here the ch
 load are one step per adapter and replica: a request waits for the load in flight, then
 finds the adapter loaded.
 
+Where direct streaming runs without Ray's router deployment (one replica: ``serving.app.deploy``),
+nothing sets the adapter's name in Serve's request context (the router sends it as a header); the
+replica then reads it from the request's ``model`` (``<model id>:<adapter>``), as Ray's router does.
+
 The class keeps Ray's name (deployments are named after it: ``LLMServer:<model id>``).
-It overrides a private method: ``serving.app`` names it in ``server_cls`` only on the Ray
+It overrides private methods and sets Serve's private request context: ``serving.app`` names it in ``server_cls`` only on the Ray
 versions in ``SERVER_TESTED`` there. Only the Ray replicas import this module.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 from ray import serve
 from ray.llm._internal.serve.core.server.llm_server import LLMServer as RayLLMServer
+from ray.serve.context import _set_request_context
+
+
+class _AdapterFromBody:
+    """ASGI middleware: a POST whose context names no adapter gets the one its JSON ``model`` names."""
+
+    def __init__(self, app, *, base_model_id: str) -> None:
+        self.app = app
+        self._prefix = f"{base_model_id}:"
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or serve.get_multiplexed_model_id():
+            return await self.app(scope, receive, send)
+        messages, more = [], True
+        while more:
+            message = await receive()
+            messages.append(message)
+            more = message["type"] == "http.request" and message.get("more_body", False)
+        try:
+            model = json.loads(b"".join(m.get("body", b"") for m in messages)).get("model")
+        except (ValueError, AttributeError):  # not a JSON object: the app answers it
+            model = None
+        if isinstance(model, str) and model.startswith(self._prefix):
+            _set_request_context(multiplexed_model_id=model)
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
 
 
 class LLMServer(RayLLMServer):
+    async def __serve_build_asgi_app__(self):
+        app = await super().__serve_build_asgi_app__()
+        if self._llm_config.lora_config is not None:
+            # Outermost, so that Ray's LoRA middleware (added by super()) sees the adapter.
+            app.middleware_stack = None
+            app.add_middleware(_AdapterFromBody, base_model_id=self._llm_config.model_id)
+        return app
+
     async def _maybe_resolve_lora_from_multiplex(self) -> None:
         model_id = serve.get_multiplexed_model_id()
         if not model_id:

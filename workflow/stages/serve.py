@@ -245,12 +245,7 @@ def run(ctx: StageContext) -> StageResult:
     adapters_dir, adapter_names, lora_rank, training = _adapters(ctx)
     main_metric = _smoke_metric(ctx, training) if adapter_names else None
     rows = training[: cfg.smoke.rows]
-    if adapter_names:
-        check_trained_on(ctx.upstream("train"), model, "serve")
-        lint_adapters({name: storage.join(adapters_dir, name) for name in adapter_names}, "serve",
-                      model_architectures(model_source, model.get("summary", {}).get("revision")),
-                      engine_dtype=(cfg.llm_config.get("engine_kwargs") or {}).get("dtype"),
-                      dtype_key="serve.llm_config.engine_kwargs.dtype")
+    # Before anything reads the model (its config.json, for the adapters' lint).
     local_adapters = adapters_dir is not None and storage.is_local(adapters_dir)
     if local_adapters and model_source.startswith("s3://"):
         raise WorkflowError(f"serve: the run's adapters are in a local folder ({adapters_dir}) and the model in "
@@ -258,6 +253,12 @@ def run(ctx: StageContext) -> StageResult:
                             "the bucket's for the whole serving cluster",
                             hint="keep the run in a bucket too (storage: s3://...), or copy the model to a local "
                                  "folder and point model.source at it")
+    if adapter_names:
+        check_trained_on(ctx.upstream("train"), model, "serve")
+        lint_adapters({name: storage.join(adapters_dir, name) for name in adapter_names}, "serve",
+                      model_architectures(model_source, model.get("summary", {}).get("revision")),
+                      engine_dtype=(cfg.llm_config.get("engine_kwargs") or {}).get("dtype"),
+                      dtype_key="serve.llm_config.engine_kwargs.dtype")
     if adapters_dir is not None:
         guard.check_stored_adapters(adapters_dir, adapter_names, model_source, ctx.scratch("prompt-format"),
                                     where="serve", allow_mismatch=cfg.allow_prompt_mismatch,
