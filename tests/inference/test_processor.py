@@ -34,8 +34,15 @@ def test_the_light_steps_run_one_task_at_a_time_per_engine(tmp_path):
     """Prompt rendering and column selection start no more worker processes at a time than there can
     be engines (each would start Python, Ray and a tokenizer beside the engine's own start)."""
     pytest.importorskip("vllm", reason="Ray's vLLM processor: serve environment")
-    built = {n: processor.engine_processor(str(tmp_path), {"batch_size": 8, "concurrency": c}, {}, {}, ["input"])
-             for n, c in ((1, 1), (3, (1, 3)))}
+    import ray
+
+    started_here = not ray.is_initialized()
+    try:  # building Ray's processor starts a local Ray when none runs
+        built = {n: processor.engine_processor(str(tmp_path), {"batch_size": 8, "concurrency": c}, {}, {}, ["input"])
+                 for n, c in ((1, 1), (3, (1, 3)))}
+    finally:
+        if started_here:
+            ray.shutdown()
     for engines, proc in built.items():
         for kwargs in (proc.preprocess_map_kwargs, proc.postprocess_map_kwargs):
             assert kwargs == {"num_cpus": processor.LIGHT_TASK_CPUS, "concurrency": engines}

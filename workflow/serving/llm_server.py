@@ -16,8 +16,9 @@ nothing sets the adapter's name in Serve's request context (the router sends it 
 replica then reads it from the request's ``model`` (``<model id>:<adapter>``), as Ray's router does.
 
 The class keeps Ray's name (deployments are named after it: ``LLMServer:<model id>``).
-It overrides private methods and sets Serve's private request context: ``serving.app`` names it in ``server_cls`` only on the Ray
-versions in ``SERVER_TESTED`` there. Only the Ray replicas import this module.
+It overrides private methods and sets Serve's private request context: ``serving.app`` names it
+in ``server_cls`` only on the Ray versions in ``SERVER_TESTED`` there. Only the Ray replicas import
+this module.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 
 from ray import serve
 from ray.llm._internal.serve.core.server.llm_server import LLMServer as RayLLMServer
+from ray.llm._internal.serve.core.server.llm_server import _add_middleware_to_built_app
 from ray.serve.context import _set_request_context
 
 
@@ -63,8 +65,7 @@ class LLMServer(RayLLMServer):
         app = await super().__serve_build_asgi_app__()
         if self._llm_config.lora_config is not None:
             # Outermost, so that Ray's LoRA middleware (added by super()) sees the adapter.
-            app.middleware_stack = None
-            app.add_middleware(_AdapterFromBody, base_model_id=self._llm_config.model_id)
+            _add_middleware_to_built_app(app, _AdapterFromBody, base_model_id=self._llm_config.model_id)
         return app
 
     async def _maybe_resolve_lora_from_multiplex(self) -> None:
