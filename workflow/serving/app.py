@@ -169,22 +169,23 @@ def deploy(llm_config, *, host: str, port: int, ingress_cls_config: dict[str, An
 
     ``ingress_cls_config`` None keeps Ray's own ``OpenAiIngress`` (the benchmark's baseline).
     With ``direct_streaming`` (the cluster started with ``DIRECT_STREAMING_ENV``) the LLM
-    replicas are the ingress: no ingress class or ingress deployment options apply.
+    replicas are the ingress: no ingress class or ingress deployment options apply; one fixed
+    replica runs without Ray's router deployment (``ray_serve_direct_streaming.single_replica_app``).
     """
     from ray import serve
     from ray.serve.llm import build_openai_app
 
     # Direct streaming is a build-time switch of Ray's modules in this process (see the patch).
     ray_serve_direct_streaming.set_direct_streaming(direct_streaming)
-    args: dict[str, Any] = {"llm_configs": [llm_config]}
-    if not direct_streaming:
-        args["ingress_deployment_config"] = ingress_deployment_config
-        if ingress_cls_config is not None:
-            args["ingress_cls_config"] = ingress_cls_config
     serve.start(http_options={"host": host, "port": port})
     if direct_streaming and _one_replica(llm_config) and _reads_adapter_from_body(llm_config):
         application = ray_serve_direct_streaming.single_replica_app(llm_config)
     else:
+        args: dict[str, Any] = {"llm_configs": [llm_config]}
+        if not direct_streaming:
+            args["ingress_deployment_config"] = ingress_deployment_config
+            if ingress_cls_config is not None:
+                args["ingress_cls_config"] = ingress_cls_config
         application = build_openai_app(args)
     serve.run(application, name=name, route_prefix="/", blocking=False)
 
