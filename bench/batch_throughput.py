@@ -121,6 +121,12 @@ MODES = {
     # machine the engine actor never gets scheduled, so it runs with 8 logical CPUs.
     "bare": lambda args: mode_ray(args, BARE, num_cpus=8),
     "stages-off": lambda args: mode_ray(args, {"log_engine_metrics": True}),
+    # The scheduler limits vLLM gives an engine built without a usage context, as Ray's engine
+    # stage builds it (128 sequences, 2,048 tokens a step), against vllm.LLM's on the CPU (256 / 4,096).
+    "stage-server-limits": lambda args: mode_ray(args, {"engine_kwargs": {**ENGINE_KWARGS, "max_num_seqs": 128,
+                                                                          "max_num_batched_tokens": 2048}}),
+    "stage-offline-limits": lambda args: mode_ray(args, {"engine_kwargs": {**ENGINE_KWARGS, "max_num_seqs": 256,
+                                                                           "max_num_batched_tokens": 4096}}),
 }
 
 

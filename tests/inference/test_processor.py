@@ -46,3 +46,22 @@ def test_the_light_steps_run_one_task_at_a_time_per_engine(tmp_path):
     for engines, proc in built.items():
         for kwargs in (proc.preprocess_map_kwargs, proc.postprocess_map_kwargs):
             assert kwargs == {"num_cpus": processor.LIGHT_TASK_CPUS, "concurrency": engines}
+
+
+def test_a_cpu_engine_gets_vllms_offline_scheduler_limits_unless_the_recipe_sets_them():
+    """Ray's engine stage builds vLLM's config without a usage context (128 sequences, 2,048 tokens a
+    step); a CPU engine gets what vllm.LLM has on the CPU, per tensor/pipeline rank."""
+    pytest.importorskip("vllm", reason="vLLM's defaults: serve environment")
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    cpu = {"placement_group_config": {"bundles": [{"CPU": 1}]}}
+    tokens, seqs = EngineArgs.get_batch_defaults(2)
+    assert processor.offline_scheduler_limits({"tensor_parallel_size": 2}, cpu) == {
+        "max_num_seqs": seqs[UsageContext.LLM_CLASS], "max_num_batched_tokens": tokens[UsageContext.LLM_CLASS],
+        "tensor_parallel_size": 2}
+    assert seqs[UsageContext.LLM_CLASS] == 512 and tokens[UsageContext.LLM_CLASS] == 8192  # 256 / 4,096 a rank
+    assert processor.offline_scheduler_limits({"max_num_seqs": 64}, cpu)["max_num_seqs"] == 64
+    # A GPU engine (vLLM's limits depend on the device, not known here) is left to the recipe.
+    for gpu in ({"placement_group_config": {"bundles": [{"GPU": 1, "CPU": 1}]}}, {"accelerator_type": "L4"}, {}):
+        assert processor.offline_scheduler_limits({"dtype": "bfloat16"}, gpu) == {"dtype": "bfloat16"}

@@ -202,8 +202,8 @@ def engine_processor(model_source: str, processor: dict[str, Any], sampling_para
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     fields = {**PROCESSOR_DEFAULTS, **processor}
-    fields["engine_kwargs"] = with_revision(lora_engine_kwargs(fields.get("engine_kwargs") or {}, adapters, where),
-                                            revision)
+    fields["engine_kwargs"] = offline_scheduler_limits(
+        with_revision(lora_engine_kwargs(fields.get("engine_kwargs") or {}, adapters, where), revision), fields)
     if lora_loading_path is not None:
         fields["dynamic_lora_loading_path"] = lora_loading_path
     config = vLLMEngineProcessorConfig(model_source=model_source, **fields)
@@ -213,6 +213,33 @@ def engine_processor(model_source: str, processor: dict[str, Any], sampling_para
                                    revision=revision)
     light = {"num_cpus": LIGHT_TASK_CPUS, "concurrency": _engine_count(config.concurrency)}
     return build_processor(config, preprocess=preprocess, preprocess_map_kwargs=light, postprocess_map_kwargs=light)
+
+
+def offline_scheduler_limits(engine_kwargs: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """engine_kwargs with vLLM's offline scheduler limits for a CPU engine, where the recipe sets none.
+
+    Ray's engine stage builds vLLM's engine config without a usage context, which gets vLLM's
+    generic limits (128 sequences and 2,048 tokens a step) instead of those ``vllm.LLM`` has
+    (on the CPU 256 and 4,096 per tensor/pipeline rank): half the batch per decoding step, 0.80-0.88x
+    plain vLLM's steady rows/s on the 2-core VM (bench/README.md, "Batch inference"). vLLM's offline
+    limits depend on the device the engine runs on, known here only for a CPU engine (placement
+    bundles without GPUs) read in a driver that runs on the CPU too; a GPU recipe sets
+    ``max_num_seqs`` / ``max_num_batched_tokens`` itself.
+    """
+    bundles = (fields.get("placement_group_config") or {}).get("bundles") or []
+    cpu_engine = bool(bundles) and not fields.get("accelerator_type") and not any(b.get("GPU") for b in bundles)
+    if not cpu_engine or {"max_num_seqs", "max_num_batched_tokens"} <= engine_kwargs.keys():
+        return engine_kwargs
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
+    from vllm.usage.usage_lib import UsageContext
+
+    if not current_platform.is_cpu():
+        return engine_kwargs
+    world_size = engine_kwargs.get("tensor_parallel_size", 1) * engine_kwargs.get("pipeline_parallel_size", 1)
+    tokens, seqs = EngineArgs.get_batch_defaults(world_size)
+    return {"max_num_seqs": seqs[UsageContext.LLM_CLASS], "max_num_batched_tokens": tokens[UsageContext.LLM_CLASS],
+            **engine_kwargs}
 
 
 def _engine_count(concurrency: int | tuple[int, int]) -> int:
