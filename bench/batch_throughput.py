@@ -12,6 +12,9 @@ each in a fresh process, one after the other:
 - ``bare``: ``ray.data.llm`` with its defaults (chat-template, tokenize and detokenize
   stages on, engine metrics exported to Prometheus), the "before" of the tuning;
 - ``stages-off``: the stage's defaults except that engine metrics are still exported.
+- ``stage-server-limits`` / ``stage-offline-limits``: the stage with vLLM's scheduler limits pinned to
+  those Ray's engine stage gave it before (128 sequences, 2,048 tokens a step) or to ``vllm.LLM``'s
+  on the CPU (256 / 4,096, the stage's default for a CPU engine since 530c5ee).
 
 Whole job = from the launch of the mode's process to the last row: the Python start and every
 import (``import vllm`` in plain vLLM's process too) included, as a user of either waits for it.
