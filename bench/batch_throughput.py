@@ -12,9 +12,9 @@ each in a fresh process, one after the other:
 - ``bare``: ``ray.data.llm`` with its defaults (chat-template, tokenize and detokenize
   stages on, engine metrics exported to Prometheus), the "before" of the tuning;
 - ``stages-off``: the stage's defaults except that engine metrics are still exported.
-- ``stage-server-limits`` / ``stage-offline-limits``: the stage with vLLM's scheduler limits pinned to
-  those Ray's engine stage gave it before (128 sequences, 2,048 tokens a step) or to ``vllm.LLM``'s
-  on the CPU (256 / 4,096, the stage's default for a CPU engine since 530c5ee).
+- ``stage-server-limits``: the stage with vLLM's scheduler limits pinned to those Ray's engine stage
+  gave it before 530c5ee (128 sequences, 2,048 tokens a step); ``stage`` has ``vllm.LLM``'s on the CPU
+  (256 / 4,096; ``stage-offline-limits`` in bench/results/batch_throughput-2026-11-28c-limits.json pinned them).
 
 Whole job = from the launch of the mode's process to the last row: the Python start and every
 import (``import vllm`` in plain vLLM's process too) included, as a user of either waits for it.
@@ -125,11 +125,9 @@ MODES = {
     "bare": lambda args: mode_ray(args, BARE, num_cpus=8),
     "stages-off": lambda args: mode_ray(args, {"log_engine_metrics": True}),
     # The scheduler limits vLLM gives an engine built without a usage context, as Ray's engine
-    # stage builds it (128 sequences, 2,048 tokens a step), against vllm.LLM's on the CPU (256 / 4,096).
+    # stage builds it (128 sequences, 2,048 tokens a step); `stage` has vllm.LLM's on the CPU (256 / 4,096).
     "stage-server-limits": lambda args: mode_ray(args, {"engine_kwargs": {**ENGINE_KWARGS, "max_num_seqs": 128,
                                                                           "max_num_batched_tokens": 2048}}),
-    "stage-offline-limits": lambda args: mode_ray(args, {"engine_kwargs": {**ENGINE_KWARGS, "max_num_seqs": 256,
-                                                                           "max_num_batched_tokens": 4096}}),
 }
 
 

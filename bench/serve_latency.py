@@ -167,7 +167,8 @@ async def load(base_url: str, clients: int, duration: float, max_tokens: int) ->
 
     # When the slowest 1% of requests started: a burst (the first wave, a stall) or spread out.
     slowest = sorted(timeline, key=lambda st: -st[1])[:max(1, len(timeline) // 100)]
-    return {"clients": clients, "started_unix": round(started_unix, 3), "duration_s": round(elapsed, 1), "requests": len(ttfts), "errors": errors,
+    return {"clients": clients, "started_unix": round(started_unix, 3), "duration_s": round(elapsed, 1),
+            "requests": len(ttfts), "errors": errors,
             "req_per_s": round(len(ttfts) / elapsed, 2), "tokens_per_s": round(tokens / elapsed, 1),
             "ttft_p50_ms": pct(0.50), "ttft_p99_ms": pct(0.99),
             "slowest_1pct": [{"start_s": round(s, 2), "ttft_ms": round(1000 * t, 1)} for s, t in sorted(slowest)]}
@@ -209,7 +210,7 @@ def run_load(base_url: str, clients: int, duration: float, max_tokens: int) -> d
     once a Ray variant has deployed, Ray's background threads would share the load generator's
     interpreter (and its GIL) in the Ray variants only."""
     proc = subprocess.run([sys.executable, __file__, "--load", json.dumps([base_url, clients, duration, max_tokens])],
-                          capture_output=True, text=True, check=True)
+                          stdout=subprocess.PIPE, text=True, check=True)  # its errors reach this terminal
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -222,10 +222,9 @@ def offline_scheduler_limits(engine_kwargs: dict[str, Any], fields: dict[str, An
     generic limits (128 sequences and 2,048 tokens a step) instead of those ``vllm.LLM`` has
     (on the CPU 256 and 4,096 per tensor/pipeline rank): half the batch per decoding step, 0.86x
     plain vLLM's steady rows/s on the 2-core VM against 0.92x with these (bench/README.md, "Batch
-    inference"). vLLM's offline
-    limits depend on the device the engine runs on, known here only for a CPU engine (placement
-    bundles without GPUs) read in a driver that runs on the CPU too; a GPU recipe sets
-    ``max_num_seqs`` / ``max_num_batched_tokens`` itself.
+    inference"). vLLM's offline limits depend on the device the engine runs on, known here only for
+    a CPU engine (placement bundles without GPUs) read in a driver that runs on the CPU too; a GPU
+    recipe sets ``max_num_seqs`` / ``max_num_batched_tokens`` itself.
     """
     bundles = (fields.get("placement_group_config") or {}).get("bundles") or []
     cpu_engine = bool(bundles) and not fields.get("accelerator_type") and not any(b.get("GPU") for b in bundles)
