@@ -40,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-ENGINE_KWARGS = {"max_model_len": 512, "dtype": "bfloat16", "enforce_eager": True}
+ENGINE_KWARGS = {"max_model_len": 512, "dtype": "float32", "enforce_eager": True}
 CPU_PROCESSOR = {"placement_group_config": {"bundles": [{"CPU": 1}]},
                  "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}}
 
@@ -68,14 +68,14 @@ def default_model() -> str:
     return str(out)
 
 
-def mode_vllm(args) -> dict:
+def mode_vllm(args, engine_overrides: dict | None = None) -> dict:
     from vllm import LLM, SamplingParams
 
     from workflow.prompts import messages as prompts
 
     rows = load_rows(args.rows)
     t0 = time.time()
-    llm = LLM(model=args.model, gpu_memory_utilization=0.3, **ENGINE_KWARGS)
+    llm = LLM(model=args.model, gpu_memory_utilization=0.3, **{**ENGINE_KWARGS, **(engine_overrides or {})})
     t1 = time.time()
     outs = llm.chat([prompts.row_messages(r) for r in rows], SamplingParams(temperature=0.0, max_tokens=args.max_tokens),
                     use_tqdm=False)
@@ -128,6 +128,11 @@ MODES = {
     # stage builds it (128 sequences, 2,048 tokens a step); `stage` has vllm.LLM's on the CPU (256 / 4,096).
     "stage-server-limits": lambda args: mode_ray(args, {"engine_kwargs": {**ENGINE_KWARGS, "max_num_seqs": 128,
                                                                           "max_num_batched_tokens": 2048}}),
+    # The engine dtype the CPU recipe had before 2026-11-28 (vLLM emulates it on a CPU without AVX512-BF16).
+    "vllm-bfloat16": lambda args: mode_vllm(args, {"dtype": "bfloat16"}),
+    "stage-bfloat16": lambda args: mode_ray(args, {"engine_kwargs": {**ENGINE_KWARGS, "dtype": "bfloat16"}}),
+    # vLLM's per-step statistics on, as the stage's engine has them (vllm.LLM turns them off).
+    "vllm-stats": lambda args: mode_vllm(args, {"disable_log_stats": False}),
 }
 
 

@@ -17,7 +17,7 @@ from vllm.lora.request import LoRARequest
 if __name__ == "__main__":
     rows = [json.loads(line) for line in open(sys.argv[4])][:int(sys.argv[1])]
     msgs = [[{"role": "user", "content": r["instruction"] + "\n" + r["input"]}] for r in rows]
-    llm = LLM(model=sys.argv[2], dtype="bfloat16", max_model_len=512, enforce_eager=True, enable_lora=True, max_lora_rank=64, max_loras=1)
+    llm = LLM(model=sys.argv[2], dtype="float32", max_model_len=512, enforce_eager=True, enable_lora=True, max_lora_rank=64, max_loras=1)
     sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     started = time.time()
     llm.chat(msgs, sp, use_tqdm=False)

@@ -108,7 +108,7 @@ def recipe(name: str, storage_uri: str, folder: Path, failure_config: dict, eval
         data["evaluate"] = {
             "split": "test", "task": "viggo", "parity": None, "sampling_params": {"temperature": 0.0, "max_tokens": 48},
             "processor": {"batch_size": 16, "concurrency": 1,
-                          "engine_kwargs": {"max_model_len": 512, "dtype": "bfloat16", "enforce_eager": True},
+                          "engine_kwargs": {"max_model_len": 512, "dtype": "float32", "enforce_eager": True},
                           "placement_group_config": {"bundles": [{"CPU": 1}]},
                           "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}}}
     path = folder / f"{name}.yaml"

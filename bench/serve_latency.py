@@ -63,7 +63,7 @@ def _viggo_prompt() -> str:
 
 PROMPT = _viggo_prompt()
 MODEL_ID = "tiny"
-ENGINE_KWARGS = {"dtype": "bfloat16", "enforce_eager": True, "max_model_len": 512}
+ENGINE_KWARGS = {"dtype": "float32", "enforce_eager": True, "max_model_len": 512}
 ENV_VARS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 # Ray Serve LLM as build_openai_app sets it up by default, on a CPU replica.
@@ -238,7 +238,7 @@ def start_plain_vllm(model: str, port: int, log_path: Path, env_vars: dict[str, 
     (address ``vllm-<port>``): returns (address, stop)."""
     address = f"vllm-{port}"
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-           "--served-model-name", MODEL_ID, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+           "--served-model-name", MODEL_ID, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--enforce-eager", "--max-model-len", "512", "--disable-uvicorn-access-log"]
     env = {**os.environ, **ENV_VARS, **env_vars, cluster.CLUSTER_MARKER: address}
     log = open(log_path, "w")  # noqa: SIM115

@@ -200,7 +200,7 @@ def s3_bucket(s3_server, request):
 CPU_EVALUATE = {
     "processor": {
         "batch_size": 16,
-        "engine_kwargs": {"max_model_len": 512, "dtype": "bfloat16", "enforce_eager": True},
+        "engine_kwargs": {"max_model_len": 512, "dtype": "float32", "enforce_eager": True},
         "placement_group_config": {"bundles": [{"CPU": 1}]},
         "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
     },

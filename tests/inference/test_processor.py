@@ -65,3 +65,27 @@ def test_a_cpu_engine_gets_vllms_offline_scheduler_limits_unless_the_recipe_sets
     # A GPU engine (vLLM's limits depend on the device, not known here) is left to the recipe.
     for gpu in ({"placement_group_config": {"bundles": [{"GPU": 1, "CPU": 1}]}}, {"accelerator_type": "L4"}, {}):
         assert processor.offline_scheduler_limits({"dtype": "bfloat16"}, gpu) == {"dtype": "bfloat16"}
+
+
+@pytest.mark.parametrize("avx512_bf16", [False, True])
+def test_bfloat16_on_a_cpu_that_emulates_it_is_said_once_with_the_key_to_change(tmp_path, monkeypatch, capsys,
+                                                                                  avx512_bf16):
+    """The CPU's flags are this machine's: a /proc/cpuinfo of each kind stands in for them."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma" + (" avx512f avx512_bf16" if avx512_bf16 else "")
+                       + "\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: real_open(cpuinfo if f == "/proc/cpuinfo" else f, *a, **k))
+    monkeypatch.setattr(processor.platform, "machine", lambda: "x86_64")
+    processor._x86_without_bfloat16.cache_clear()
+    try:
+        for kwargs in ({"dtype": "bfloat16"}, {}, {"dtype": "float32"}):
+            processor.note_emulated_bfloat16(kwargs, "evaluate.processor.engine_kwargs.dtype")
+    finally:
+        processor._x86_without_bfloat16.cache_clear()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    if avx512_bf16:
+        assert lines == []
+    else:  # bfloat16 and auto (vLLM's bfloat16 on the CPU); float32 says nothing
+        assert len(lines) == 2 and all(line.startswith("[evaluate] note: the engine computes in bfloat16") and
+                                       "set evaluate.processor.engine_kwargs.dtype: float32" in line for line in lines)

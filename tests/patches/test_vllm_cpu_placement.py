@@ -45,7 +45,7 @@ def test_a_vllm_engine_core_runs_on_its_workers_cpus(tiny_model, tmp_path):
                     continue
 
         if __name__ == "__main__":
-            llm = LLM(model={str(tiny_model)!r}, dtype="bfloat16", max_model_len=512, enforce_eager=True)
+            llm = LLM(model={str(tiny_model)!r}, dtype="float32", max_model_len=512, enforce_eager=True)
             out = llm.generate("Diablo II is", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
             print("TOKENS", len(out[0].outputs[0].token_ids))
             print("PLACEMENT", json.dumps({{"engine": affinity("VLLM::EngineCore"), "all": sorted(os.sched_getaffinity(0))}}))

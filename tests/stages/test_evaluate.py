@@ -232,7 +232,7 @@ def openai_server(tiny_model, tiny_adapter, tmp_path_factory):
     env = {**envs.stage_environment(envs.SERVE), "VLLM_CPU_KVCACHE_SPACE": "1"}
     cmd = [envs.python_for(envs.SERVE), "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
            "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512",
-           "--dtype", "bfloat16", "--enforce-eager", "--enable-lora", "--max-lora-rank", "8",
+           "--dtype", "float32", "--enforce-eager", "--enable-lora", "--max-lora-rank", "8",
            "--lora-modules", f"viggo={tiny_adapter}"]
     with open(log, "w") as out:
         server = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)

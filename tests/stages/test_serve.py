@@ -31,7 +31,7 @@ LLM_CONFIG = {
     "placement_group_config": {"bundles": [{"CPU": 1}]},
     "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
     "lora_config": {"max_num_adapters_per_replica": 2},
-    "engine_kwargs": {"dtype": "bfloat16", "enforce_eager": True, "max_model_len": 512},
+    "engine_kwargs": {"dtype": "float32", "enforce_eager": True, "max_model_len": 512},
 }
 
 

@@ -55,7 +55,7 @@ from vllm.lora.request import LoRARequest
 
 if __name__ == "__main__":
     base, adapter, rows = sys.argv[1], sys.argv[2], [json.loads(l) for l in open(sys.argv[3])][:4]
-    llm = LLM(model=base, dtype="bfloat16", max_model_len=512, enforce_eager=True, enable_lora=True,
+    llm = LLM(model=base, dtype="float32", max_model_len=512, enforce_eager=True, enable_lora=True,
               max_lora_rank=8, max_loras=1)
     chats = [[{"role": "user", "content": r["instruction"] + "\\n" + r["input"]}] for r in rows]
     params = SamplingParams(temperature=0.0, max_tokens=24)

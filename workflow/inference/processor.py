@@ -21,10 +21,12 @@ from __future__ import annotations
 import functools
 import json
 import os
+import platform
 import threading
 from typing import Any
 
 from ..core import ray_cluster, storage
+from ..core.console import say
 from ..core.errors import WorkflowError
 from ..prompts import messages as prompts
 from ..prompts.guard import is_tokenizer_file
@@ -202,6 +204,8 @@ def engine_processor(model_source: str, processor: dict[str, Any], sampling_para
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     fields = {**PROCESSOR_DEFAULTS, **processor}
+    if cpu_engine(fields):
+        note_emulated_bfloat16(fields.get("engine_kwargs") or {}, f"{where}.engine_kwargs.dtype")
     fields["engine_kwargs"] = offline_scheduler_limits(
         with_revision(lora_engine_kwargs(fields.get("engine_kwargs") or {}, adapters, where), revision), fields)
     if lora_loading_path is not None:
@@ -226,9 +230,7 @@ def offline_scheduler_limits(engine_kwargs: dict[str, Any], fields: dict[str, An
     a CPU engine (placement bundles without GPUs) read in a driver that runs on the CPU too; a GPU
     recipe sets ``max_num_seqs`` / ``max_num_batched_tokens`` itself.
     """
-    bundles = (fields.get("placement_group_config") or {}).get("bundles") or []
-    cpu_engine = bool(bundles) and not fields.get("accelerator_type") and not any(b.get("GPU") for b in bundles)
-    if not cpu_engine or {"max_num_seqs", "max_num_batched_tokens"} <= engine_kwargs.keys():
+    if not cpu_engine(fields) or {"max_num_seqs", "max_num_batched_tokens"} <= engine_kwargs.keys():
         return engine_kwargs
     from vllm.engine.arg_utils import EngineArgs
     from vllm.platforms import current_platform
@@ -240,6 +242,37 @@ def offline_scheduler_limits(engine_kwargs: dict[str, Any], fields: dict[str, An
     tokens, seqs = EngineArgs.get_batch_defaults(world_size)
     return {"max_num_seqs": seqs[UsageContext.LLM_CLASS], "max_num_batched_tokens": tokens[UsageContext.LLM_CLASS],
             **engine_kwargs}
+
+
+def cpu_engine(fields: dict[str, Any]) -> bool:
+    """Whether a vLLMEngineProcessorConfig's engines run on the CPU (placement bundles without GPUs)."""
+    bundles = (fields.get("placement_group_config") or {}).get("bundles") or []
+    return bool(bundles) and not fields.get("accelerator_type") and not any(b.get("GPU") for b in bundles)
+
+
+def note_emulated_bfloat16(engine_kwargs: dict[str, Any], dtype_key: str) -> None:
+    """One line when a CPU engine would compute in bfloat16 on an x86 CPU without AVX512-BF16 (this one).
+
+    vLLM's CPU kernels then emulate bfloat16: the CPU demo's evaluation took 489 s in bfloat16 against 180 s
+    in float32 on a 2-core AVX2 VM (bench/README.md, "Engine dtype"). ``auto`` is bfloat16 on the CPU
+    for a float32 or bfloat16 model. Only a note: the engine may run on another node than this one.
+    """
+    if str(engine_kwargs.get("dtype", "auto")) not in ("auto", "bfloat16") or not _x86_without_bfloat16():
+        return
+    say(f"[{dtype_key.split('.')[0]}] note: the engine computes in bfloat16 and this CPU has no AVX512-BF16, so vLLM "
+        f"emulates it (about 2.7x slower than float32 on the CPU demo); set {dtype_key}: float32 for full speed")
+
+
+@functools.lru_cache(maxsize=1)
+def _x86_without_bfloat16() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return bool(flags) and "avx512_bf16" not in flags and "amx_bf16" not in flags
 
 
 def _engine_count(concurrency: int | tuple[int, int]) -> int:

@@ -34,6 +34,7 @@ from ..core.stage import StageContext, StageResult
 from ..dataset.read import read_records
 from ..evaluation import parity, tasks
 from ..inference.adapters import check_trained_on, lint_adapters, model_architectures
+from ..inference.processor import cpu_engine, note_emulated_bfloat16
 from ..patches import ray_serve_direct_streaming
 from ..prompts import guard
 from ..prompts.messages import expected_output, row_messages
@@ -253,6 +254,8 @@ def run(ctx: StageContext) -> StageResult:
                             "the bucket's for the whole serving cluster",
                             hint="keep the run in a bucket too (storage: s3://...), or copy the model to a local "
                                  "folder and point model.source at it")
+    if cpu_engine(cfg.llm_config):
+        note_emulated_bfloat16(cfg.llm_config.get("engine_kwargs") or {}, "serve.llm_config.engine_kwargs.dtype")
     if adapter_names:
         check_trained_on(ctx.upstream("train"), model, "serve")
         lint_adapters({name: storage.join(adapters_dir, name) for name in adapter_names}, "serve",
