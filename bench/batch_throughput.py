@@ -15,13 +15,15 @@ each in a fresh process, one after the other:
 - ``stage-server-limits``: the stage with vLLM's scheduler limits pinned to those Ray's engine stage
   gave it before 530c5ee (128 sequences, 2,048 tokens a step); ``stage`` has ``vllm.LLM``'s on the CPU
   (256 / 4,096; ``stage-offline-limits`` in bench/results/batch_throughput-2026-11-28c-limits.json pinned them).
+- ``vllm-bfloat16``, ``stage-bfloat16``: the engine in bfloat16 (the CPU recipe's dtype before 2026-11-28);
+- ``vllm-stats``: plain vLLM with vLLM's per-step statistics on; ``stage-nostats``: the stage with them off.
 
 Whole job = from the launch of the mode's process to the last row: the Python start and every
 import (``import vllm`` in plain vLLM's process too) included, as a user of either waits for it.
 Total = from the first line of the mode (before ``ray.init`` / ``LLM()``, after the imports
-of the script, of vLLM in the ``vllm`` mode) to the last row. Start-up excluded = from the moment the engine received its first request
-(vLLM's per-request ``arrival_time``; for plain vLLM, when ``chat`` was called) to the last
-row. Prints a table and writes ``batch_throughput.json`` and ``batch_throughput.png``.
+of the script, of vLLM in the ``vllm`` mode) to the last row. Start-up excluded = from the
+moment the engine began its first batch (Ray Data's block statistics of the engine operator;
+for plain vLLM, when ``chat`` was called) to the last row. Prints a table and writes ``batch_throughput.json`` and ``batch_throughput.png``.
 """
 
 from __future__ import annotations
@@ -100,19 +102,31 @@ def mode_ray(args, processor_overrides: dict, num_cpus: int | None = None) -> di
               **processor_overrides}
     proc = processor.engine_processor(args.model, config, {"temperature": 0.0, "max_tokens": args.max_tokens},
                                       {}, columns)
-    out = processor.run(ds, proc, columns, extra_columns=("metrics",))
+    out = processor.run(ds, proc, columns)
     n = tokens = errors = 0
-    first_arrival = float("inf")
     for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
         n += batch.num_rows
         tokens += sum(batch.column("num_generated_tokens").to_pylist())
         errors += sum(1 for e in batch.column("error").to_pylist() if e)
-        arrivals = [m["arrival_time"] for m in batch.column("metrics").to_pylist() if m]
-        first_arrival = min([first_arrival, *arrivals])
     t2 = time.time()
+    first_request = engine_first_batch(out, t2)
     ray.shutdown()
-    return {"rows": n, "generated_tokens": tokens, "errors": errors, "startup_s": first_arrival - t0,
-            "steady_s": t2 - first_arrival, "total_s": t2 - t0, "first_request": first_arrival, "end": t2}
+    return {"rows": n, "generated_tokens": tokens, "errors": errors, "startup_s": first_request - t0,
+            "steady_s": t2 - first_request, "total_s": t2 - t0, "first_request": first_request, "end": t2}
+
+
+def engine_first_batch(out, now: float) -> float:
+    """When the engine actor began its first batch (wall clock), from Ray Data's block statistics of the
+    engine operator (``time.perf_counter``: the machine's monotonic clock, the same in every process here).
+    Within 0.25 s of vLLM's ``arrival_time`` of the first request, which exists only with vLLM's per-step
+    statistics on (the stage turns them off)."""
+    starts, summaries = [], [out._get_stats_summary()]
+    while summaries:  # the operators before the last one are in the summaries' parents
+        summary = summaries.pop()
+        summaries += summary.parents
+        starts += [op.earliest_start_time for op in summary.operators_stats
+                   if "vLLMEngineStage" in op.operator_name and op.earliest_start_time is not None]
+    return now - (time.perf_counter() - min(starts)) if starts else float("nan")
 
 
 BARE = {"chat_template_stage": True, "tokenize_stage": True, "detokenize_stage": True, "log_engine_metrics": True}
@@ -131,8 +145,9 @@ MODES = {
     # The engine dtype the CPU recipe had before 2026-11-28 (vLLM emulates it on a CPU without AVX512-BF16).
     "vllm-bfloat16": lambda args: mode_vllm(args, {"dtype": "bfloat16"}),
     "stage-bfloat16": lambda args: mode_ray(args, {"engine_kwargs": {**ENGINE_KWARGS, "dtype": "bfloat16"}}),
-    # vLLM's per-step statistics on, as the stage's engine has them (vllm.LLM turns them off).
+    # vLLM's per-step statistics on, as the stage's engine has them (vllm.LLM turns them off), and off in the stage.
     "vllm-stats": lambda args: mode_vllm(args, {"disable_log_stats": False}),
+    "stage-nostats": lambda args: mode_ray(args, {"engine_kwargs": {**ENGINE_KWARGS, "disable_log_stats": True}}),
 }
 
 
