@@ -372,8 +372,9 @@ def trained_run(train_recipe) -> dict:
 CI_OVERRIDES = {
     "ingest": {"max_samples": {"train": 400, "val": 16, "test": 40}},
     "model": {"pretrain": {"max_steps": 200, "save_steps": 100, "logging_steps": 50}},
-    # Half the demo's steps at the learning rate this shrunk run was tuned with (the demo's 2e-3 leaves its
-    # adapter so little trained that the cast to the engine's bf16 flips greedy tokens in 4 of the 16 parity rows).
+    # Half the demo's steps at the learning rate this shrunk run was tuned with (at the demo's 2e-3 its adapter
+    # was so little trained that the cast to the engine's bfloat16, the engines' dtype then, flipped greedy
+    # tokens in 4 of the 16 parity rows).
     "train": {"llamafactory": {"max_samples": 400, "max_steps": 80, "save_steps": 40, "logging_steps": 20,
                                "learning_rate": 3.0e-3}},
     "serve": {"smoke": {"rows": 2}, "api_key_env": "WORKFLOW_API_KEY"},

@@ -51,10 +51,11 @@ class ParityConfig(Section):
 
     rows: int = Field(default=16, ge=1)
     # The share of rows whose generated token ids must equal training's: 2 rows of 16 may differ. Measured on
-    # the CPU demo's model and adapter (64 ViGGO test rows, up to 96 tokens, 2026-11-27): vLLM in bfloat16 (the
-    # CPU recipe's engine dtype) agreed with PEFT in float32 on 63/64 rows and with PEFT in bfloat16 on 63/64
-    # (another row); vLLM in float32 with PEFT in float32 on 64/64; PEFT bfloat16 vs float32 on 62/64. Rounding
-    # moves a near-tie between two tokens about once in 64 rows; a dropped adapter or sampling moves most rows.
+    # the CPU demo's model and adapter (64 ViGGO test rows, up to 96 tokens, 2026-11-27): vLLM in float32 (the
+    # CPU recipe's engine dtype since 2026-11-28) with PEFT in float32 agreed on 64/64; vLLM in bfloat16 with
+    # PEFT in float32 on 63/64 and with PEFT in bfloat16 on 63/64 (another row); PEFT bfloat16 vs float32 on
+    # 62/64. Rounding moves a near-tie between two tokens about once in 64 rows (engines in bfloat16, as on
+    # GPUs); a dropped adapter or sampling moves most rows.
     min_identical: float = Field(default=0.85, ge=0.0, le=1.0)
     # The dtype the reference computes in: float32 (the adapter as trained on the CPU; PEFT in the engine's
     # bfloat16 matched vLLM no better, see above), "engine" (the engine's engine_kwargs.dtype), "auto" (the
