@@ -23,7 +23,8 @@ import (``import vllm`` in plain vLLM's process too) included, as a user of eith
 Total = from the first line of the mode (before ``ray.init`` / ``LLM()``, after the imports
 of the script, of vLLM in the ``vllm`` mode) to the last row. Start-up excluded = from the
 moment the engine began its first batch (Ray Data's block statistics of the engine operator;
-for plain vLLM, when ``chat`` was called) to the last row. Prints a table and writes ``batch_throughput.json`` and ``batch_throughput.png``.
+for plain vLLM, when ``chat`` was called) to the last row. Prints a table and writes
+``batch_throughput.json`` and ``batch_throughput.png``.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def engine_first_batch(out, now: float) -> float:
     """When the engine actor began its first batch (wall clock), from Ray Data's block statistics of the
     engine operator (``time.perf_counter``: the machine's monotonic clock, the same in every process here).
     Within 0.25 s of vLLM's ``arrival_time`` of the first request, which exists only with vLLM's per-step
-    statistics on (the stage turns them off)."""
+    statistics on (``stage-nostats`` turns them off)."""
     starts, summaries = [], [out._get_stats_summary()]
     while summaries:  # the operators before the last one are in the summaries' parents
         summary = summaries.pop()

@@ -302,9 +302,8 @@ def _stage_enabled(value: Any) -> bool:
 def run(ds, processor, input_columns: list[str], *, http: bool = False, extra_columns: tuple[str, ...] = ()):
     """Apply a processor and shape its output (a lazy Ray dataset).
 
-    ``extra_columns`` keeps more of the engine's columns, e.g. ``metrics`` (per-request
-    timestamps) for the throughput benchmark, ``generated_tokens`` (the generated token ids) for the
-    evaluate stage's parity check.
+    ``extra_columns`` keeps more of the engine's columns, e.g. ``generated_tokens`` (the generated
+    token ids) for the evaluate stage's parity check.
     """
     out = processor(ds)
     return out.map_batches(functools.partial(_select, input_columns=input_columns, http=http,
