@@ -17,6 +17,8 @@ each in a fresh process, one after the other:
   (256 / 4,096; ``stage-offline-limits`` in bench/results/batch_throughput-2026-11-28c-limits.json pinned them).
 - ``vllm-bfloat16``, ``stage-bfloat16``: the engine in bfloat16 (the CPU recipe's dtype before 2026-11-28);
 - ``vllm-stats``: plain vLLM with vLLM's per-step statistics on; ``stage-nostats``: the stage with them off.
+- ``stage-spawn``: the stage with its engine's model worker spawned, as vLLM does in a Ray actor
+  (``stage`` forks it: ``workflow.patches.vllm_cpu_placement``).
 
 Whole job = from the launch of the mode's process to the last row: the Python start and every
 import (``import vllm`` in plain vLLM's process too) included, as a user of either waits for it.
@@ -149,6 +151,9 @@ MODES = {
     # vLLM's per-step statistics on, as the stage's engine has them (vllm.LLM turns them off), and off in the stage.
     "vllm-stats": lambda args: mode_vllm(args, {"disable_log_stats": False}),
     "stage-nostats": lambda args: mode_ray(args, {"engine_kwargs": {**ENGINE_KWARGS, "disable_log_stats": True}}),
+    # vLLM's start method in a Ray actor for the engine core's worker too (the plugin forks it).
+    "stage-spawn": lambda args: mode_ray(args, {"runtime_env": {"env_vars": {
+        **CPU_PROCESSOR["runtime_env"]["env_vars"], "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}}}),
 }
 
 

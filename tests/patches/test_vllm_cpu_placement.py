@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from workflow.patches.vllm_cpu_placement import engine_core_cpus
+from workflow.patches.vllm_cpu_placement import MP_METHOD, MP_METHOD_IN_ACTOR, engine_core_cpus, forks_worker
 
 
 @pytest.mark.parametrize(("worker_cpus", "setting", "expected"), [
@@ -23,6 +23,17 @@ from workflow.patches.vllm_cpu_placement import engine_core_cpus
 ])
 def test_engine_core_cpus(worker_cpus, setting, expected):
     assert engine_core_cpus(worker_cpus, setting) == expected
+
+
+@pytest.mark.parametrize(("environ", "expected"), [
+    ({MP_METHOD: "spawn", MP_METHOD_IN_ACTOR: "fork"}, True),    # spawn forced by vLLM in the Ray actor
+    ({MP_METHOD: "spawn", MP_METHOD_IN_ACTOR: "spawn"}, False),  # spawn asked for: kept
+    ({MP_METHOD: "spawn"}, False),                               # not started by a Ray actor with the plugin
+    ({MP_METHOD: "fork", MP_METHOD_IN_ACTOR: "fork"}, False),    # already fork
+    ({}, False),
+])
+def test_an_engine_core_started_by_a_ray_actor_forks_its_worker_unless_spawn_was_asked_for(environ, expected):
+    assert forks_worker(environ) is expected
 
 
 def test_a_vllm_engine_core_runs_on_its_workers_cpus(tiny_model, tmp_path):
