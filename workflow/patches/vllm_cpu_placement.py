@@ -24,7 +24,7 @@ which the engine core inherits: it then spawns its model worker too, a fresh int
 imports torch and vLLM again although the engine core is no Ray actor (outside Ray vLLM forks the
 worker from the engine core). On the CPU the plugin records the setting the actor had before vLLM
 changed it, and the engine core forks its worker when that was ``fork`` (vLLM's default): the
-stage's engine started 4-6 s sooner on the 2-core AVX2 VM (bench/README.md, "Batch inference").
+stage's engine started 4-12 s sooner on the 2-core AVX2 VM (bench/README.md, "Batch inference").
 ``VLLM_WORKER_MULTIPROC_METHOD=spawn`` set for the engine keeps vLLM's spawn.
 
 Registered in pyproject.toml under the ``vllm.general_plugins`` entry point group; applied only
