@@ -20,10 +20,10 @@ OpenMP threads it lands on), ``=0`` never. Nothing changes on GPUs or with
 
 Inside a Ray actor (the evaluate/batch stage's engine, a Ray Serve LLM replica) vLLM must start
 its engine-core process with ``spawn`` (forking a Ray actor is undefined behaviour: vllm-project/vllm
-#14768) and says so by setting ``VLLM_WORKER_MULTIPROC_METHOD=spawn``,
-which the engine core inherits: it then spawns its model worker too, a fresh interpreter that
-imports torch and vLLM again although the engine core is no Ray actor (outside Ray vLLM forks the
-worker from the engine core). On the CPU the plugin records the setting the actor had before vLLM
+#14768) and says so by setting ``VLLM_WORKER_MULTIPROC_METHOD=spawn``, which the engine core
+inherits: it then spawns its model worker too, a fresh interpreter that imports torch and vLLM
+again although the engine core is no Ray actor (outside Ray vLLM forks the worker from the engine
+core). On the CPU the plugin records the setting the actor had before vLLM
 changed it, and the engine core forks its worker when that was ``fork`` (vLLM's default): the
 stage's engine started 4-12 s sooner on the 2-core AVX2 VM (bench/README.md, "Batch inference").
 ``VLLM_WORKER_MULTIPROC_METHOD=spawn`` set for the engine keeps vLLM's spawn.
