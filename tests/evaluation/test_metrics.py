@@ -46,7 +46,7 @@ def test_parse_call_without_a_readable_name_is_none(text):
     assert tasks.parse_call(text) is None
 
 
-@pytest.mark.parametrize("text", ["inform(name[x]", "inform(name[x] rating[y])", "inform(name[x],)", "inform(name)",
+@pytest.mark.parametrize("text", ["inform(name[x]", "inform(name[x] rating[y])", "inform(name[x],)", "inform(name x)",
                                   "inform(name[x]) trailing", "inform(name[a[b]])"])
 def test_a_malformed_slot_keeps_the_function_name_and_the_slots_before_it(text):
     call = tasks.parse_call(text)
