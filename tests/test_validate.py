@@ -18,6 +18,14 @@ from conftest import REPO, run_workflow
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def storage_variable():
+    """The GPU recipes require WORKFLOW_STORAGE (as `make validate` sets it); validation reaches no storage."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WORKFLOW_STORAGE", "s3://validate-only/workflow")
+        yield
+
+
 def _variant(shipped: str, out: Path, edit) -> Path:
     """A shipped recipe written to ``out`` with ``edit(data)`` applied; its local paths still resolve."""
     data = yaml.safe_load((REPO / "recipes" / shipped).read_text())

@@ -12,9 +12,17 @@ RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
-def test_every_shipped_recipe_validates(path):
+def test_every_shipped_recipe_validates(path, monkeypatch):
+    monkeypatch.setenv("WORKFLOW_STORAGE", "s3://bucket/prefix")  # the GPU recipes require it
     recipe = load_recipe(path)
     assert recipe.name and recipe.model.source and recipe.ingest.source
+
+
+@pytest.mark.parametrize("name", ["viggo-qwen2.5-7b.yaml", "viggo-qwen2.5-7b-fast.yaml"])
+def test_gpu_recipes_require_their_bucket(name, monkeypatch):
+    monkeypatch.delenv("WORKFLOW_STORAGE", raising=False)
+    with pytest.raises(WorkflowError, match=r"viggo-qwen2\.5-7b.*\$\{WORKFLOW_STORAGE\} is not set"):
+        load_recipe(Path(__file__).resolve().parents[2] / "recipes" / name)
 
 
 def test_shipped_recipes_include_the_cpu_demo_and_both_gpu_recipes():
