@@ -2,10 +2,11 @@
 
 vLLM's CPU LoRA ops (``vllm.lora.ops.torch_ops``) gather one full LoRA weight matrix per
 token (``lora_b_weights[indices]``) and multiply with an einsum, so a batch of prompts
-materialises a ``tokens x out x rank`` tensor in every adapted layer: on the tiny demo model
-an adapter answered ~150x slower than the base. Tokens of a batch use a handful of distinct
-adapters, so the same product is computed here with one matmul per distinct adapter index,
-giving identical results. The patch is applied only on the CPU platform; set
+materialises a ``tokens x out x rank`` tensor in every adapted layer. Tokens of a batch use a
+handful of distinct adapters, so the same product is computed here with one matmul per distinct
+adapter index, giving identical results: 128 prompts through a rank-64 adapter on a tiny model took
+62.2 s with vLLM's ops (2.0 s through the base) and 4.3 s with these, 14x faster (bench/cpu_lora_ops.py,
+2-core CPU VM, 2026-11-22). The patch is applied only on the CPU platform; set
 ``WORKFLOW_VLLM_CPU_LORA_PATCH=0`` to measure vLLM's own ops.
 
 It also fixes what vLLM's CPU ops do with the tokens of base-model requests: their adapter
