@@ -51,6 +51,10 @@ def test_console_shows_the_stage_lines_and_the_log_holds_everything(noisy_cli):
     text = log.read_text()
     assert f"{LIBRARY_NOISE} token=***" in text and CORE_NOISE in text and "[ingest] done" in text
     assert TOKEN not in text and MARK not in text
+    # The CLI writes the report page once the stages have run (the runner itself knows nothing of it).
+    page = (run_dir / "report.html").read_text()
+    assert "<b>ingest</b><br>dataset</td><td class=missing>" not in page
+    assert "<b>model</b><br>base model</td><td class=missing>not run" in page
 
 
 def test_verbose_streams_everything(noisy_cli):

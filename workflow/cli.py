@@ -25,6 +25,7 @@ from . import runner
 from .config import load_recipe
 from .core.errors import WorkflowError
 from .core.stage import report_failure
+from .stages import JOBS, STAGES
 from .training.llamafactory_args import check_recipe_in_train_env
 
 
@@ -59,8 +60,13 @@ def _cmd_run(args) -> int:
     options = {"serve": {"detach": args.detach}} if args.detach else None
     runner.run_pipeline(recipe, stages=stages, from_stage=args.from_stage, force=args.force, debug=args.debug,
                         options=options)
+    from .report_html import write_report
     from .show import run_summary
 
+    try:
+        write_report(recipe.run_uri)
+    except WorkflowError as err:
+        print(f"warning: no {recipe.run_uri}/report.html: {err}", file=sys.stderr, flush=True)
     print(run_summary(recipe), flush=True)
     return 0
 
@@ -142,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipes", nargs="+")
     p.set_defaults(func=_cmd_validate)
 
-    for name, spec in runner.STAGES.items():
+    for name, spec in STAGES.items():
         p = add_on_cluster(name, help=spec.doc)
         p.add_argument("recipe")
         p.add_argument("--force", action="store_true")
@@ -156,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.set_defaults(func=_cmd_stage)
 
-    p = add_on_cluster("batch", help=runner.JOBS["batch"].doc)
+    p = add_on_cluster("batch", help=JOBS["batch"].doc)
     p.add_argument("recipe")
     p.add_argument("--input", required=True, help="JSONL, Parquet or CSV (local, s3://, gs://)")
     p.add_argument("--output", required=True, help="where to write (.parquet or .jsonl)")

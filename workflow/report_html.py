@@ -18,8 +18,8 @@ import re
 
 from .core import manifest, storage
 from .evaluation.report import score_text
-from .runner import ORDER
 from .show import lineage
+from .stages import ORDER
 
 REPORT = "report.html"
 # What each stage's manifest summary says about its link in the chain, and what the stage stands for.

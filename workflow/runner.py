@@ -1,6 +1,6 @@
-"""The runner: the one place that knows the stages, their order and their environments.
+"""The runner: runs the stages (``workflow.stages`` lists them) in order, each in its environment.
 
-Each stage runs as ``<env python> -m workflow.core.stage STAGE RECIPE`` in its own environment;
+Each stage runs as ``<env python> -m workflow.stages STAGE RECIPE`` in its own environment;
 the stage decides from its manifest whether it is up to date. The runner writes all the stage's
 output to ``<run>/logs/<stage>.log`` and shows on the console only the workflow's own lines
 (``workflow/core/console.py``), unless ``--verbose`` / ``WORKFLOW_VERBOSE=1`` (or ``--debug``).
@@ -8,7 +8,6 @@ output to ``<run>/logs/<stage>.log`` and shows on the console only the workflow'
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -19,7 +18,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import TextIO
 
 from .config import Recipe
@@ -28,43 +26,10 @@ from .core.console import console_line, unmarked
 from .core.errors import WorkflowError
 from .core.secrets import redact
 from .core.stage import cache_dir
+from .stages import JOBS, ORDER, STAGES
 
 VERBOSE_ENV = "WORKFLOW_VERBOSE"  # "1": the console shows everything the stages print
 TAIL_LINES = 20  # of the log, shown when a stage fails
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    module: str
-    env: str
-    section: str  # the recipe section that enables it
-    doc: str
-
-
-STAGES: dict[str, StageSpec] = {
-    "ingest": StageSpec("workflow.stages.ingest", envs.SERVE, "ingest", "read, validate and write the dataset in LLaMA-Factory form"),
-    "model": StageSpec("workflow.stages.model", envs.TRAIN, "model", "build or mirror the base model"),
-    "train": StageSpec("workflow.stages.train", envs.TRAIN, "train", "LoRA SFT with LLaMA-Factory inside Ray Train"),
-    "evaluate": StageSpec("workflow.stages.evaluate", envs.SERVE, "evaluate", "batch inference with vLLM on Ray Data, metrics, report"),
-    "serve": StageSpec("workflow.stages.serve", envs.SERVE, "serve", "OpenAI-compatible Ray Serve LLM app (smoke check in a run)"),
-}
-ORDER = list(STAGES)
-# Commands that run one stage-like job outside the pipeline order.
-JOBS: dict[str, StageSpec] = {
-    "batch": StageSpec("workflow.stages.batch", envs.SERVE, "evaluate", "batch inference over any dataset"),
-}
-
-
-def stage_module(name: str) -> ModuleType:
-    spec = STAGES.get(name) or JOBS.get(name)
-    if spec is None:
-        raise WorkflowError(f"unknown stage {name!r}; stages are {', '.join(ORDER)}")
-    try:
-        return importlib.import_module(spec.module)
-    except ModuleNotFoundError as err:
-        if err.name == spec.module:
-            raise WorkflowError(f"the {name} stage is not built yet ({spec.module} does not exist)") from None
-        raise
 
 
 def select_stages(recipe: Recipe, stages: list[str] | None = None, from_stage: str | None = None) -> list[str]:
@@ -81,7 +46,7 @@ def run_stage(name: str, recipe: Recipe, *, force: bool = False, options: dict |
               job: bool = False) -> None:
     """Run one stage (or job) in its environment; raise if it fails."""
     spec = (JOBS if job else STAGES)[name]
-    cmd = [envs.python_for(spec.env), "-m", "workflow.core.stage", name, str(recipe.path)]
+    cmd = [envs.python_for(spec.env), "-m", "workflow.stages", name, str(recipe.path)]
     if force:
         cmd.append("--force")
     if options:
@@ -217,10 +182,4 @@ def run_pipeline(recipe: Recipe, *, stages: list[str] | None = None, from_stage:
     print(f"run {recipe.name}: {' -> '.join(chosen)}  (storage {recipe.run_uri})", flush=True)
     for name in chosen:
         run_stage(name, recipe, force=force, debug=debug, options=(options or {}).get(name))
-    from .report_html import write_report  # it reads the lineage through show.py, which imports this module
-
-    try:
-        write_report(recipe.run_uri)
-    except WorkflowError as err:
-        print(f"warning: no {recipe.run_uri}/report.html: {err}", file=sys.stderr, flush=True)
     return chosen

@@ -6,7 +6,7 @@ import os
 
 from .config import load_recipe
 from .core import envs, manifest, storage
-from .runner import ORDER
+from .stages import ORDER
 
 
 def run_uri_of(target: str) -> str:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import ingest_only_recipe
 
-from workflow import runner
+from workflow import runner, stages
 from workflow.config import load_recipe
 from workflow.core import manifest
 from workflow.core.errors import WorkflowError
@@ -88,9 +88,9 @@ def test_select_stages_respects_sections_subset_and_from(recipe):
 
 
 def test_a_stage_module_that_does_not_exist_says_not_built(monkeypatch):
-    monkeypatch.setitem(runner.STAGES, "future", runner.StageSpec("workflow.future_stage", "serve", "ingest", ""))
+    monkeypatch.setitem(stages.STAGES, "future", stages.StageSpec("workflow.future_stage", "serve", "ingest", ""))
     with pytest.raises(WorkflowError, match=r"the future stage is not built yet"):
-        runner.stage_module("future")
+        stages.stage_module("future")
 
 
 def test_manifest_redacts_secrets(recipe, monkeypatch):

@@ -91,7 +91,7 @@ def test_killed_run_resumes_from_its_latest_checkpoint(train_recipe):
     checkpoints = recipe.run_uri + "/train/checkpoints"
     marker = uuid.uuid4().hex
     env = {**envs.stage_environment(envs.TRAIN), RUN_MARKER: marker}
-    first = subprocess.Popen([envs.python_for(envs.TRAIN), "-m", "workflow.core.stage", "train", str(path)], env=env,
+    first = subprocess.Popen([envs.python_for(envs.TRAIN), "-m", "workflow.stages", "train", str(path)], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 600

@@ -30,6 +30,23 @@ from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 from .base import Section
 
 KINDS = ("text", "call", "json", "label")
+# The built-in metrics of each kind, in report order. ``workflow/evaluation/metrics.py`` registers a
+# function under each of these names; tests/test_layers.py checks that the two name the same metrics
+# (the recipe is validated here, below the evaluation package, which it must not import).
+KIND_METRICS: dict[str, tuple[str, ...]] = {
+    "text": ("exact_match", "normalized_exact_match", "token_f1", "rouge_l", "chrf"),
+    "call": ("exact_match", "normalized_exact_match", "function_accuracy", "slot_precision", "slot_recall",
+             "slot_f1", "parse_failure_rate"),
+    "json": ("exact_match", "parse_failure_rate", "json_validity", "json_exact_match", "field_precision",
+             "field_recall", "field_f1"),
+    "label": ("exact_match", "accuracy", "macro_f1"),
+}
+# The metric the summary leads with and the worst errors are ranked by, per kind.
+MAIN_METRIC = {"text": "rouge_l", "call": "slot_f1", "json": "field_f1", "label": "accuracy"}
+
+
+def kind_metrics(kind: str) -> list[str]:
+    return list(KIND_METRICS[kind])
 
 
 def import_function(path: str):
@@ -85,8 +102,6 @@ class TaskConfig(Section):
     @field_validator("metrics")
     @classmethod
     def _metrics_of_the_kind(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
-        from ..evaluation.metrics import kind_metrics
-
         for name in v or []:
             if ":" in name:
                 import_function(name)
@@ -100,8 +115,6 @@ class TaskConfig(Section):
     @field_validator("main_metric")
     @classmethod
     def _one_of_the_metrics(cls, v: str | None, info: ValidationInfo) -> str | None:
-        from ..evaluation.metrics import kind_metrics
-
         if v is None or "kind" not in info.data:
             return v
         names = info.data.get("metrics") or kind_metrics(info.data["kind"])
@@ -126,8 +139,6 @@ class TaskConfig(Section):
         return v
 
     def metric_names(self) -> list[str]:
-        from ..evaluation.metrics import kind_metrics
-
         return list(self.metrics) if self.metrics else kind_metrics(self.kind)
 
     @property
@@ -135,8 +146,6 @@ class TaskConfig(Section):
         return self.syntax or CallSyntax()
 
     def main(self) -> str:
-        from ..evaluation.metrics import MAIN_METRIC
-
         if self.main_metric:
             return self.main_metric
         preferred = MAIN_METRIC[self.kind]

@@ -1,6 +1,6 @@
-"""What every stage shares: its context, its result, and the process entry that runs it.
+"""What every stage shares: its context, its result, how it is executed and how its failure is reported.
 
-A stage is a module with four names (``workflow/stages/``; ``workflow.runner.STAGES`` lists them):
+A stage is a module with four names (``workflow/stages/``; ``workflow.stages.STAGES`` lists them):
 
 - ``ENV``: ``"train"`` or ``"serve"`` — the environment it runs in;
 - ``config(ctx) -> dict``: the parts of the recipe it depends on;
@@ -10,14 +10,13 @@ A stage is a module with four names (``workflow/stages/``; ``workflow.runner.STA
 ``execute`` compares the fingerprint of config + inputs with the manifest already in
 storage and skips the stage when they match (unless forced); otherwise it removes the old
 manifest, runs the stage and writes the new manifest last, so a killed stage never looks
-complete. ``python -m workflow.core.stage STAGE RECIPE`` is how the runner starts one in its
-own environment.
+complete. ``python -m workflow.stages STAGE RECIPE`` is how the runner starts one in its
+own environment. Being part of ``workflow.core``, this module imports nothing above it
+(``tests/test_layers.py``): the context holds the recipe without naming its type.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import tempfile
@@ -26,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import Recipe, load_recipe
 from . import envs, manifest, storage
 from .console import say
 from .errors import WorkflowError
@@ -35,7 +33,7 @@ from .secrets import redact
 
 @dataclass
 class StageContext:
-    recipe: Recipe
+    recipe: Any  # a workflow.config.Recipe
     stage: str
     force: bool = False
     options: dict[str, Any] = field(default_factory=dict)
@@ -118,28 +116,3 @@ def report_failure(err: BaseException, *, debug: bool) -> int:
     print(f"error: {type(err).__name__}: {redact(line)}" + ("" if debug else " (rerun with --debug for the traceback)"),
           file=sys.stderr, flush=True)
     return 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ..runner import stage_module
-
-    parser = argparse.ArgumentParser(prog="python -m workflow.core.stage", description="Run one stage in this environment.")
-    parser.add_argument("stage")
-    parser.add_argument("recipe")
-    parser.add_argument("--force", action="store_true")
-    parser.add_argument("--options", default="{}", help="stage options as JSON")
-    parser.add_argument("--debug", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        recipe = load_recipe(args.recipe)
-        ctx = StageContext(recipe=recipe, stage=args.stage, force=args.force, options=json.loads(args.options))
-        execute(stage_module(args.stage), ctx)
-        return 0
-    except BaseException as err:  # noqa: BLE001 - the process boundary reports every failure
-        if isinstance(err, SystemExit):
-            raise
-        return report_failure(err, debug=args.debug)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -38,6 +38,13 @@ def adapter_rank(location: str | Path) -> int:
     return int(storage.read_json(config)["r"])
 
 
+def stored_adapters(adapters_dir: str) -> list[str]:
+    """The names of the adapters in a train stage's ``adapters_dir``: its sub-folders holding an
+    ``adapter_config.json`` (which the train stage writes last), sorted."""
+    return sorted({rel.split("/")[0] for rel in storage.list_files(adapters_dir)
+                   if rel.endswith("/adapter_config.json") and rel.count("/") == 1})
+
+
 # safetensors' dtype names -> the names of vLLM's ``dtype`` setting
 _DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 

@@ -32,6 +32,7 @@ from ..inference.adapters import (
     lora_engine_kwargs,
     model_architectures,
     model_for_engine,
+    stored_adapters,
 )
 from ..prompts import guard
 from ..prompts.messages import expected_output, row_messages
@@ -69,12 +70,11 @@ def run_adapters(ctx: StageContext, cfg: EvaluateConfig) -> dict[str, str]:
     if ctx.recipe.train is None:
         return {}
     adapters_dir = ctx.upstream("train")["outputs"]["adapters_dir"]
-    found = {rel.split("/")[0] for rel in storage.list_files(adapters_dir) if rel.endswith("adapter_config.json")
-             and rel.count("/") == 1}
-    wanted = cfg.adapters if cfg.adapters is not None else sorted(found)
+    found = stored_adapters(adapters_dir)
+    wanted = cfg.adapters if cfg.adapters is not None else found
     missing = [a for a in wanted if a not in found]
     if missing:
-        raise WorkflowError(f"evaluate.adapters: {missing} not in {adapters_dir}; it has {sorted(found)}")
+        raise WorkflowError(f"evaluate.adapters: {missing} not in {adapters_dir}; it has {found}")
     return {name: storage.join(adapters_dir, name) for name in wanted}
 
 

@@ -33,7 +33,7 @@ from ..core.errors import WorkflowError
 from ..core.stage import StageContext, StageResult
 from ..dataset.read import read_records
 from ..evaluation import parity, tasks
-from ..inference.adapters import check_trained_on, lint_adapters, model_architectures
+from ..inference.adapters import check_trained_on, lint_adapters, model_architectures, stored_adapters
 from ..inference.processor import cpu_engine, note_emulated_bfloat16
 from ..patches import ray_serve_direct_streaming
 from ..prompts import guard
@@ -123,8 +123,7 @@ def _adapters(ctx: StageContext) -> tuple[str | None, list[str], int | None, lis
         return None, [], None, []
     train = ctx.upstream("train")
     adapters_dir = train["outputs"]["adapters_dir"]
-    names = sorted({rel.split("/")[0] for rel in storage.list_files(adapters_dir)
-                    if rel.endswith("/adapter_config.json") and rel.count("/") == 1})
+    names = stored_adapters(adapters_dir)
     if not names:
         raise WorkflowError(f"serve: no adapter in {adapters_dir} (no <name>/adapter_config.json)",
                             hint="rerun the train stage")
