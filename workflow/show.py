@@ -6,6 +6,7 @@ import os
 
 from .config import load_recipe
 from .core import envs, manifest, storage
+from .evaluation.metrics import format_value
 from .stages import ORDER
 
 
@@ -89,7 +90,7 @@ def run_summary(recipe) -> str:
         names = list(next(iter(evaluation.values())))
         lines.append("\n  " + f"{'variant':<28}" + "".join(f"{n[:12]:>13}" for n in names))
         for variant, values in evaluation.items():
-            lines.append("  " + f"{variant:<28}" + "".join(f"{values[n]:>13.3f}" for n in names))
+            lines.append("  " + f"{variant:<28}" + "".join(f"{format_value(values.get(n))[:12]:>13}" for n in names))
     served = stages.get("serve", {}).get("summary", {}).get("model_ids")
     if served:
         lines.append(f"\n  served and smoke-checked: {', '.join(served)}")

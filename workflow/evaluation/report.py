@@ -24,7 +24,7 @@ def _rows_scores(task: Task, expected: list[str], got: list[str], bootstrap: int
         e, g = (parsed_expected, parsed_got) if metric.parsed else (expected, got)
         stats = [metric.per_row(a, b) for a, b in zip(e, g, strict=True)]
         scores[name] = metric.aggregate(stats)
-        if bootstrap:
+        if bootstrap and metrics.is_number(scores[name]):
             intervals[name] = list(metrics.bootstrap_interval(metric, stats, samples=bootstrap))
     return {"metrics": scores, "intervals": intervals, "parsed": (parsed_expected, parsed_got)}
 
@@ -77,7 +77,7 @@ def score(table, task: Task, *, bootstrap: int = 1000) -> dict[str, Any]:
         per_pass = [pooled] if len(passes) == 1 else [
             _rows_scores(task, p["expected"].tolist(), p["generated_text"].tolist(), 0) for p in passes]
         entry: dict[str, Any] = {
-            "metrics": {m: statistics.fmean(p["metrics"][m] for p in per_pass) for m in task.metrics},
+            "metrics": {m: _mean_over_passes([p["metrics"][m] for p in per_pass]) for m in task.metrics},
             "intervals": pooled["intervals"],
             "rows": len(passes[0]),
             "errors": int((group["error"] != "").sum()),
@@ -86,9 +86,15 @@ def score(table, task: Task, *, bootstrap: int = 1000) -> dict[str, Any]:
         }
         if len(passes) > 1:
             entry["seeds"] = {str(int(s)): p["metrics"] for s, p in zip(seeds, per_pass, strict=True)}
-            entry["spread"] = {m: statistics.stdev(p["metrics"][m] for p in per_pass) for m in task.metrics}
+            entry["spread"] = {m: statistics.stdev(p["metrics"][m] for p in per_pass) for m in task.metrics
+                               if all(metrics.is_number(p["metrics"][m]) for p in per_pass)}
         results[variant] = entry
     return results
+
+
+def _mean_over_passes(values: list) -> Any:
+    """The mean of one metric over the seeds' passes; a value that is not a number is kept from the first pass."""
+    return statistics.fmean(values) if all(metrics.is_number(v) for v in values) else values[0]
 
 
 def worst_errors(table, variant: str, task: Task, limit: int) -> list[dict[str, Any]]:
@@ -98,7 +104,8 @@ def worst_errors(table, variant: str, task: Task, limit: int) -> list[dict[str, 
     if "seed" in df and df["seed"].notna().any():
         df = df[df["seed"] == df["seed"].min()]
     ranked = [(task.row_score(row.expected, row.generated_text), row.row_id, row) for row in df.itertuples()]
-    ranked.sort(key=lambda t: t[:2])
+    # A row whose score is not a number (a user's metric) ranks with the worst.
+    ranked.sort(key=lambda t: (t[0] if metrics.is_number(t[0]) else float("-inf"), t[1]))
     return [{"row_id": int(r.row_id), "input": r.input, "expected": r.expected, "got": r.generated_text,
              "error": r.error, task.main_metric: value} for value, _, r in ranked[:limit]]
 
@@ -111,12 +118,12 @@ def _cell(text: str, limit: int = 160) -> str:
 def score_text(result: dict[str, Any], name: str) -> str:
     """A metric of one variant as a cell shows it: the score, ±sd over seeds where there are several,
     and its 95% bootstrap interval (report.md and the run's report page)."""
-    text = f"{result['metrics'][name]:.3f}"
-    if "spread" in result:
-        text += f" ±{result['spread'][name]:.3f}"
-    if name in result.get("intervals", {}):
-        lo, hi = result["intervals"][name]
-        text += f" [{lo:.3f}, {hi:.3f}]"
+    text = metrics.format_value(result["metrics"].get(name))
+    if name in result.get("spread", {}):
+        text += f" ±{metrics.format_value(result['spread'][name])}"
+    interval = result.get("intervals", {}).get(name)
+    if interval and all(metrics.is_number(x) for x in interval):
+        text += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
     return text
 
 
@@ -136,13 +143,14 @@ def markdown_report(run_name: str, results: dict[str, Any], table, cfg: Evaluate
              (f"95% intervals: bootstrap over rows ({cfg.bootstrap} resamplings)." if cfg.bootstrap else ""), "",
              "| metric | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
     for name in names:
-        lines.append(f"| {name} | " + " | ".join(score_text(results[v], name) for v in variants) + " |")
+        lines.append(f"| {name} | " + " | ".join(_cell(score_text(results[v], name)) for v in variants) + " |")
     lines.append("| error rows | " + " | ".join(str(results[v]["errors"]) for v in variants) + " |")
     lines.append("| generated tokens | " + " | ".join(str(results[v]["generated_tokens"]) for v in variants) + " |")
     if parity is not None:
         checked = parity["adapters"]
         lines.append("| parity with training | " + " | ".join(
             f"{checked[v]['identical']}/{checked[v]['rows']}" if v in checked else "" for v in variants) + " |")
+    lines += _legend(task)
     if task.kind == "call":
         lines += _per_function(results, variants, names) + _per_attribute(results, variants)
     if task.kind == "label":
@@ -160,10 +168,18 @@ def markdown_report(run_name: str, results: dict[str, Any], table, cfg: Evaluate
         for w in worst:
             got = w["got"] if not w["error"] else f"(error: {w['error']})"
             lines.append(f"| {w['row_id']} | {_cell(w['input'])} | {_cell(w['expected'])} | {_cell(got)} | "
-                         f"{w[task.main_metric]:.2f} |")
+                         f"{_cell(metrics.format_value(w[task.main_metric], 2))} |")
         lines.append("")
     lines += ["![metrics](metrics.png)", ""]
     return "\n".join(lines)
+
+
+def _legend(task: Task) -> list[str]:
+    """One line per metric: what its score is."""
+    lines = ["", "Metrics, as computed here:", ""]
+    for name, metric in task.metrics.items():
+        lines.append(f"- `{name}`: {metric.definition or 'a metric of your own'}")
+    return lines
 
 
 def _parity(parity: dict[str, Any]) -> list[str]:
@@ -190,7 +206,8 @@ def _per_function(results: dict[str, Any], variants: list[str], names: list[str]
         cells = []
         for v in variants:
             got = results[v]["per_function"].get(fn)
-            cells.append(" / ".join(f"{got[m]:.2f}" for m in shown) + f" ({got['rows']})" if got else "-")
+            cells.append(" / ".join(_cell(metrics.format_value(got[m], 2)) for m in shown) + f" ({got['rows']})"
+                         if got else "-")
         lines.append(f"| {fn} | " + " | ".join(cells) + " |")
     return lines
 
@@ -203,19 +220,21 @@ def _per_attribute(results: dict[str, Any], variants: list[str]) -> list[str]:
         cells = []
         for v in variants:
             got = results[v]["per_attribute"].get(attr)
-            cells.append(f"{got['slot_f1']:.2f} ({got['expected']})" if got else "-")
+            cells.append(f"{metrics.format_value(got['slot_f1'], 2)} ({got['expected']})" if got else "-")
         lines.append(f"| {attr} | " + " | ".join(cells) + " |")
     return lines
 
 
 def chart(results: dict[str, Any], names: list[str], path: Path) -> None:
-    """Bars per metric and variant, with the 95% intervals as error bars."""
+    """Bars per metric and variant, with the 95% intervals as error bars (metrics whose value is a number
+    in every variant)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     variants = list(results)
+    names = [n for n in names if all(metrics.is_number(results[v]["metrics"].get(n)) for v in variants)]
     width = 0.8 / len(variants)
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(names)), 4))
     for i, v in enumerate(variants):
@@ -223,7 +242,7 @@ def chart(results: dict[str, Any], names: list[str], path: Path) -> None:
         values = [results[v]["metrics"][n] for n in names]
         intervals = results[v].get("intervals", {})
         errors = None
-        if all(n in intervals for n in names):
+        if all(n in intervals and all(metrics.is_number(x) for x in intervals[n]) for n in names):
             errors = [[max(0.0, val - intervals[n][0]) for n, val in zip(names, values, strict=True)],
                       [max(0.0, intervals[n][1] - val) for n, val in zip(names, values, strict=True)]]
         ax.bar(xs, values, width, label=v, yerr=errors, capsize=2)
@@ -269,5 +288,5 @@ def print_summary(results: dict[str, Any], names: list[str]) -> None:
     width = max(len(v) for v in results) + 2
     say("[evaluate] " + "variant".ljust(width) + "".join(n[:12].rjust(13) for n in names) + "   errors")
     for v, r in results.items():
-        say("[evaluate] " + v.ljust(width) + "".join(f"{r['metrics'][n]:13.3f}" for n in names)
-            + f"   {r['errors']:6d}")
+        say("[evaluate] " + v.ljust(width) + "".join(metrics.format_value(r["metrics"].get(n))[:12].rjust(13)
+                                                     for n in names) + f"   {r['errors']:6d}")

@@ -342,7 +342,7 @@ def _parser(cfg: TaskConfig) -> Callable[[str], Any]:
 
 
 def _metrics(cfg: TaskConfig) -> dict[str, Metric]:
-    return {name: from_function(import_function(name)) if ":" in name else METRICS[cfg.kind][name]
+    return {name: from_function(import_function(name), name) if ":" in name else METRICS[cfg.kind][name]
             for name in cfg.metric_names()}
 
 
