@@ -1,7 +1,7 @@
 """Batch inference throughput: the evaluate/batch stage's code path vs plain vLLM.
 
     .venvs/serve/bin/python bench/batch_throughput.py [--rows 1083] [--max-tokens 64]
-        [--model DIR] [--modes vllm,stage,bare] [--out bench/results]
+        [--model DIR] [--modes vllm,stage,bare] [--out FILE.json]
 
 Every mode answers the same rows (ViGGO test sentences with the recipe's instruction, as
 chat messages; greedy; ``max_tokens`` new tokens) with the same model and engine settings,
@@ -35,15 +35,15 @@ import argparse
 import csv
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+import record  # noqa: E402  (bench/record.py, beside this script)
 
 ENGINE_KWARGS = {"max_model_len": 512, "dtype": "float32", "enforce_eager": True}
 CPU_PROCESSOR = {"placement_group_config": {"bundles": [{"CPU": 1}]},
@@ -175,7 +175,7 @@ def run_child(mode: str, args) -> dict:
     raise SystemExit(f"mode {mode} failed (exit {proc.returncode})")
 
 
-def report(results: dict[str, dict], args, out_dir: Path) -> None:
+def report(results: dict[str, dict], args, out: str | None) -> None:
     for r in results.values():
         r["rows_per_s_steady"] = r["rows"] / r["steady_s"]
         r["tokens_per_s_steady"] = r["generated_tokens"] / r["steady_s"]
@@ -196,30 +196,22 @@ def report(results: dict[str, dict], args, out_dir: Path) -> None:
               f"{r['rows_per_s_steady']:8.1f} {r['ratio_steady']:7.2f} {r['total_s']:8.1f} "
               f"{r['rows_per_s_total']:7.1f} {r['ratio_total']:7.2f} {r['job_startup_s']:8.1f} {r['job_s']:7.1f} "
               f"{r['rows_per_s_job']:7.1f} {r['ratio_job']:7.2f}")
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.node(),
-            "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0], "rows": args.rows,
-            "max_tokens": args.max_tokens, "batch_size": args.batch_size, "model": args.model}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "batch_throughput.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    modes = list(results)
-    xs = range(len(modes))
-    ax.bar([x - 0.2 for x in xs], [results[m]["rows_per_s_steady"] for m in modes], 0.4, label="start-up excluded")
-    ax.bar([x + 0.2 for x in xs], [results[m]["rows_per_s_job"] for m in modes], 0.4,
-           label="whole job, from the process's launch")
-    ax.set_xticks(list(xs), modes)
-    ax.set_ylabel("rows/s")
-    ax.set_title(f"Batch inference, {args.rows} rows, {args.max_tokens} max new tokens")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "batch_throughput.png", dpi=110)
-    print(f"\nwrote {out_dir / 'batch_throughput.json'} and .png  ({meta['date']}, {meta['cpus']} CPUs, "
-          f"load {meta['load_avg_1m']:.1f})")
+    pairs = list(zip([r for m, r in results.items() if m.split("#")[0] == "vllm"],
+                     [r for m, r in results.items() if m.split("#")[0] == "stage"]))
+    figures = {
+        # Pair by pair: the n-th stage run against the n-th plain vLLM run (run one after the other).
+        "steady_vs_vllm": record.median([s["rows_per_s_steady"] / v["rows_per_s_steady"] for v, s in pairs]),
+        "job_vs_vllm": record.median([s["rows_per_s_job"] / v["rows_per_s_job"] for v, s in pairs]),
+        "steady_vs_vllm_pairs": [round(s["rows_per_s_steady"] / v["rows_per_s_steady"], 3) for v, s in pairs],
+        "job_vs_vllm_pairs": [round(s["rows_per_s_job"] / v["rows_per_s_job"], 3) for v, s in pairs],
+        "rows_per_s_steady": {m: round(r["rows_per_s_steady"], 2) for m, r in results.items()},
+        "job_s": {m: round(r["job_s"], 1) for m, r in results.items()},
+        "rows": args.rows, "max_tokens": args.max_tokens, "batch_size": args.batch_size,
+        "load_avg_1m": round(os.getloadavg()[0], 1),
+    }
+    for key in ("steady_vs_vllm", "job_vs_vllm"):
+        figures[key] = round(figures[key], 3) if figures[key] is not None else None
+    record.write("batch_throughput", figures, out)
 
 
 def main() -> None:
@@ -229,7 +221,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--model")
     parser.add_argument("--modes", default="vllm,stage,bare")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    parser.add_argument("--out", help="result file (default bench/results/batch_throughput/<machine>.json)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -240,7 +232,7 @@ def main() -> None:
     for mode in args.modes.split(","):  # a mode named twice is run twice (to see the machine drift)
         key = mode if mode not in results else f"{mode}#{sum(k.split('#')[0] == mode for k in results) + 1}"
         results[key] = run_child(mode, args)
-    report(results, args, Path(args.out))
+    report(results, args, args.out)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,16 @@ Measured per variant: the median time of an optimizer step after the first ``--s
 from the stage's own step lines (``[training] step S/T ... elapsed Es``), and the loss of every
 step (the variants compute the same sums, so the losses must agree to rounding).
 
-    .venvs/serve/bin/python bench/cpu_train.py --run runs/viggo-cpu --out bench/results/cpu_train.json
+    .venvs/serve/bin/python bench/cpu_train.py --run runs/viggo-cpu
+
+Writes ``bench/results/cpu_train/<machine>.json`` (bench/record.py; ``--out`` to override): each
+variant's median step and the speed-up of the last variant over the first; every step's loss and time
+beside it (``.raw.json``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -29,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import record
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +74,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--skip", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "cpu_train.json"))
+    parser.add_argument("--out", help="result file (default bench/results/cpu_train/<machine>.json)")
     args = parser.parse_args()
     variants = args.variants.split(",")
     with tempfile.TemporaryDirectory(prefix="bench-cpu-train-") as tmp:
@@ -98,13 +102,14 @@ def main() -> int:
         agree = all(abs(a[1] - b[1]) <= 1e-3 for x, y in zip(results[v], results[variants[0]])
                     for a, b in zip(x["steps"], y["steps"]))
         print(f"| {v} | {step:.3f} | {base / step:.2f} | {'yes' if agree else 'no'} |")
-    load = os.getloadavg()[0]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"load_1min_at_end": load, "steps": args.steps, "skip": args.skip,
-                                          "variants": {v: {"env": VARIANTS[v][0], "llamafactory": VARIANTS[v][1]}
-                                                       for v in variants}, "results": results},
-                                         indent=1) + "\n")
-    print(f"\nload average at the end {load:.1f}; raw: {args.out}")
+    steps = {v: statistics.median(x["median_step_s"] for x in results[v]) for v in variants}
+    figures = {"step_s": steps, "speedup": round(steps[variants[0]] / steps[variants[-1]], 2),
+               "loss_at_last_step": {v: results[v][-1]["steps"][-1][1] for v in variants},
+               "steps": args.steps, "skip": args.skip, "rounds": args.rounds,
+               "load_avg_1m": round(os.getloadavg()[0], 1)}
+    record.write("cpu_train", figures, args.out,
+                 raw={"variants": {v: {"env": VARIANTS[v][0], "llamafactory": VARIANTS[v][1]} for v in variants},
+                      "results": results})
     return 0
 
 

@@ -28,9 +28,11 @@ started by the stage): the S3 server (moto, stopped and started in this process,
 kept) is stopped once Ray Train recorded the first checkpoint, for 15 s, or until the run ends
 (``WORKFLOW_STORAGE_RETRY_SECONDS`` 20), after which the same run is run again.
 
-Prints one line per event and a summary; writes JSON to ``--out``. Needs root (namespaces).
+Prints one line per event and a summary; writes ``bench/results/faults/<machine>.json`` (bench/record.py;
+``--out`` to override): per scenario ``rows_lost``, ``recovery_s``, ``failed_requests``, and every event
+beside it (``.raw.json``, when under 1 MB). Needs root (namespaces).
 
-    .venvs/serve/bin/python bench/faults.py --out bench/results/faults/train-node-lost.json
+    .venvs/serve/bin/python bench/faults.py --scenarios baseline,train-node-lost,train-node-lost-no-replacement
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "tests" / "core"))
 sys.path.insert(0, str(REPO))
 
+import record  # noqa: E402  (bench/record.py, beside this script)
 from netns_cluster import leftovers, namespace_cluster  # noqa: E402
 from test_storage_faults import StoppableS3  # noqa: E402
 
@@ -683,7 +686,8 @@ def main() -> int:
                         help="the head's GCS storage in the serve scenarios: rocksdb (Ray's embedded store on the "
                              "head's disk: GCS fault tolerance without Redis) or memory (Ray's default)")
     parser.add_argument("--head-down-s", type=float, default=10, help="head-restart: seconds the head stays down")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "faults" / "train-node-lost.json"))
+    parser.add_argument("--out", help="result file (default bench/results/faults/<machine>.json); every event "
+                                      "recorded goes beside it (<name>.raw.json, when under 1 MB)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _interrupt)  # a `kill` tears the cluster down too (a background job ignores ^C)
     scenarios = args.scenarios.split(",")
@@ -761,12 +765,61 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def write_results(results: dict, out: str) -> int:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(results, indent=2, default=str) + "\n")
+def write_results(results: dict, out: str | None) -> int:
     print_summary(results)
-    print(f"[faults] wrote {out}")
+    record.write("faults", scenario_figures(results), out, raw=results)
     return 0
+
+
+def request_failures(requests: dict) -> tuple[int, int]:
+    """(failed, refused): requests that ended in an error, apart from refused connections (clients retry those)."""
+    failed = refused = 0
+    for phase in ("before", "in_flight_at_fault", "started_during_outage", "started_after_recovery"):
+        for outcome, n in (requests.get(phase) or {}).items():
+            if outcome == "error ConnectError":
+                refused += n
+            elif outcome != "ok":
+                failed += n
+    return failed, refused
+
+
+def scenario_figures(results: dict) -> dict:
+    """Per scenario ``rows_lost``, ``recovery_s`` (fault to working again) and ``failed_requests``; None where a
+    figure does not apply (training has no requests: it redoes steps, ``steps_redone``)."""
+    figures: dict = {}
+    for name, r in results["scenarios"].items():
+        if name == "baseline":
+            continue
+        fault_at = r.get("killed_at_s", r.get("stopped_at_s"))
+        out = {"rows_lost": None, "recovery_s": None, "failed_requests": None, "exit_code": r["exit_code"]}
+        if name == "evaluate-node-lost":
+            out["rows_lost"] = sum(v["missing"] for v in (r.get("rows") or {}).values())
+        summary = (r.get("manifest") or {}).get("summary", {})
+        if r.get("resumed_at_s") is not None and fault_at is not None:
+            out["recovery_s"] = round(r["resumed_at_s"] - fault_at, 1)
+        before = r.get("checkpoint_step_before_kill", r.get("checkpoint_step_before_outage"))
+        if summary.get("resumed_from_step") is not None and before is not None:
+            out["steps_redone"] = before - summary["resumed_from_step"]
+        if r["exit_code"] != 0 and fault_at is not None:
+            out["failed_after_s"] = round(r.get("failed_at_s") or r["seconds"], 1) - fault_at
+        figures[name] = out
+    serve = results.get("serve") or {}
+    if "serve-node-lost" in serve:
+        r = serve["serve-node-lost"]
+        failed, refused = request_failures(r["requests"])
+        figures["serve-node-lost"] = {"rows_lost": None, "recovery_s": r["recovery_s"], "failed_requests": failed,
+                                      "refused_connections": refused, "requests": r["requests"]["total"]}
+    if "head-restart" in serve:
+        r = serve["head-restart"]
+        counts = [request_failures(r[k]) for k in ("requests_head", "requests_replica_node")]
+        back = [t for t in r["ok_again_at_s"].values() if t is not None]
+        recovered = len(back) == len(r["ok_again_at_s"])
+        figures["head-restart"] = {"rows_lost": None,
+                                   "recovery_s": round(max(back) - r["killed_at_s"], 1) if recovered else None,
+                                   "failed_requests": sum(f for f, _ in counts),
+                                   "refused_connections": sum(n for _, n in counts),
+                                   "requests": r["requests_head"]["total"] + r["requests_replica_node"]["total"]}
+    return figures
 
 
 def print_summary(results: dict) -> None:

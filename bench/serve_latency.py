@@ -24,7 +24,8 @@ The load generator runs in a process of its own (``--load``) for every variant.
 
     .venvs/serve/bin/python bench/serve_latency.py --model DIR [--clients 1,16] [--duration 20] [--rounds 3]
 
-Writes JSON and a PNG next to ``--out``.
+Writes ``bench/results/serve_latency/<machine>.json`` (bench/record.py; ``--out`` to override): per
+clients, the ``direct`` app's median ratios to plain vLLM; every round's rows beside it (``.raw.json``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+import record  # noqa: E402  (bench/record.py, beside this script)
 
 from workflow.config import ServeConfig  # noqa: E402
 from workflow.prompts.messages import user_text  # noqa: E402
@@ -259,7 +262,9 @@ def run_plain_vllm(args, round_no: int, name: str = "vllm") -> list[dict]:
     port = cluster.free_port()
     # vllm-stock: vLLM's own placement of its engine core (workflow/patches/vllm_cpu_placement.py off)
     env_vars = {"WORKFLOW_VLLM_ENGINE_ON_WORKER_CORES": "0"} if name == "vllm-stock" else {}
-    address, stop = start_plain_vllm(args.model, port, Path(args.out).with_suffix(".vllm.log"), env_vars)
+    log = Path(tempfile.mkdtemp(prefix="bench-vllm-")) / f"{name}-round{round_no}.log"
+    print(f"[bench] {name}: the server's log is {log}", flush=True)
+    address, stop = start_plain_vllm(args.model, port, log, env_vars)
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
         client.wait_until_answering(base_url, MODEL_ID, None, timeout_s=300)
@@ -338,28 +343,22 @@ def summarize(rows: list[dict]) -> list[dict]:
              **{k: median([r.get(k) for r in rs]) for k in keys}} for (v, c), rs in groups.items()]
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
-    clients = sorted({r["clients"] for r in rows})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    width = 0.8 / len(variants)
-    for i, v in enumerate(variants):
-        by = {r["clients"]: r for r in rows if r["variant"] == v}
-        xs = [j + i * width for j in range(len(clients))]
-        axes[0].bar(xs, [by.get(c, {}).get("req_per_s", 0) for c in clients], width, label=v)
-        axes[1].bar(xs, [by.get(c, {}).get("ttft_p50_ms", 0) or 0 for c in clients], width, label=v)
-    for ax, title in zip(axes, ("requests/s (higher is better)", "p50 time to first token, ms (lower is better)")):
-        ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(clients))])
-        ax.set_xticklabels([f"{c} clients" for c in clients])
-        ax.set_title(title)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+def figures(summary: list[dict], variants: list[str], args) -> dict:
+    """The quoted figures, each keyed by clients: the app's (``direct`` when it ran, else the first Ray
+    variant) medians over rounds of its paired ratios to plain vLLM, and every variant's medians."""
+    apps = [v for v in variants if not v.startswith("vllm")]
+    app_name = "direct" if "direct" in apps else (apps[0] if apps else None)
+    out: dict = {"app": app_name, "rounds": args.rounds, "duration_s": args.duration, "max_tokens": args.max_tokens}
+    for key in ("req_per_s_vs_vllm", "ttft_p50_vs_vllm", "ttft_p99_vs_vllm", "req_per_s", "ttft_p50_ms",
+                "ttft_p99_ms"):
+        out[key] = {str(m["clients"]): m[key] for m in summary if m["variant"] == app_name}
+    out["vllm_req_per_s"] = {str(m["clients"]): m["req_per_s"] for m in summary if m["variant"] == "vllm"}
+    out["errors"] = sum(m["errors"] for m in summary)
+    out["variants"] = {f"{m['variant']}@{m['clients']}": {k: m[k] for k in ("req_per_s", "ttft_p50_ms", "ttft_p99_ms",
+                                                                         "req_per_s_vs_vllm", "ttft_p50_vs_vllm",
+                                                                         "ttft_p99_vs_vllm")}
+                       for m in summary}
+    return out
 
 
 def main() -> int:
@@ -371,7 +370,8 @@ def main() -> int:
     parser.add_argument("--variants", default="vllm,bare,tuned")
     parser.add_argument("--rounds", type=int, default=3,
                         help="start and measure every variant this many times, in a rotated order each round")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "serve_latency.json"))
+    parser.add_argument("--out", help="result file (default bench/results/serve_latency/<machine>.json); each round's "
+                                      "rows, CPU seconds per process included, go beside it (<name>.raw.json)")
     parser.add_argument("--load", help=argparse.SUPPRESS)  # internal: one load level, JSON [url, clients, s, tokens]
     args = parser.parse_args()
     if args.load:
@@ -380,7 +380,6 @@ def main() -> int:
     if not args.model:
         parser.error("--model is required")
     args.clients = [int(c) for c in args.clients.split(",")]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     variants = args.variants.split(",")
     # Two cores shared by the server's busy-polling engine processes, its front end and the
@@ -396,11 +395,6 @@ def main() -> int:
                 rows += run_ray_app(variant, VARIANTS[variant], args, round_no)
     add_ratios(rows)
     summary = summarize(rows)
-    result = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"), "machine": os.uname().nodename,
-              "cpus": os.cpu_count(), "max_tokens": args.max_tokens, "duration_s": args.duration,
-              "rounds": args.rounds, "summary": summary, "rows": rows}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    plot(summary, Path(args.out).with_suffix(".png"))
 
     def fmt(value, digits=2):
         return "" if value is None else f"{value:.{digits}f}"
@@ -412,7 +406,7 @@ def main() -> int:
               f"{fmt(r['tokens_per_s'], 0):>8} {fmt(r['ttft_p50_ms'], 0):>8} {fmt(r['ttft_p99_ms'], 0):>8} "
               f"{r['errors']:>6} {fmt(r.get('req_per_s_vs_vllm')):>8} {fmt(r.get('ttft_p50_vs_vllm')):>6} "
               f"{fmt(r.get('ttft_p99_vs_vllm')):>6}")
-    print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
+    record.write("serve_latency", figures(summary, variants, args), args.out, raw={"rows": rows})
     return 0
 
 

@@ -11,14 +11,14 @@ cluster down and checks that none of their processes is left and the port is clo
 
     .venvs/serve/bin/python bench/serve_soak.py --model DIR [--app direct|tuned|vllm] [--clients 32] [--duration 60]
 
-Prints the figures and writes JSON and a PNG (memory and requests over time) next to --out.
+Prints the figures and writes ``bench/results/serve_soak/<machine>.json`` (bench/record.py; ``--out`` to
+override), the memory timeline beside it (``.raw.json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import socket
 import sys
@@ -29,6 +29,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
+import record  # noqa: E402
 from serve_latency import DIRECT, MODEL_ID, TUNED, one_request, start_plain_vllm  # noqa: E402
 
 from workflow.config import ServeConfig  # noqa: E402
@@ -146,32 +147,6 @@ def shutdown(stop, address: str, port: int) -> dict:
             "processes_left": sorted(title for title, _ in left.values()), "port_open_after": port_open(port)}
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    timeline = result["soak"]["timeline"]
-    ts = [s["t_s"] for s in timeline]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    axes[0].plot(ts, [s["rss_mb"] for s in timeline], marker=".")
-    axes[0].set_title("RSS of the serve cluster's processes, MB")
-    axes[0].set_xlabel("seconds into the soak (after warm-up)")
-    interval = [b["t_s"] - a["t_s"] for a, b in zip([{"t_s": 0}] + timeline, timeline)]
-    axes[1].plot(ts, [s["requests"] / dt if dt else 0 for s, dt in zip(timeline, interval)], marker=".",
-                 label="completed requests/s")
-    axes[1].plot(ts, [s["errors"] for s in timeline], marker="x", label="failed requests (cumulative)")
-    axes[1].set_title(f"{result['soak']['clients']} streaming clients")
-    axes[1].set_xlabel("seconds into the soak (after warm-up)")
-    axes[1].legend()
-    rss = [s["rss_mb"] for s in timeline]
-    axes[0].set_ylim(min(rss) - 100, max(rss) + 100)  # zoomed: growth of a few MB must show
-    axes[1].set_ylim(bottom=0)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
 def start_ray_app(args, api_key: str, port: int):
     """The workflow's app on its own one-node cluster, as the serve stage starts it: (address, stop)."""
     cfg = ServeConfig(**(DIRECT if args.app == "direct" else TUNED), num_cpus=8)
@@ -209,8 +184,11 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=20, help="seconds of the same load before measuring")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--sample-every", type=float, default=2.0, help="seconds between memory samples")
-    parser.add_argument("--out", help="JSON path (default bench/results/serve_soak-<app>.json); the PNG goes beside it")
+    parser.add_argument("--out", help="result file (default bench/results/serve_soak/<machine>.json, for --app direct "
+                                      "only); the memory timeline goes beside it (<name>.raw.json)")
     args = parser.parse_args()
+    if args.app != "direct" and not args.out:
+        parser.error(f"--app {args.app} needs --out: bench/results/serve_soak/ holds the CPU recipe's app (direct)")
 
     api_key = os.environ.setdefault(API_KEY_ENV, "soak-" + os.urandom(12).hex())
     port = cluster.free_port()
@@ -234,10 +212,13 @@ def main() -> int:
         result["shutdown"] = shutdown(stop, address, port)
     result["load_after"] = os.getloadavg()[0]
 
-    out = Path(args.out or BENCH / "results" / f"serve_soak-{args.app}.json")
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, out.with_suffix(".png"))
     s, m, d = result["soak"], result["memory"], result["shutdown"]
+    figures = {"app": args.app, "clients": s["clients"], "seconds": s["duration_s"], "requests": s["requests"],
+               "failed_requests": s["failed"], "req_per_s": s["req_per_s"], "ttft_p50_ms": s["ttft_p50_ms"],
+               "ttft_p99_ms": s["ttft_p99_ms"], "rss_growth_pct": m["rss_growth_pct"],
+               "rss_slope_mb_per_min": m["rss_slope_mb_per_min"], "stop_s": d["stop_s"],
+               "processes_left": len(d["processes_left"]), "port_open_after": d["port_open_after"]}
+    record.write("serve_soak", figures, args.out, raw={"timeline": s["timeline"], "by_process": s["by_process"]})
     print(f"[soak] {s['clients']} clients x {s['duration_s']} s: {s['requests']} requests, {s['failed']} failed, "
           f"{s['req_per_s']} req/s, {s['tokens_per_s']} tokens/s, TTFT p50 {s['ttft_p50_ms']} ms "
           f"p99 {s['ttft_p99_ms']} ms", flush=True)
@@ -249,7 +230,6 @@ def main() -> int:
               f"{row['rss_last_mb']} MB)", flush=True)
     print(f"[soak] shutdown: {d['stop_s']} s, all processes gone after {d['all_gone_s']} s, left "
           f"{d['processes_left'] or 'none'}, port open after: {d['port_open_after']}", flush=True)
-    print(f"[soak] wrote {out} and {out.with_suffix('.png')}", flush=True)
     clean = not d["processes_left"] and not d["port_open_after"]
     return 0 if s["failed"] == 0 and clean else 1
 

@@ -18,15 +18,14 @@ Measured per worker count:
 Usage, on a machine with N GPUs and the wheels of ../shared/docs/GPU.md on PYTHONPATH::
 
     WORKFLOW_TRAIN_PYTHON=python3 WORKFLOW_SERVE_PYTHON=python3 \\
-        python3 bench/train_scaling.py --out OUT --workers 1,2 [--rows 2400] [--epochs 1]
+        python3 bench/train_scaling.py --workers 1,2 [--rows 2400] [--epochs 1] [--out FILE.json]
 
-OUT gets results.json and table.md.
+Writes ``bench/results/train_scaling/<machine>.json`` (bench/record.py), after every worker count.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import sys
@@ -38,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+import record  # noqa: E402  (bench/record.py)
 import yaml  # noqa: E402
 
 FAST = REPO / "recipes" / "viggo-qwen2.5-7b-fast.yaml"
@@ -143,9 +143,21 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def figures(results: list[dict], rows: int) -> dict:
+    """rows/s and scaling efficiency (rows/s at N / (N x rows/s at 1)) keyed by worker count, GPU utilisation."""
+    ok = [r for r in results if "failed" not in r]
+    one = next((r["rows_per_s"] for r in ok if r["workers"] == 1), None)
+    return {"rows_per_s": {str(r["workers"]): r["rows_per_s"] for r in ok},
+            "efficiency": {str(r["workers"]): round(r["rows_per_s"] / (r["workers"] * one), 3)
+                           for r in ok if one and r["workers"] > 1},
+            "gpu_util_pct": {str(r["workers"]): [round(g["mean_util_pct"]) for g in r["gpus"].values()][:r["workers"]]
+                             for r in ok},
+            "failed": {str(r["workers"]): r["failed"] for r in results if "failed" in r}, "rows": rows}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="results.json and table.md")
+    parser.add_argument("--out", help="result file (default bench/results/train_scaling/<machine>.json)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/train-scaling"), help="data, model, runs")
     parser.add_argument("--workers", default="1,2", help="worker counts, e.g. 1,2,4")
     parser.add_argument("--rows", type=int, default=2400)
@@ -155,7 +167,6 @@ def main() -> int:
 
     from train_throughput import prepare
 
-    opts.out.mkdir(parents=True, exist_ok=True)
     opts.work.mkdir(parents=True, exist_ok=True)
     data, model = prepare(opts.work, opts.rows)
     sampler = GpuSampler()
@@ -164,12 +175,10 @@ def main() -> int:
         for n in (int(x) for x in opts.workers.split(",")):
             results.append(run(n, opts, data, model, sampler))
             print(f"[bench] {results[-1]}", flush=True)
-            (opts.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            record.write("train_scaling", figures(results, opts.rows), opts.out)  # after every worker count
     finally:
         sampler.stop()
-    text = table(results)
-    (opts.out / "table.md").write_text(text + "\n")
-    print(text, flush=True)
+    print(table(results), flush=True)
     return 0 if all("failed" not in r for r in results) else 1
 
 

@@ -30,11 +30,12 @@ not model FLOPs: they count as waste.
 
 Usage, on a GPU machine with the wheels of bench/README.md on PYTHONPATH::
 
-    python bench/train_throughput.py --out OUT [--rows 800] [--variants reference,fast]
+    python bench/train_throughput.py [--out FILE.json] [--rows 800] [--variants reference,fast]
         [--try 'NAME=BASE:key=value,key=value' ...]
 
-``--try`` adds a variant: a named recipe's LLaMA-Factory keys with some keys changed. OUT gets
-results.json (every step of every run), table.md and loss.png (loss against tokens seen).
+``--try`` adds a variant: a named recipe's LLaMA-Factory keys with some keys changed. Writes
+``bench/results/train_throughput/<machine>.json`` (bench/record.py; ``--out FILE`` to override) and every
+step of every run beside it (``.raw.json``); ``--profile`` and ``--sync-debug`` write into ``--work``.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
+import record  # noqa: E402  (bench/record.py)
 import yaml  # noqa: E402
 
 from workflow.config import load_recipe  # noqa: E402
@@ -418,31 +420,8 @@ def summarize(name: str, result: dict, config, skip: float) -> dict:
     }
 
 
-def plot_losses(results: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, result in results.items():
-        seen, xs, ys = 0, [], []
-        for s in result["steps"]:
-            seen += s["tokens"]
-            if "loss" in s:
-                xs.append(seen)
-                ys.append(s["loss"])
-        ax.plot(xs, ys, label=name, marker="." if len(xs) < 40 else None)
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("training loss")
-    ax.set_title("LoRA SFT, Qwen2.5-7B shape (random weights), ViGGO rows")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def write_report(out: Path, summaries: list[dict], results: dict, config, rows: int) -> str:
-    """table.md and loss.png in ``out`` (rewritten after every run, so a cut-off bench leaves them too)."""
+def report_table(summaries: list[dict], results: dict, config, rows: int) -> str:
+    """The runs as a Markdown table, for the console."""
     ok = [s for s in summaries if "failed" not in s]
     ref = next((s for s in ok if s["variant"] == "reference"), None)
     gpu = next(iter(results.values()))["gpu"] if results else "?"
@@ -458,16 +437,35 @@ def write_report(out: Path, summaries: list[dict], results: dict, config, rows: 
         lines.append(f"| {s['variant']} | {changes} | {s['rows_per_s']:.1f} | {s['tokens_per_s']:.0f} | "
                      f"{s['mfu']:.1%} | {speedup} | {s['peak_allocated_gib']:.1f} | {s['optimizer_steps']} | "
                      f"{s['last_quarter_loss']:.4f} |")
-    table = "\n".join(lines)
-    (out / "table.md").write_text(table + "\n")
-    if results:
-        plot_losses(results, out / "loss.png")
-    return table
+    return "\n".join(lines)
+
+
+def figures(summaries: list[dict], rows: int) -> dict:
+    """The quoted figures: the fast recipe's (the variant ``fast``, else the first that ran), the reference's
+    when it ran beside it, and every variant's rows/s, MFU and loss."""
+    ok = [s for s in summaries if "failed" not in s]
+    fast = next((s for s in ok if s["variant"] == "fast"), next((s for s in ok if s["variant"] != "reference"), None))
+    ref = next((s for s in ok if s["variant"] == "reference"), None)
+    out: dict = {"variant": fast and fast["variant"], "rows": rows}
+    if fast:
+        out.update(mfu=round(fast["mfu"], 4), rows_per_s=round(fast["rows_per_s"], 2),
+                   tokens_per_s=round(fast["tokens_per_s"]), loss=round(fast["last_quarter_loss"], 4),
+                   peak_gib=round(fast["peak_allocated_gib"], 1), median_step_s=round(fast["median_step_s"], 3))
+    if ref:
+        out.update(reference_rows_per_s=round(ref["rows_per_s"], 2), reference_mfu=round(ref["mfu"], 4),
+                   reference_loss=round(ref["last_quarter_loss"], 4))
+        if fast:
+            out["x_reference"] = round(fast["rows_per_s"] / ref["rows_per_s"], 1)
+    out["variants"] = {s["variant"]: {"rows_per_s": round(s["rows_per_s"], 2), "mfu": round(s["mfu"], 4),
+                                      "loss": round(s["last_quarter_loss"], 4)} if "failed" not in s
+                       else {"failed": s["failed"]} for s in summaries}
+    return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, help="results.json, table.md, loss.png (required)")
+    parser.add_argument("--out", help="result file (default bench/results/train_throughput/<machine>.json); every "
+                                      "step of every run goes beside it (<name>.raw.json)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/train-throughput"), help="data, model, outputs")
     parser.add_argument("--rows", type=int, default=800)
     parser.add_argument("--variants", default="reference,fast")
@@ -489,14 +487,12 @@ def main() -> int:
         Path(spec["result"]).write_text(json.dumps(run_one(spec)))
         return 0
 
-    if opts.out is None:
-        parser.error("--out is required")
     from transformers import AutoConfig
 
     for text in opts.recipe:
         name, _, path = text.partition("=")
         RECIPES[name] = Path(path).resolve()
-    opts.out.mkdir(parents=True, exist_ok=True)
+    opts.work.mkdir(parents=True, exist_ok=True)
     data, model = prepare(opts.work, opts.rows)
     config = AutoConfig.from_pretrained(model)
     variants = {name: (name, {}) for name in opts.variants.split(",") if name}
@@ -512,8 +508,8 @@ def main() -> int:
         llamafactory_changes = {k: v for k, v in changes.items() if k not in BENCH_ONLY_KEYS and not k.startswith("env.")}
         args, dropped = variant_args(base, llamafactory_changes, data=data, model=model, output=output)
         spec = {"args": args, "result": str(opts.work / f"{name}.result.json"), "bench_only": bench_only,
-                "profile_to": str(opts.out / f"{name}.profile.txt") if opts.profile else None,
-                "syncs_to": str(opts.out / f"{name}.syncs.txt") if opts.sync_debug else None}
+                "profile_to": str(opts.work / f"{name}.profile.txt") if opts.profile else None,
+                "syncs_to": str(opts.work / f"{name}.syncs.txt") if opts.sync_debug else None}
         spec_path = opts.work / f"{name}.spec.json"
         spec_path.write_text(json.dumps(spec))
         print(f"[bench] {name}: {base} recipe, changed {changes or 'nothing'}; dropped {dropped}; "
@@ -558,11 +554,11 @@ def main() -> int:
               f"MFU {summary['mfu']:.1%}, peak {summary['peak_allocated_gib']:.1f} GiB, "
               f"last-quarter loss {summary['last_quarter_loss']}; steady step median {summary['median_step_s']:.3f} s, "
               f"slowest {summary['slowest_step_s']:.3f} s", flush=True)
-        (opts.out / "results.json").write_text(json.dumps({"summaries": summaries, "runs": results,
-                                                            "model_config": config.to_dict()}, indent=1))
-        write_report(opts.out, summaries, results, config, opts.rows)
+        # Written after every run, so a cut-off bench leaves the runs it finished.
+        record.write("train_throughput", figures(summaries, opts.rows), opts.out,
+                     raw={"summaries": summaries, "runs": results, "model_config": config.to_dict()})
 
-    print(write_report(opts.out, summaries, results, config, opts.rows), flush=True)
+    print(report_table(summaries, results, config, opts.rows), flush=True)
     return 0 if all("failed" not in s for s in summaries) else 1
 
 
