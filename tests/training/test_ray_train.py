@@ -141,3 +141,26 @@ def test_pretrain_corpus_in_row_order_keeps_each_sentence_before_its_mr():
     docs = pretrain_corpus(rows, ["input", "output"], order="rows", seed=3)
     assert len(docs) == 100 and [d[-1] for d in docs[0::2]] == [d[-3] for d in docs[1::2]]
     assert docs[0::2] != [r["input"] for r in rows]  # rows are shuffled as units
+
+
+@pytest.mark.train_env
+def test_loss_plot_is_titled_with_the_published_folders_name(tmp_path):
+    """LLaMA-Factory titles its plot with the temporary folder it trained into; the published one names the adapter."""
+    import json
+
+    from PIL import Image
+
+    from workflow.training.ray_train import LOSS_PLOT, title_loss_plot
+
+    logs = [{"step": s, "loss": 3.0 / s} for s in range(1, 7)] + [{"step": 6, "train_loss": 1.2}]
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": logs}))
+    title_loss_plot(tmp_path, "viggo-cpu")
+    with Image.open(tmp_path / LOSS_PLOT) as image:
+        assert image.format == "PNG" and image.text["Title"] == "training loss of viggo-cpu"
+
+
+def test_the_trained_adapters_loss_plot_names_the_adapter(trained_run):
+    from PIL import Image
+
+    with Image.open(trained_run["adapter"] / "training_loss.png") as image:
+        assert image.text["Title"] == "training loss of trained"

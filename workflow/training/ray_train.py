@@ -32,6 +32,8 @@ from ..patches.peft_lora_fast_path import lora_fast_path_callback
 # Files of a finished run that are not part of the published model folder.
 NOT_PUBLISHED = re.compile(r"^(checkpoint-\d+|runs|tensorboard)(/|$)")
 
+LOSS_PLOT = "training_loss.png"  # LLaMA-Factory's plot_loss
+
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of reported checkpoints
@@ -127,6 +129,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
             if f.is_file() and not NOT_PUBLISHED.match(rel):
                 (publish / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(f, publish / rel)
+        if (publish / LOSS_PLOT).is_file():
+            title_loss_plot(publish, config["export_uri"].rstrip("/").rsplit("/", 1)[-1])
         if args.get("stage", "sft") == "sft" and args.get("finetuning_type", "lora") == "lora" and args.get("template"):
             # Evaluate and serve compare their rendering of this sample with training's.
             write_record(output, args["dataset_dir"], args["dataset"], args["template"], publish)
@@ -138,6 +142,35 @@ def train_loop_per_worker(config: dict) -> dict | None:
         return {**_summary(output, resumed_from), "workers": ray.train.get_context().get_world_size(), "nodes": nodes}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def title_loss_plot(folder: Path, name: str) -> None:
+    """Draw ``folder``'s loss plot again, titled with ``name`` (the adapter's, the published folder's).
+
+    LLaMA-Factory's ``plot_loss`` titles it with the folder it trained into, here a temporary one
+    (``training loss of /tmp/workflow-train-rank0-.../output``). Drawn as it draws it (its smoothing),
+    from the same ``trainer_state.json``; the title is also the PNG's ``Title`` text."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from llamafactory.extras.ploting import smooth
+
+    state = json.loads((folder / "trainer_state.json").read_text())
+    points = [(log["step"], log["loss"]) for log in state.get("log_history", []) if "loss" in log]
+    if not points:
+        return
+    steps, losses = (list(values) for values in zip(*points, strict=True))
+    title = f"training loss of {name}"
+    fig = plt.figure()
+    plt.plot(steps, losses, color="#1f77b4", alpha=0.4, label="original")
+    plt.plot(steps, smooth(losses), color="#1f77b4", label="smoothed")
+    plt.title(title)
+    plt.xlabel("step")
+    plt.ylabel("loss")
+    plt.legend()
+    fig.savefig(folder / LOSS_PLOT, format="png", dpi=100, metadata={"Title": title})
+    plt.close(fig)
 
 
 def _count_nodes() -> int:
