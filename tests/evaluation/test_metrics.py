@@ -331,3 +331,121 @@ def test_without_training_outputs_the_kind_is_read_off_the_references_and_constr
         tasks.build(None, None, reference_outputs=["inform(name[a])"], constrained=bounds())
     with pytest.raises(Exception, match="no task given and no outputs to infer it from"):
         tasks.build(None, None)
+
+
+# ---------------------------------------------------------------- every metric on edge cases, counted by hand
+
+def test_an_empty_object_answered_with_an_empty_object_is_an_exact_match_and_no_field():
+    # Rows: {} / {}; {} / {"a":1}; {"a":1,"b":{"c":[2,3]}} / {"a":1,"b":{"c":[3]}}; {"x":[]} / "not json"
+    expected = ["{}", "{}", '{"a":1,"b":{"c":[2,3]}}', '{"x":[]}']
+    got = ["{}", '{"a":1}', '{"a": 1, "b": {"c": [3]}}', "not json"]
+    scores = kind_scores("json", expected, got)
+    # Expected fields: 0 + 0 + 3 (a, b.c[0], b.c[1]) + 1 (x=[]) = 4; answered: 0 + 1 + 2 (a, b.c[0]=3) + 0 = 3;
+    # right: a=1 only (b.c[0] is 2 expected, 3 answered) = 1.
+    assert scores["field_precision"] == pytest.approx(1 / 3) and scores["field_recall"] == pytest.approx(1 / 4)
+    assert scores["field_f1"] == pytest.approx(2 * (1 / 3) * (1 / 4) / (1 / 3 + 1 / 4))
+    assert scores["json_exact_match"] == 0.25 and scores["exact_match"] == 0.25
+    assert scores["json_validity"] == 0.75 and scores["parse_failure_rate"] == 0.25
+    # A split of empty objects answered as such: every answer right, no field to count (0 by convention).
+    empty = kind_scores("json", ["{}", "{}"], ["{}", " {} "])
+    assert empty["json_exact_match"] == 1.0 and empty["exact_match"] == 0.5 and empty["field_f1"] == 0.0
+
+
+def test_value_less_slots_are_slots_with_an_empty_value():
+    expected = ["?request(area)", "inform(area=north;food=thai)", "bye()"]
+    got = ["?request(area=)", "inform(area=north;food)", "bye()"]
+    scores = call_scores(expected, got, EQ)
+    # Slots expected: area='' ; area=north, food=thai -> 3. Answered: area='' ; area=north, food='' -> 3. Right: 2.
+    assert scores["slot_precision"] == pytest.approx(2 / 3) and scores["slot_recall"] == pytest.approx(2 / 3)
+    assert scores["function_accuracy"] == 1.0 and scores["parse_failure_rate"] == 0.0
+    assert scores["exact_match"] == pytest.approx(1 / 3)
+
+
+def test_an_expected_output_that_is_no_call_scores_as_a_row_with_no_slots():
+    scores = call_scores(["bye", "inform(area=x)"], ["bye", "inform(area=x)"], EQ)
+    # 'bye' reads as no call: no function to match (0), no slots; the answer 'bye' is a parse failure.
+    assert scores["function_accuracy"] == 0.5 and scores["slot_f1"] == 1.0
+    assert scores["parse_failure_rate"] == 0.5 and scores["exact_match"] == 1.0
+
+
+def test_whitespace_counts_only_where_the_metric_says_so():
+    text = kind_scores("text", ["A  b\n"], ["a b"])
+    assert text["exact_match"] == 0.0 and text["normalized_exact_match"] == 1.0 and text["token_f1"] == 1.0
+    label = kind_scores("label", ["yes", "no"], [" yes\n", "no "])
+    assert label["accuracy"] == 1.0 and label["exact_match"] == 0.0 and label["macro_f1"] == 1.0
+    call = call_scores(["inform(name[x], rating[y])"], ["inform( name[ x ] ,rating[y] )"])
+    assert call["exact_match"] == 0.0 and call["normalized_exact_match"] == 1.0 and call["slot_f1"] == 1.0
+
+
+def test_empty_outputs():
+    both = kind_scores("text", [""], [""])
+    assert both == {"exact_match": 1.0, "normalized_exact_match": 1.0, "token_f1": 1.0, "rouge_l": 1.0, "chrf": 1.0}
+    one = kind_scores("text", ["a cat"], [""])
+    assert one == {"exact_match": 0.0, "normalized_exact_match": 0.0, "token_f1": 0.0, "rouge_l": 0.0, "chrf": 0.0}
+    # An empty answer is no label: a: P 1 R 1/2 -> 2/3; b: nothing answered, R 0 -> 0; macro (2/3 + 0) / 2.
+    label = kind_scores("label", ["a", "a", "b"], ["a", "", ""])
+    assert label["accuracy"] == pytest.approx(1 / 3) and label["macro_f1"] == pytest.approx(1 / 3)
+    assert call_scores(["inform(a[x])"], [""])["parse_failure_rate"] == 1.0
+    assert kind_scores("json", ["{}"], [""])["json_validity"] == 0.0
+
+
+def test_unicode_text_is_scored_as_text():
+    same = kind_scores("text", ["東京 大阪", "Αθήνα είναι"], ["東京 大阪", "αθήνα είναι"])
+    assert same["rouge_l"] == 1.0 and same["token_f1"] == 1.0 and same["exact_match"] == 0.5
+    # One of two words: LCS 1 over 2 and 2 words -> P = R = 1/2.
+    assert kind_scores("text", ["東京 大阪"], ["東京 京都"])["rouge_l"] == pytest.approx(0.5)
+    assert kind_scores("label", ["café"], ["café "])["accuracy"] == 1.0
+    assert call_scores(["inform(name=Zoë)"], ["inform(name = Zoë)"], EQ)["slot_f1"] == 1.0
+
+
+def test_rouge_l_and_token_f1_by_hand():
+    # ROUGE-L: reference 'the cat sat on the mat' (6 words), answer 'on the mat the cat' (5): LCS 'the mat' or
+    # 'the cat'... longest is 'on the mat' (3) -> P 3/5, R 3/6.
+    scores = kind_scores("text", ["the cat sat on the mat"], ["on the mat the cat"])
+    assert scores["rouge_l"] == pytest.approx(2 * (3 / 5) * (3 / 6) / (3 / 5 + 3 / 6))
+    # Tokens: 'the' x2, cat, on, mat all in both -> 5 common of 5 answered, 6 expected.
+    assert scores["token_f1"] == pytest.approx(2 * 1 * (5 / 6) / (1 + 5 / 6))
+
+
+@pytest.mark.parametrize("value, shown", [(0.5, "0.500"), (1, "1.000"), ("fine", "fine"), (None, "n/a"),
+                                          (True, "true"), (float("nan"), "nan"), ({"a": [1, "é"]}, '{"a":[1,"é"]}'),
+                                          ([0.25] * 30, "[" + "0.25," * 11 + "0.2…")])  # 59 characters and …
+def test_any_metric_value_prints(value, shown):
+    assert metrics.format_value(value) == shown
+
+
+def test_metrics_that_are_not_numbers_reach_every_report_without_failing(tmp_path):
+    from workflow.config.evaluate import EvaluateConfig
+    from workflow.evaluation import report
+
+    names = ["exact_match", "user_metrics:verdict", "user_metrics:breakdown", "user_metrics:nothing"]
+    task = tasks.build(TaskConfig(kind="label", metrics=names), None)
+    table = predictions_table([("m", None, "a", "a"), ("m", None, "b", "a"), ("m", None, "a", "a")])
+    results = report.score(table, task, bootstrap=50)
+    got = results["m"]["metrics"]
+    assert got["exact_match"] == pytest.approx(2 / 3) and got["user_metrics:verdict"] == "some differ"
+    assert got["user_metrics:breakdown"] == {"rows": 3, "equal": [True, False, True]}
+    assert got["user_metrics:nothing"] is None and set(results["m"]["intervals"]) == {"exact_match"}
+    text = report.markdown_report("r", results, table, EvaluateConfig(bootstrap=50), task)
+    assert "| user_metrics:verdict | some differ |" in text and "| user_metrics:nothing | n/a |" in text
+    assert '| user_metrics:breakdown | {"rows":3,"equal":[true,false,true]} |' in text
+    assert "- `exact_match`: share of rows whose answer is the reference, character for character" in text
+    report.print_summary(results, names)
+    report.chart(results, names, tmp_path / "metrics.png")
+    assert (tmp_path / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_summary_prints_any_metric_value(tmp_path):
+    from conftest import ingest_only_recipe
+
+    from workflow.config import load_recipe
+    from workflow.core import manifest
+    from workflow.show import run_summary
+
+    recipe = load_recipe(ingest_only_recipe(tmp_path, "summary"))
+    values = {"accuracy": 0.25, "verdict": "some differ", "nothing": None, "nested": {"a": [1, 2]}}
+    manifest.write(f"{recipe.run_uri}/evaluate", stage="evaluate", run="summary", config={}, inputs={},
+                   started_at=manifest.now(), outputs={}, summary={"metrics": {"base": values}})
+    text = run_summary(recipe)
+    row = next(line for line in text.splitlines() if line.strip().startswith("base"))
+    assert row.split() == ["base", "0.250", "some", "differ", "n/a", '{"a":[1,2]}']
