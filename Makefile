@@ -10,7 +10,7 @@ BENCH_MODEL ?= runs/viggo-cpu/model/weights
 SOAK_APP ?= direct
 
 .PHONY: setup lock check-locks demo test test-serve test-train lint validate ingest model train evaluate serve stop show \
-        bench-batch bench-serve bench-soak bench-train
+        bench-batch bench-serve bench-soak bench-train bench-demo
 
 setup:            ## build the train and serve environments from envs/*.lock
 	WORKFLOW_VENVS=$(VENVS) bash envs/setup.sh
@@ -48,14 +48,17 @@ stop: setup
 show: setup
 	$(WORKFLOW) show $(RECIPE)
 
-bench-batch: setup
+bench-batch: setup ## each bench writes bench/results/<benchmark>/<machine>.json (bench/README.md)
 	$(SERVE_PY) bench/batch_throughput.py
 
 bench-serve: setup ## needs a model folder: BENCH_MODEL (default: the CPU demo's tiny model)
 	$(SERVE_PY) bench/serve_latency.py --model $(BENCH_MODEL)
 
 bench-soak: setup ## 32 streaming clients for 60 s on the CPU recipe's serve app (SOAK_APP=vllm: plain vLLM): failures, memory, shutdown
-	$(SERVE_PY) bench/serve_soak.py --model $(BENCH_MODEL) --app $(SOAK_APP)
+	$(SERVE_PY) bench/serve_soak.py --model $(BENCH_MODEL) --app $(SOAK_APP) $(if $(filter-out direct,$(SOAK_APP)),--out /tmp/serve_soak-$(SOAK_APP).json)
 
 bench-train: setup ## needs a GPU machine (see bench/README.md)
-	$(TRAIN_PY) bench/train_throughput.py --out bench/results/train_throughput
+	$(TRAIN_PY) bench/train_throughput.py
+
+bench-demo: setup ## make demo's pipeline on fresh storage, timed stage by stage, with the adapter's metrics
+	$(SERVE_PY) bench/demo.py

@@ -1,7 +1,7 @@
 """Batch inference throughput: the evaluate/batch stage's code path vs plain vLLM.
 
     .venvs/serve/bin/python bench/batch_throughput.py [--rows 1083] [--max-tokens 64]
-        [--model DIR] [--modes vllm,stage,bare] [--out FILE.json]
+        [--model DIR] [--modes vllm,stage,vllm,stage] [--out FILE.json]
 
 Every mode answers the same rows (ViGGO test sentences with the recipe's instruction, as
 chat messages; greedy; ``max_tokens`` new tokens) with the same model and engine settings,
@@ -220,7 +220,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--model")
-    parser.add_argument("--modes", default="vllm,stage,bare")
+    parser.add_argument("--modes", default="vllm,stage,vllm,stage",
+                        help="run one after the other; a mode named twice runs twice (pairs: vllm then stage)")
     parser.add_argument("--out", help="result file (default bench/results/batch_throughput/<machine>.json)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -801,7 +801,7 @@ def scenario_figures(results: dict) -> dict:
         if summary.get("resumed_from_step") is not None and before is not None:
             out["steps_redone"] = before - summary["resumed_from_step"]
         if r["exit_code"] != 0 and fault_at is not None:
-            out["failed_after_s"] = round(r.get("failed_at_s") or r["seconds"], 1) - fault_at
+            out["failed_after_s"] = round((r.get("failed_at_s") or r["seconds"]) - fault_at, 1)
         figures[name] = out
     serve = results.get("serve") or {}
     if "serve-node-lost" in serve:

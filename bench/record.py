@@ -48,7 +48,7 @@ def machine_kind() -> str:
 def gpu_kind(names: list[str]) -> str:
     """``["NVIDIA H100 80GB HBM3"] * 2`` -> ``h100x2``: the model (H100, H200, A100, L4, ...) of the first GPU,
     lower-cased, with the count when there is more than one."""
-    found = re.search(r"\b([A-Z]{1,2}\d{1,4})\b", names[0].replace("NVIDIA", ""))
+    found = re.search(r"\b([A-Z]{1,2}\d{1,4}[A-Z]?)\b", names[0].replace("NVIDIA", ""))
     model = found.group(1).lower() if found else re.sub(r"[^a-z0-9]+", "-", names[0].lower()).strip("-")
     return model if len(names) == 1 else f"{model}x{len(names)}"
 

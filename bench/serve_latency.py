@@ -22,7 +22,7 @@ started afresh every round, in a rotated order) the medians. Variants:
 
 The load generator runs in a process of its own (``--load``) for every variant.
 
-    .venvs/serve/bin/python bench/serve_latency.py --model DIR [--clients 1,16] [--duration 20] [--rounds 3]
+    .venvs/serve/bin/python bench/serve_latency.py --model DIR [--clients 16,32] [--duration 20] [--rounds 3]
 
 Writes ``bench/results/serve_latency/<machine>.json`` (bench/record.py; ``--out`` to override): per
 clients, the ``direct`` app's median ratios to plain vLLM; every round's rows beside it (``.raw.json``).
@@ -220,7 +220,7 @@ def run_load(base_url: str, clients: int, duration: float, max_tokens: int) -> d
 def measure(name: str, base_url: str, args, address: str, round_no: int) -> list[dict]:
     """Load at each concurrency; the busiest processes (by CPU seconds) are the profile."""
     rows = []
-    run_load(base_url, 2, 5, args.max_tokens)  # warm-up
+    run_load(base_url, 2, args.warmup, args.max_tokens)  # warm-up
     for clients in args.clients:
         print(f"[bench] round {round_no}, {name}: {clients} concurrent streaming clients for {args.duration:.0f} s",
               flush=True)
@@ -319,7 +319,7 @@ def add_ratios(rows: list[dict]) -> None:
     plain = {(r["round"], r["clients"]): r for r in rows if r["variant"] == "vllm"}
     for r in rows:
         ref = plain.get((r["round"], r["clients"]))
-        if r["variant"].startswith("vllm") or not ref:
+        if r["variant"] == "vllm" or not ref:
             continue
         r["req_per_s_vs_vllm"] = round(r["req_per_s"] / ref["req_per_s"], 2) if ref["req_per_s"] else None
         r["ttft_p50_vs_vllm"] = round(r["ttft_p50_ms"] / ref["ttft_p50_ms"], 2) if ref["ttft_p50_ms"] else None
@@ -344,10 +344,10 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def figures(summary: list[dict], variants: list[str], args) -> dict:
-    """The quoted figures, each keyed by clients: the app's (``direct`` when it ran, else the first Ray
-    variant) medians over rounds of its paired ratios to plain vLLM, and every variant's medians."""
-    apps = [v for v in variants if not v.startswith("vllm")]
-    app_name = "direct" if "direct" in apps else (apps[0] if apps else None)
+    """The quoted figures, each keyed by clients: the app's (``direct`` when it ran, else the first variant
+    other than ``vllm``) medians over rounds of its paired ratios to plain vLLM, and every variant's medians."""
+    others = [v for v in variants if v != "vllm"]
+    app_name = "direct" if "direct" in others else (others[0] if others else None)
     out: dict = {"app": app_name, "rounds": args.rounds, "duration_s": args.duration, "max_tokens": args.max_tokens}
     for key in ("req_per_s_vs_vllm", "ttft_p50_vs_vllm", "ttft_p99_vs_vllm", "req_per_s", "ttft_p50_ms",
                 "ttft_p99_ms"):
@@ -364,10 +364,11 @@ def figures(summary: list[dict], variants: list[str], args) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="model folder (e.g. the tiny model of a CPU run)")
-    parser.add_argument("--clients", default="1,16", help="comma-separated concurrency levels")
+    parser.add_argument("--clients", default="16,32", help="comma-separated concurrency levels")
     parser.add_argument("--duration", type=float, default=20, help="seconds of load per level")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--variants", default="vllm,bare,tuned")
+    parser.add_argument("--warmup", type=float, default=5, help="seconds of 2 clients before each variant's load")
+    parser.add_argument("--variants", default="vllm,direct")
     parser.add_argument("--rounds", type=int, default=3,
                         help="start and measure every variant this many times, in a rotated order each round")
     parser.add_argument("--out", help="result file (default bench/results/serve_latency/<machine>.json); each round's "

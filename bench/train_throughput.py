@@ -378,9 +378,22 @@ def parse_try(text: str) -> tuple[str, str, dict]:
     return name.strip(), base.strip(), changes
 
 
+def load_train_recipe(path: Path):
+    """The recipe, for its ``train`` section: the GPU recipes require ``WORKFLOW_STORAGE``, where the bench stores
+    nothing, so an unset one is filled in for the load only."""
+    unset = "WORKFLOW_STORAGE" not in os.environ
+    if unset:
+        os.environ["WORKFLOW_STORAGE"] = "/tmp/train-throughput/storage"
+    try:
+        return load_recipe(path)
+    finally:
+        if unset:
+            del os.environ["WORKFLOW_STORAGE"]
+
+
 def variant_args(base: str, changes: dict, *, data: Path, model: Path, output: Path) -> tuple[dict, dict]:
     """The train stage's arguments for a recipe (plus ``changes``), with the bench's overrides."""
-    recipe = load_recipe(RECIPES[base])
+    recipe = load_train_recipe(RECIPES[base])
     if recipe.train is None:
         raise SystemExit(f"{RECIPES[base]}: no train section yet")
     section = {**recipe.train.llamafactory, **changes}
