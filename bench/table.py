@@ -81,7 +81,11 @@ COLUMNS: dict[str, list[Column]] = {
     "cpu_lora_ops": [
         ("adapter s: vLLM's ops → the workflow's", lambda f: " → ".join(num(v, 1) for v in f.get("adapter_s", {}).values())),
         ("speed-up", lambda f: num(f.get("speedup"), 1, "×")), ("rows", lambda f: str(f.get("rows", "-")))],
-    "parity_reference": [],
+    "parity_reference": [
+        ("model", lambda f: f"{f.get('shape', '-')}, {f.get('dtype', '-')}"), ("rows × tokens",
+         lambda f: f"{f.get('rows', '-')} × {f.get('max_tokens', '-')}"),
+        ("call s", lambda f: num(f.get("call_seconds"), 1)), ("task s", lambda f: num(f.get("task_seconds"), 1)),
+        ("peak GPU GiB", lambda f: num(f.get("peak_gpu_memory_gib"), 1))],
 }
 
 
