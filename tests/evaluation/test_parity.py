@@ -35,8 +35,10 @@ def test_an_answer_that_stops_early_or_runs_on_differs_where_the_shorter_one_end
     assert result["mean_common_prefix"] == 2.0
 
 
-def test_no_rows_compare_as_agreeing():
-    assert parity.compare([], [], decode)["share_identical"] == 1.0
+def test_a_check_over_no_rows_fails_instead_of_passing():
+    with pytest.raises(WorkflowError, match="parity: no rows to compare") as err:
+        parity.compare([], [], decode)
+    assert "\n" not in str(err.value) and "evaluate.parity: null" in str(err.value)
 
 
 def test_unequal_row_counts_are_a_bug_not_a_result():
@@ -48,13 +50,12 @@ def test_below_the_threshold_fails_in_one_line_naming_adapter_row_token_and_over
     results = {"good": parity.compare([[1, 2]], [[1, 2]], decode),
                "bad": parity.compare([[1, 2], [1, 2, 3], [8]], [[1, 2], [1, 2, 4], [8]], decode)}
     with pytest.raises(WorkflowError) as err:
-        parity.check(results, 0.9, where="evaluate", key="evaluate.parity", allow_mismatch=False,
-                     note=parity.greedy_note({"temperature": 1.0, "seed": 3}))
+        parity.check(results, 0.9, where="evaluate", key="evaluate.parity", allow_mismatch=False)
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith("evaluate: adapter 'bad' answers differently from training: 2/3 rows identical")
     assert "row 1 token 2: training 'name', engine '['" in message
-    assert "evaluate.parity.min_identical is 0.9 (the engine's sampling is not greedy: temperature 1.0)" in message
+    assert "evaluate.parity.min_identical is 0.9 (see parity.json" in message
     assert "evaluate.parity.allow_mismatch: true" in message
 
 
@@ -63,7 +64,11 @@ def test_at_the_threshold_passes_and_the_override_turns_failures_into_warnings()
     assert parity.check(results, 0.75, where="evaluate", key="evaluate.parity", allow_mismatch=False) == []
     warnings = parity.check(results, 1.0, where="serve", key="serve.smoke.parity", allow_mismatch=True)
     assert len(warnings) == 1 and warnings[0].startswith("serve: adapter 'a' answers differently")
-    assert parity.greedy_note({"temperature": 0.0}) == ""
+
+
+def test_only_greedy_sampling_is_comparable_and_vllms_default_temperature_samples():
+    assert parity.is_greedy({"temperature": 0.0, "max_tokens": 8}) and parity.is_greedy({"temperature": 0})
+    assert not parity.is_greedy({"temperature": 0.3}) and not parity.is_greedy({"max_tokens": 8})
 
 
 def test_the_peft_reference_is_computed_once_per_run_then_read_back(tiny_model, tiny_adapter, tmp_path):

@@ -45,8 +45,9 @@ class EndpointConfig(Section):
 
 class ParityConfig(Section):
     """Train/serve parity (evaluation/parity.py): the first ``rows`` rows of the split, decoded greedily by
-    each adapter as trained (PEFT + transformers in the train environment), against the engine's answers
-    (the unconstrained adapter variant, first seed).
+    each adapter as trained (PEFT + transformers in the train environment: on this machine for an engine on
+    the CPU, as a Ray task with one GPU for an engine on GPUs), against the engine's answers (the
+    unconstrained adapter variant). Left out, with one line, when ``sampling_params`` is not greedy.
     """
 
     rows: int = Field(default=16, ge=1)
@@ -57,10 +58,10 @@ class ParityConfig(Section):
     # 62/64. Rounding moves a near-tie between two tokens about once in 64 rows (engines in bfloat16, as on
     # GPUs); a dropped adapter or sampling moves most rows.
     min_identical: float = Field(default=0.85, ge=0.0, le=1.0)
-    # The dtype the reference computes in: float32 (the adapter as trained on the CPU; PEFT in the engine's
-    # bfloat16 matched vLLM no better, see above), "engine" (the engine's engine_kwargs.dtype), "auto" (the
-    # model's own) or another torch dtype.
-    reference_dtype: Literal["float32", "engine", "auto", "bfloat16", "float16"] = "float32"
+    # The dtype the reference computes in: "engine" (the engine's engine_kwargs.dtype; its "auto" is the model's
+    # own: a 7B model in bfloat16 takes half the GPU memory of float32), "auto" (the model's own), or a torch dtype.
+    # The CPU recipes' engines compute in float32, so their reference does too (64/64 rows above).
+    reference_dtype: Literal["float32", "engine", "auto", "bfloat16", "float16"] = "engine"
     # Proceed (with a warning) when an adapter is below min_identical.
     allow_mismatch: bool = False
 

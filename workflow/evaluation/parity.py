@@ -8,9 +8,12 @@ for the same rows beside them: the share of rows that agree exactly, the mean co
 for each row that differs its first differing position with both tokens decoded. :func:`check`
 fails below the recipe's threshold with one line.
 
-The reference runs as ``python -m workflow.evaluation.parity REQUEST OUT`` in the train
-environment (LLaMA-Factory's template and the PEFT version the adapter was trained with live
-there; the serve environment has vLLM and no PEFT).
+The reference runs in the train environment (LLaMA-Factory's template and the PEFT version the
+adapter was trained with live there; the serve environment has vLLM and no PEFT): for an engine on
+the CPU as ``python -m workflow.evaluation.parity REQUEST OUT`` on this machine; for an engine on
+GPUs as a Ray task with one GPU and the train environment's interpreter, which reads the model and
+the adapters from storage on its own node (:func:`reference_in_ray_task`), so the driver neither copies
+the model nor needs a GPU.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,9 @@ def compare(reference: list[list[int]], candidate: list[list[int]], decode: Call
     """
     if len(reference) != len(candidate):
         raise ValueError(f"{len(reference)} reference rows but {len(candidate)} candidate rows")
+    if not reference:
+        raise WorkflowError("parity: no rows to compare (a check over no rows proves nothing)",
+                            hint="evaluate a split that has rows, or set evaluate.parity: null")
     prefixes, mismatches = [], []
     for row, (ref, got) in enumerate(zip(reference, candidate)):
         at = first_difference(list(ref), list(got))
@@ -53,8 +60,8 @@ def compare(reference: list[list[int]], candidate: list[list[int]], decode: Call
                                "engine": decode(got[at]) if at < len(got) else END,
                                "reference_tokens": len(ref), "engine_tokens": len(got)})
     n = len(reference)
-    return {"rows": n, "identical": n - len(mismatches), "share_identical": (n - len(mismatches)) / n if n else 1.0,
-            "mean_common_prefix": sum(prefixes) / n if n else 0.0, "mismatches": mismatches}
+    return {"rows": n, "identical": n - len(mismatches), "share_identical": (n - len(mismatches)) / n,
+            "mean_common_prefix": sum(prefixes) / n, "mismatches": mismatches}
 
 
 def token_decoder(model_manifest: dict[str, Any]) -> Callable[[int], str]:
@@ -75,29 +82,27 @@ def describe(result: dict[str, Any]) -> str:
 
 
 def check(results: dict[str, dict[str, Any]], min_identical: float, *, where: str, key: str,
-          allow_mismatch: bool, note: str = "") -> list[str]:
+          allow_mismatch: bool) -> list[str]:
     """Fail (one line) on the first adapter whose share of identical rows is below ``min_identical``.
 
     ``key`` is the recipe key of the settings (``evaluate.parity``); with ``allow_mismatch`` the
-    failures are returned as warnings instead. ``note`` adds what may explain a difference
-    (sampling that is not greedy).
+    failures are returned as warnings instead.
     """
     failed = []
     for name, result in results.items():
         if result["share_identical"] >= min_identical:
             continue
         message = (f"{where}: adapter {name!r} answers differently from training: {describe(result)}; "
-                   f"{key}.min_identical is {min_identical}{note}")
+                   f"{key}.min_identical is {min_identical}")
         if not allow_mismatch:
             raise WorkflowError(message, hint=f"see {FILE}; set {key}.allow_mismatch: true to proceed anyway")
         failed.append(message)
     return failed
 
 
-def greedy_note(sampling_params: dict[str, Any]) -> str:
-    """Why the engine's answers may differ by design: its sampling is not greedy."""
-    temperature = sampling_params.get("temperature", 1.0)
-    return f" (the engine's sampling is not greedy: temperature {temperature})" if temperature else ""
+def is_greedy(sampling_params: dict[str, Any]) -> bool:
+    """Whether vLLM decodes greedily with these ``SamplingParams`` fields (temperature 0; vLLM's default is 1)."""
+    return not sampling_params.get("temperature", 1.0)
 
 
 # ---------------------------------------------------------------- the reference (runs the train env)
@@ -125,6 +130,44 @@ def reference(model: str, adapters: dict[str, str], rows: list[list[dict[str, st
         return json.loads((Path(tmp) / "out.json").read_text())
 
 
+def reference_in_ray_task(model: str, adapters: dict[str, str], rows: list[list[dict[str, str]]], *,
+                          template: str | None, max_tokens: int, dtype: str, model_key: str, adapters_key: str,
+                          gpus: int = 1, revision: str | None = None) -> dict[str, Any]:
+    """:func:`reference` as a Ray task with ``gpus`` GPUs, run by the train environment's interpreter.
+
+    ``model`` and ``adapters`` are local folders, hub ids or storage URIs: the task reads them on its
+    own node (a copy of a bucket's folder on that node's disk, keyed by ``model_key`` / ``adapters_key``,
+    the model and train stages' fingerprints), so nothing is copied to this machine. Joins the Ray
+    cluster the stage uses (``RAY_ADDRESS``) or starts the stage's private one.
+    """
+    import ray
+
+    from ..inference.processor import init_ray
+
+    init_ray()
+    request = {"model": model, "revision": revision, "adapters": adapters, "rows": rows, "template": template,
+               "max_tokens": max_tokens, "dtype": dtype, "model_key": model_key, "adapters_key": adapters_key}
+    task = ray.remote(num_gpus=gpus, max_retries=0, runtime_env={
+        "py_executable": envs.python_for(envs.TRAIN),
+        "env_vars": {k: v for k, v in envs.stage_environment(envs.TRAIN).items()
+                     if k in ("DISABLE_VERSION_CHECK", "PYTHONPATH", "HF_HUB_OFFLINE", "HF_HOME")}})(_reference_task)
+    try:
+        return ray.get(task.remote(request))
+    except ray.exceptions.RayTaskError as err:
+        last = str(err.cause if err.cause is not None else err).strip().splitlines() or ["?"]
+        raise WorkflowError(f"parity: the PEFT reference failed in its Ray task: {last[-1][:300]}",
+                            hint="run it with --debug for the whole output") from None
+
+
+def _reference_task(request: dict[str, Any]) -> dict[str, Any]:
+    """The Ray task of :func:`reference_in_ray_task`: node-local copies of what lies in a bucket, then the reference."""
+    here = storage.node_local_copy  # a local folder or a hub id stays as it is
+    request = {**request, "model": here(request["model"], request["model_key"]),
+               "adapters": {name: here(uri, f"{request['adapters_key']}-{name}")
+                            for name, uri in request["adapters"].items()}}
+    return generate_reference(request)
+
+
 def cache_uri(run_uri: str) -> str:
     """Where a run keeps its PEFT references (a cache: any stage may add to it, none depends on it being there)."""
     return storage.join(run_uri, "cache", "parity")
@@ -142,7 +185,8 @@ def training_template(adapters_dir: str, names: list[str], recipe) -> str | None
 
 
 def reference_dtype(settings, engine_kwargs: dict[str, Any] | None) -> str:
-    """The dtype the reference computes in (``ParityConfig.reference_dtype``, ``engine``: the engine's)."""
+    """The dtype the reference computes in (``ParityConfig.reference_dtype``, ``engine``: the engine's
+    ``engine_kwargs.dtype``, whose ``auto`` is the model's own dtype, as for transformers)."""
     if settings.reference_dtype == "engine":
         return (engine_kwargs or {}).get("dtype", "auto")
     return settings.reference_dtype
@@ -151,18 +195,20 @@ def reference_dtype(settings, engine_kwargs: dict[str, Any] | None) -> str:
 def describe_reference(found: dict[str, Any]) -> dict[str, Any]:
     """How a reference was computed, for parity.json and smoke.json."""
     return {"by": "PEFT + transformers (train environment), greedy", "dtype": found["dtype"],
-            "device": found["device"], "template": found["template"], "versions": found["versions"]}
+            "device": found["device"], "template": found["template"], "versions": found["versions"],
+            **{k: found[k] for k in ("seconds", "peak_gpu_memory_bytes") if k in found}}
 
 
 def stored_reference(*, model_manifest: dict[str, Any], train_manifest: dict[str, Any], adapters: dict[str, str],
                      rows: list[list[dict[str, str]]], template: str | None, dtype: str, max_tokens: int,
-                     cache_uri: str, scratch: Path) -> dict[str, Any]:
-    """:func:`reference` for a run's adapters (name -> URI), each computed once per run.
+                     cache_uri: str, scratch: Path, gpus: int | None = None) -> dict[str, Any]:
+    """:func:`reference` for a run's adapters (name -> URI), each computed once per run: on this machine, or
+    with ``gpus`` (an engine on GPUs: 1) as a Ray task with that many GPUs (:func:`reference_in_ray_task`).
 
     Each adapter's reference is kept under ``cache_uri`` keyed by the model and train stages'
     fingerprints, the adapter's name, the rows, the template, the dtype and ``max_tokens``: the
     serve stage reuses what evaluate computed, and computes only what it lacks (no evaluate stage,
-    other settings). A model or adapter in a bucket is copied to ``scratch`` first.
+    other settings). On the CPU path a model or adapter in a bucket is copied to ``scratch`` first.
     """
     def key(name: str) -> str:
         return sha256_text(json.dumps({"model": model_manifest["fingerprint"], "train": train_manifest["fingerprint"],
@@ -174,11 +220,16 @@ def stored_reference(*, model_manifest: dict[str, Any], train_manifest: dict[str
     missing = {name: uri for name, uri in adapters.items() if name not in found}
     if missing:
         source = model_for_engine(model_manifest["outputs"]["model"])
-        if "://" in source:
-            source = str(storage.materialize(source, scratch / "model"))
-        computed = reference(source, local_adapters(missing, scratch / "adapters"), rows, template=template,
-                             max_tokens=max_tokens, dtype=dtype,
-                             revision=model_manifest.get("summary", {}).get("revision"))
+        revision = model_manifest.get("summary", {}).get("revision")
+        if gpus is not None:
+            computed = reference_in_ray_task(source, missing, rows, template=template, max_tokens=max_tokens,
+                                             dtype=dtype, revision=revision, model_key=model_manifest["fingerprint"],
+                                             adapters_key=train_manifest["fingerprint"], gpus=gpus)
+        else:
+            if "://" in source:
+                source = str(storage.materialize(source, scratch / "model"))
+            computed = reference(source, local_adapters(missing, scratch / "adapters"), rows, template=template,
+                                 max_tokens=max_tokens, dtype=dtype, revision=revision)
         for name in missing:
             found[name] = {**{k: v for k, v in computed.items() if k != "adapters"}, "template": template,
                            "rows": computed["adapters"][name]}
@@ -195,12 +246,17 @@ def generate_reference(request: dict[str, Any]) -> dict[str, Any]:
 
     from ..prompts.guard import chat_template_prompt_ids, llamafactory_prompt_ids
 
+    started = time.monotonic()
     torch.manual_seed(0)
     revision = request.get("revision")
     tokenizer = AutoTokenizer.from_pretrained(request["model"], revision=revision)
     dtype = request["dtype"] if request["dtype"] == "auto" else getattr(torch, request["dtype"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = AutoModelForCausalLM.from_pretrained(request["model"], revision=revision, dtype=dtype).to(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    # On a GPU, loaded straight onto it (not first into host memory as a whole).
+    base = AutoModelForCausalLM.from_pretrained(request["model"], revision=revision, dtype=dtype,
+                                                **({"device_map": device} if device == "cuda" else {})).to(device)
     # What vLLM stops on: the tokenizer's end-of-sequence token and the generation config's.
     eos = base.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -226,10 +282,14 @@ def generate_reference(request: dict[str, Any]) -> dict[str, Any]:
                                            eos_token_id=sorted(eos) or None,
                                            pad_token_id=tokenizer.pad_token_id or next(iter(eos), 0))
             out[name].append({"prompt_ids": ids, "generated_ids": generated[0, len(ids):].tolist()})
-    return {"dtype": str(base.dtype).removeprefix("torch."), "device": device,
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "peft": peft.__version__},
-            "adapters": out}
+    found = {"dtype": str(base.dtype).removeprefix("torch."), "device": device,
+             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                          "peft": peft.__version__},
+             "seconds": round(time.monotonic() - started, 1), "adapters": out}
+    if device == "cuda":
+        found["device"] = f"cuda ({torch.cuda.get_device_name()})"
+        found["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:

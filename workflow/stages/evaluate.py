@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config.evaluate import EvaluateConfig, check_library_fields
-from ..config.task import dump
+from ..config.task import TaskConfig, dump
 from ..core import manifest, storage
 from ..core.console import say
 from ..core.envs import SERVE
@@ -34,6 +34,7 @@ from ..inference.adapters import (
     model_for_engine,
     stored_adapters,
 )
+from ..preflight import describe_task
 from ..prompts import guard
 from ..prompts.messages import expected_output, row_messages
 
@@ -76,6 +77,18 @@ def run_adapters(ctx: StageContext, cfg: EvaluateConfig) -> dict[str, str]:
     if missing:
         raise WorkflowError(f"evaluate.adapters: {missing} not in {adapters_dir}; it has {found}")
     return {name: storage.join(adapters_dir, name) for name in wanted}
+
+
+def ingested_task(ctx: StageContext, cfg: EvaluateConfig) -> TaskConfig | None:
+    """The recipe's task, else the one the ingest stage read the training outputs as (and said so); None
+    for an ingest stage that recorded none (then ``tasks.build`` infers it here)."""
+    if cfg.task is not None:
+        return cfg.task
+    record = ctx.upstream("ingest").get("summary", {}).get("task")
+    if record is None:
+        return None
+    say(f"[evaluate] task: {describe_task(record)} (as the ingest stage read it)")
+    return TaskConfig.model_validate(record["config"])
 
 
 def training_outputs(ctx: StageContext) -> list[str] | None:
@@ -187,20 +200,30 @@ def predict(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]], 
 def parity_reference(ctx: StageContext, cfg: EvaluateConfig, rows: list[dict[str, Any]],
                      adapters: dict[str, str]) -> dict[str, Any] | None:
     """Each adapter's greedy answers to the first ``evaluate.parity.rows`` rows as trained (PEFT), or None
-    when the recipe turns parity off. Runs before the engine starts, so a GPU is still free for it."""
+    when the recipe turns parity off or the engine samples (its tokens then differ from greedy decoding by
+    design). Runs before the engine starts, so a GPU is still free for it."""
     if cfg.parity is None:
         say("[evaluate] parity: off (evaluate.parity: null)")
+        return None
+    if not parity.is_greedy(cfg.sampling_params):
+        say(f"[evaluate] parity: left out: the engine samples (evaluate.sampling_params.temperature "
+            f"{cfg.sampling_params.get('temperature', 1.0)}), so its tokens cannot be held against greedy decoding")
         return None
     train = ctx.upstream("train")
     template = parity.training_template(train["outputs"]["adapters_dir"], list(adapters), ctx.recipe)
     dtype = parity.reference_dtype(cfg.parity, cfg.processor.get("engine_kwargs"))
     k = min(cfg.parity.rows, len(rows))
-    say(f"[evaluate] parity: {k} rows, greedy, by PEFT in the train environment ({dtype}, prompts by "
+    on_gpu = not processor.cpu_engine(cfg.processor)
+    say(f"[evaluate] parity: {k} rows, greedy, by PEFT in the train environment "
+        f"({'a Ray task with one GPU, ' if on_gpu else ''}{dtype}, prompts by "
         f"{f'LLaMA-Factory template {template!r}' if template else 'the chat template'})")
+    if on_gpu:
+        processor.init_ray(ctx.run_uri, engine=True)  # the cluster the engine will use; the task runs there
     return parity.stored_reference(model_manifest=ctx.upstream("model"), train_manifest=train, adapters=adapters,
                                    rows=[row_messages(row) for row in rows[:k]], template=template, dtype=dtype,
                                    max_tokens=int(cfg.sampling_params.get("max_tokens", 16)),
-                                   cache_uri=parity.cache_uri(ctx.run_uri), scratch=ctx.scratch("parity"))
+                                   cache_uri=parity.cache_uri(ctx.run_uri), scratch=ctx.scratch("parity"),
+                                   gpus=1 if on_gpu else None)
 
 
 def check_parity(ctx: StageContext, cfg: EvaluateConfig, table, reference: dict[str, Any] | None):
@@ -209,30 +232,26 @@ def check_parity(ctx: StageContext, cfg: EvaluateConfig, table, reference: dict[
     Fails with one line below ``evaluate.parity.min_identical`` (before anything is written).
     """
     if reference is None:
-        if cfg.parity is not None:
+        if cfg.parity is not None and (cfg.endpoint is not None or parity.is_greedy(cfg.sampling_params)):
             why = "evaluate.endpoint scores an endpoint, not the run's adapters" if cfg.endpoint else "no adapters"
             say(f"[evaluate] parity: skipped ({why})")
         return None
     decode = parity.token_decoder(ctx.upstream("model"))
-    seed = cfg.seeds[0] if cfg.seeds else None
-    answers = table.select([c for c in ("variant", "row_id", "seed", "generated_tokens") if c in table.column_names])
-    answers = answers.to_pylist()
+    answers = table.select(["variant", "row_id", "generated_tokens"]).to_pylist()
     results = {}
     for name, ref in reference.items():
-        engine = {r["row_id"]: r["generated_tokens"] or [] for r in answers
-                  if r["variant"] == name and (seed is None or r["seed"] == seed)}
+        engine = {r["row_id"]: r["generated_tokens"] or [] for r in answers if r["variant"] == name}
         results[name] = parity.compare([r["generated_ids"] for r in ref["rows"]],
                                        [engine[i] for i in range(len(ref["rows"]))], decode)
     first = next(iter(reference.values()))
     content = {"rows": len(first["rows"]), "min_identical": cfg.parity.min_identical,
                "reference": parity.describe_reference(first),
                "engine": {"dtype": (cfg.processor.get("engine_kwargs") or {}).get("dtype", "auto"),
-                          "sampling_params": cfg.sampling_params, "seed": seed},
+                          "sampling_params": cfg.sampling_params},
                "adapters": results}
     print(json.dumps(content, indent=1), flush=True)  # every row's comparison, in the stage's log
     for warning in parity.check(results, cfg.parity.min_identical, where="evaluate", key="evaluate.parity",
-                                allow_mismatch=cfg.parity.allow_mismatch,
-                                note=parity.greedy_note(cfg.sampling_params)):
+                                allow_mismatch=cfg.parity.allow_mismatch):
         say(f"warning: {warning}; going on because evaluate.parity.allow_mismatch is true")
     for name, result in results.items():
         say(f"[evaluate] parity: adapter {name}: {parity.describe(result)}")
@@ -243,7 +262,7 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.recipe.evaluate
     check_library_fields(cfg)
     rows = load_rows(ctx, cfg)
-    task = tasks.build(cfg.task, training_outputs(ctx), constrained=cfg.constrained_decoding,
+    task = tasks.build(ingested_task(ctx, cfg), training_outputs(ctx), constrained=cfg.constrained_decoding,
                        where=f"{ctx.recipe.path}: evaluate.task",
                        reference_outputs=[metrics_reference(row) for row in rows])
     table, reference = predict(ctx, cfg, rows, task)

@@ -18,6 +18,8 @@ from ..core.console import say
 from ..core.envs import SERVE
 from ..core.stage import StageContext, StageResult
 from ..dataset.formats import dataset_info, load_splits, split_sources
+from ..preflight import check_task, describe_task, task_record
+from ..prompts.messages import expected_output
 
 ENV = SERVE
 
@@ -43,9 +45,19 @@ def inputs(ctx: StageContext) -> dict[str, str]:
     return {f"source:{name}": _source_fingerprint(uri) for name, uri in sources.items()}
 
 
+def expected_outputs(rows: list[dict]) -> list[str]:
+    """The rows' expected outputs (``output``, or a final assistant turn), those that have one."""
+    return [o for o in map(expected_output, rows) if o is not None]
+
+
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.recipe.ingest
     splits, stats = load_splits(cfg)
+    task = task_record(expected_outputs(splits["train"]), "training") if splits.get("train") else None
+    if task is not None:
+        stats["task"] = task
+        say(f"[ingest] task: {describe_task(task)}")
+    check_task(ctx.recipe, task, expected_outputs(splits["train"]) if task is not None else None)
     with tempfile.TemporaryDirectory(prefix="workflow-ingest-") as tmp:
         out = Path(tmp)
         for name, rows in splits.items():
@@ -67,4 +79,5 @@ def run(ctx: StageContext) -> StageResult:
     outputs["dataset_info"] = storage.join(ctx.out_uri, "dataset_info.json")
     hashes = {name: manifest.hash_file(uri) for name, uri in outputs.items()}
     return StageResult(outputs=outputs, summary={"rows": {n: len(r) for n, r in splits.items()}, "format": cfg.format,
-                                                 "sha256": hashes, "stats": stats})
+                                                 "sha256": hashes, "stats": stats,
+                                                 **({"task": task} if task is not None else {})})
