@@ -25,6 +25,7 @@ from . import runner
 from .config import load_recipe
 from .core.errors import WorkflowError
 from .core.stage import report_failure
+from .preflight import check_recipe
 from .stages import JOBS, STAGES
 from .training.llamafactory_args import check_recipe_in_train_env
 
@@ -47,6 +48,7 @@ def _cmd_validate(args) -> int:
                 check_library_fields(recipe.evaluate, where=f"{recipe.path}: evaluate")
             if recipe.serve is not None:  # LLMConfig as the serve stage builds it, vLLM engine args
                 check_recipe_llm_config(recipe)
+            check_recipe(recipe, on_cluster=bool(os.environ.get("RAY_ADDRESS")))  # what fails later, knowable now
             print(f"ok  {path}  ({recipe.name}: {' -> '.join(stages)}; storage {recipe.run_uri})")
         except WorkflowError as err:
             failed += 1

@@ -26,6 +26,7 @@ from .core.console import console_line, unmarked
 from .core.errors import WorkflowError
 from .core.secrets import redact
 from .core.stage import cache_dir
+from .preflight import check_before_run
 from .stages import JOBS, ORDER, STAGES
 
 VERBOSE_ENV = "WORKFLOW_VERBOSE"  # "1": the console shows everything the stages print
@@ -179,6 +180,7 @@ def run_pipeline(recipe: Recipe, *, stages: list[str] | None = None, from_stage:
     chosen = select_stages(recipe, stages, from_stage)
     if not chosen:
         raise WorkflowError(f"{recipe.path}: no stage to run (the recipe has no section for the stages asked for)")
+    check_before_run(recipe, chosen)  # every failure knowable before the first stage (workflow/preflight.py)
     print(f"run {recipe.name}: {' -> '.join(chosen)}  (storage {recipe.run_uri})", flush=True)
     for name in chosen:
         run_stage(name, recipe, force=force, debug=debug, options=(options or {}).get(name))
