@@ -12,6 +12,7 @@ import yaml
 
 import workflow.stages.ingest as ingest
 from workflow.config import load_recipe
+from workflow.config.evaluate import ConstrainedDecoding
 from workflow.core import storage
 from workflow.core.errors import WorkflowError
 from workflow.core.stage import StageContext, execute
@@ -47,6 +48,62 @@ def test_viggo_cpu_recipe_writes_all_splits(tmp_path, monkeypatch):
     info = json.loads((out / "dataset_info.json").read_text())
     assert info["train"] == {"file_name": "train.jsonl", "formatting": "alpaca",
                              "columns": {"prompt": "instruction", "query": "input", "response": "output"}}
+    # Every ViGGO training output is a call in the default syntax (value-less slots such as
+    # player_perspective[] included): the task is recorded with its evidence, beside the split counts.
+    task = {"kind": "call", "config": {"kind": "call"}, "from": "training", "outputs": 5103, "fitting": 5103,
+            "share_fitting": 1.0, "misfits": []}
+    assert m["summary"]["task"] == task and json.loads((out / "stats.json").read_text())["task"] == task
+
+
+def run_ingest_with_evaluate(tmp_path, rows, evaluate, *, name="t"):
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"input": i, "output": o}) + "\n" for i, o in rows))
+    recipe = {"name": name, "storage": str(tmp_path / "runs"), "model": {"source": "tiny"},
+              "ingest": {"source": str(src), "instruction": "Do.", "split_ratios": {"train": 1.0}},
+              "evaluate": evaluate}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    r = load_recipe(path)
+    return r, execute(ingest, StageContext(recipe=r, stage="ingest"))
+
+
+def test_the_inferred_task_is_printed_and_written_with_how_to_pin_it(tmp_path, capsys):
+    rows = [(f"sentence {i}", label) for i, label in enumerate(["yes", "no", "maybe"] * 20)]
+    _, m = run_ingest_with_evaluate(tmp_path, rows, {"constrained_decoding": {}})
+    assert m["summary"]["task"] == {"kind": "label", "config": {"kind": "label"}, "from": "training", "outputs": 60,
+                                    "fitting": 60, "share_fitting": 1.0, "misfits": []}
+    assert ("[ingest] task: kind 'label' (60 of 60 training outputs fit); to pin it, set evaluate.task: "
+            '{"kind": "label"}') in capsys.readouterr().out
+
+
+def test_an_evaluate_section_the_data_contradicts_fails_in_ingest_before_anything_is_written(tmp_path):
+    rows = [(f"s{i}", text) for i, text in enumerate(["The cat sat on the mat.", "A dog ran in the park.",
+                                                      "Rain fell all night.", "She read by the window."])]
+    with pytest.raises(WorkflowError, match=r"evaluate\.task \(inferred from the training outputs, which read as "
+                                            r"'text'\): a text task has no decoding constraint"):
+        run_ingest_with_evaluate(tmp_path, rows, {"constrained_decoding": {}})
+    assert not (tmp_path / "runs" / "t" / "ingest").exists() or not any((tmp_path / "runs" / "t" / "ingest").iterdir())
+    # An explicit evaluate.task wins over what the data reads as: the same outputs as a label task pass.
+    _, m = run_ingest_with_evaluate(tmp_path, rows, {"constrained_decoding": {}, "task": {"kind": "label"}},
+                                    name="pinned")
+    assert m["summary"]["task"]["kind"] == "text"
+
+
+def test_a_skipped_ingest_is_checked_against_a_changed_evaluate_section_at_the_start_of_a_run(tmp_path):
+    """The ingest stage that is up to date does not run, so workflow run checks its recorded task itself."""
+    from workflow.preflight import check_skipped_ingest
+
+    rows = [(f"s{i}", text) for i, text in enumerate(["The cat sat on the mat.", "A dog ran in the park."])]
+    first, _ = run_ingest_with_evaluate(tmp_path, rows, {})
+    check_skipped_ingest(first)  # the recipe the data was read with: nothing to say
+    changed = first.model_copy(update={"evaluate": first.evaluate.model_copy(
+        update={"constrained_decoding": ConstrainedDecoding()})})
+    changed._path = first.path
+    with pytest.raises(WorkflowError, match=r"a text task has no decoding constraint"):
+        check_skipped_ingest(changed)
+    # Data that changed since is read again by the ingest stage, which checks then: nothing is said here.
+    (tmp_path / "d.jsonl").write_text(json.dumps({"input": "x", "output": "yes"}) + "\n")
+    check_skipped_ingest(changed)
 
 
 def test_rerun_is_skipped_and_force_reruns(tmp_path, capsys):
