@@ -124,6 +124,7 @@ def test_a_result_file_appears_complete_with_its_raw_data_beside_it(tmp_path):
 
 # ---------------------------------------------------------------- the CPU benches, each a tiny real run
 
+@pytest.mark.heavy  # starts vLLM (and Ray) itself
 def test_batch_throughput(tiny_model, tmp_path):
     out = tmp_path / "batch.json"
     run_bench("batch_throughput.py", "--modes", "vllm,stage", "--rows", "8", "--max-tokens", "4", "--batch-size", "8",
@@ -134,6 +135,7 @@ def test_batch_throughput(tiny_model, tmp_path):
     assert len(figures["steady_vs_vllm_pairs"]) == 1 and figures["rows"] == 8
 
 
+@pytest.mark.heavy  # starts vLLM (and Ray) itself
 def test_serve_latency(tiny_model, tmp_path):
     out = tmp_path / "serve.json"
     run_bench("serve_latency.py", "--model", str(tiny_model), "--variants", "vllm,vllm-stock", "--clients", "2",
@@ -146,6 +148,7 @@ def test_serve_latency(tiny_model, tmp_path):
     assert [(r["variant"], r["clients"]) for r in rows] == [("vllm", 2), ("vllm-stock", 2)]
 
 
+@pytest.mark.heavy  # starts vLLM (and Ray) itself
 def test_serve_soak(tiny_model, tmp_path):
     out = tmp_path / "soak.json"
     run_bench("serve_soak.py", "--model", str(tiny_model), "--app", "vllm", "--clients", "2", "--duration", "3",
@@ -155,6 +158,7 @@ def test_serve_soak(tiny_model, tmp_path):
     assert figures["processes_left"] == 0 and figures["port_open_after"] is False
 
 
+@pytest.mark.heavy  # starts vLLM (and Ray) itself
 def test_cpu_lora_ops(tiny_model, tiny_adapter, viggo_alpaca, tmp_path):
     out = tmp_path / "ops.json"
     run_bench("cpu_lora_ops.py", "--model", str(tiny_model), "--adapter", str(tiny_adapter), "--test",
@@ -164,6 +168,7 @@ def test_cpu_lora_ops(tiny_model, tiny_adapter, viggo_alpaca, tmp_path):
     assert figures["speedup"] == round(figures["adapter_s"]["vllm"] / figures["adapter_s"]["workflow"], 2)
 
 
+@pytest.mark.heavy  # the train stage: Ray Train
 def test_cpu_train(trained_run, tmp_path):
     from workflow.config import load_recipe
 
@@ -242,6 +247,8 @@ def _cuda_devices() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+@pytest.mark.gpu
+@pytest.mark.heavy
 @pytest.mark.skipif(_cuda_devices() == 0, reason="a GPU bench: runs in make test-gpu")
 def test_train_throughput_on_a_gpu(tmp_path):
     out = tmp_path / "tt.json"
@@ -254,6 +261,8 @@ def test_train_throughput_on_a_gpu(tmp_path):
     assert 0 < figures["mfu"] < 1 and figures["x_reference"] > 1 and set(figures["variants"]) == {"fast", "reference"}
 
 
+@pytest.mark.gpu
+@pytest.mark.heavy
 @pytest.mark.skipif(_cuda_devices() == 0, reason="a GPU bench: runs in make test-gpu")
 def test_train_scaling_on_gpus(tmp_path):
     workers = "1,2" if _cuda_devices() >= 2 else "1"
