@@ -9,8 +9,8 @@ PYTEST_ARGS ?=
 BENCH_MODEL ?= runs/viggo-cpu/model/weights
 SOAK_APP ?= direct
 
-.PHONY: setup lock check-locks demo test test-serve test-train lint validate ingest model train evaluate serve stop show \
-        bench-batch bench-serve bench-soak bench-train bench-demo
+.PHONY: setup lock check-locks demo test test-serve test-train test-fast test-gpu lint validate ingest model train \
+        evaluate serve stop show bench-batch bench-serve bench-soak bench-train bench-demo
 
 setup:            ## build the train and serve environments from envs/*.lock
 	WORKFLOW_VENVS=$(VENVS) bash envs/setup.sh
@@ -31,6 +31,24 @@ test-serve: setup
 
 test-train: setup
 	$(TRAIN_PY) -m pytest -m train_env $(PYTEST_ARGS)
+
+# The tests that start no engine, cluster or training run (tests/conftest.py marks the others `heavy`), in both
+# environments: the loop for edits. `make test` runs them too.
+test-fast: setup  ## the suite without its heavy tests, a few minutes
+	$(SERVE_PY) -m pytest -m "not train_env and not heavy and not gpu" $(PYTEST_ARGS)
+	$(TRAIN_PY) -m pytest -m "train_env and not heavy and not gpu" $(PYTEST_ARGS)
+
+# On a GPU machine that has none of our environments (CONTRIBUTING.md, "Tests"): the carried wheels
+# (GPU_CARRY, built by build-carry.sh) go into GPU_SITE; every `gpu` test runs, and one that skips fails.
+GPU_PY ?= python3
+GPU_CARRY ?= .gpu-carry
+GPU_SITE ?= /tmp/site
+test-gpu:         ## every CUDA test, on a GPU machine with the carried wheels
+	[ -f $(GPU_SITE)/.installed ] || { $(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --target $(GPU_SITE) \
+	  $(GPU_CARRY)/whl/*.whl && tar -xJf $(GPU_CARRY)/ray-*-slim.tar.xz -C $(GPU_SITE) && touch $(GPU_SITE)/.installed; }
+	PYTHONPATH=$(GPU_SITE) HF_HUB_OFFLINE=1 DISABLE_VERSION_CHECK=1 RAY_USAGE_STATS_ENABLED=0 WORKFLOW_GPU_TESTS=1 \
+	  WORKFLOW_TRAIN_PYTHON=$$(command -v $(GPU_PY)) WORKFLOW_SERVE_PYTHON=$$(command -v $(GPU_PY)) \
+	  $(GPU_PY) -m pytest -m gpu -p no:cacheprovider -rs $(PYTEST_ARGS)
 
 lint: setup
 	$(SERVE_PY) -m ruff check workflow tests bench

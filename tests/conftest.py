@@ -26,6 +26,41 @@ sys.path.insert(0, str(REPO))
 
 from workflow.core import envs  # noqa: E402
 
+# ---------------------------------------------------------------- markers: heavy, gpu
+
+# A test that uses one of these fixtures (directly or through another fixture) trains, starts an
+# engine, a Ray cluster or a whole run: it is marked ``heavy``, and `make test-fast` leaves it out.
+# A test that starts Ray or vLLM itself carries ``@pytest.mark.heavy`` (or its module ``pytestmark``).
+HEAVY_FIXTURES = {
+    "tiny_adapter", "make_run", "train_recipe", "trained_run", "ci_recipe",  # this file's
+    "served", "evaluated", "openai_server", "kind_run", "full_run", "demo_run",  # modules' own
+    "cluster", "ns_cluster", "cluster_run", "validated",
+}
+GPU_TESTS_ENV = "WORKFLOW_GPU_TESTS"  # "1" (`make test-gpu`): a ``gpu`` test that skips fails instead
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "heavy: trains, starts an engine, a Ray cluster or a run (not in `make test-fast`)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (`make test-gpu` on a GPU machine; skipped elsewhere)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.heavy)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under `make test-gpu`, a GPU test that skips (no CUDA, a kernel missing) is a failure: the run is
+    there to show that every one of them ran."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get(GPU_TESTS_ENV) == "1" and item.get_closest_marker("gpu"):
+        report.outcome = "failed"
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.longrepr = f"skipped under {GPU_TESTS_ENV}=1: {reason}"
+
 INSTRUCTION = (
     "Given a target sentence construct the underlying meaning representation of the input sentence as a single "
     "function with attributes and attribute values. This function should describe the target string accurately and "

@@ -16,7 +16,8 @@ storage, so a rerun starts clean. A case is a folder with ``case.yaml``:
   manifests instead of being run (relative paths are next to the recipe);
 - ``expect``: a regex the one stderr line must match. A case whose bad input must be
   survived rather than refused sets ``succeeds: true``: then ``expect`` matches stdout and
-  ``expect_summary`` (dotted path -> value) is checked in the stage's manifest.
+  ``expect_summary`` (dotted path -> value) is checked in the stage's manifest;
+- ``heavy: true``: the case starts an engine, a cluster or training (`make test-fast` leaves it out).
 """
 
 import json
@@ -76,7 +77,8 @@ def _at(obj, dotted: str):
     return obj
 
 
-@pytest.mark.parametrize("case_file", CASES, ids=[c.parent.name for c in CASES])
+@pytest.mark.parametrize("case_file", [pytest.param(c, marks=pytest.mark.heavy) if yaml.safe_load(c.read_text()).get("heavy")
+                                       else c for c in CASES], ids=[c.parent.name for c in CASES])
 def test_bad_input_gives_one_clear_line(case_file, tmp_path, request):
     case, recipe, env = prepare(case_file, tmp_path, request)
     for stage in case.get("stages_before", []):

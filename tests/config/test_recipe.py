@@ -1,5 +1,7 @@
-"""Recipe schema: every shipped recipe validates; bad recipes fail with the file and field path."""
+"""Recipe schema: every shipped recipe validates, library sections included; bad recipes fail with the file
+and field path."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -11,11 +13,50 @@ from workflow.core.errors import WorkflowError
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 
 
+# The sections a recipe hands to a library verbatim, as key paths into its YAML: `workflow validate`
+# checks each against its library (LLaMA-Factory, ray.data.llm, vLLM, Ray Serve LLM).
+LIBRARY_SECTIONS = ("model.pretrain", "train.llamafactory", "evaluate.processor", "evaluate.processor.engine_kwargs",
+                    "evaluate.sampling_params", "serve.llm_config", "serve.llm_config.engine_kwargs")
+UNKNOWN = "not_a_key_of_the_library"
+
+
+def _section(data: dict, dotted: str):
+    for key in dotted.split("."):
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
+
+
+def _validate(capsys, *paths: Path) -> tuple[int, str, str]:
+    """``workflow validate PATHS`` in this process (the serve environment holds vLLM and Ray Serve)."""
+    from workflow import cli
+
+    code = cli.main(["validate", *map(str, paths)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
-def test_every_shipped_recipe_validates(path, monkeypatch):
-    monkeypatch.setenv("WORKFLOW_STORAGE", "s3://bucket/prefix")  # the GPU recipes require it
-    recipe = load_recipe(path)
-    assert recipe.name and recipe.model.source and recipe.ingest.source
+def test_every_shipped_recipe_validates(path, tmp_path, monkeypatch, capsys):
+    """The recipe passes `workflow validate`, and a key its library does not know, put into any one of its
+    library sections, is refused in a line naming that section: each section was checked, not skipped."""
+    monkeypatch.setenv("WORKFLOW_STORAGE", "s3://validate-only/workflow")  # the GPU recipes require it
+    code, out, err = _validate(capsys, path)
+    assert code == 0 and out.startswith(f"ok  {path}  ("), err[-3000:]
+
+    data = yaml.safe_load(path.read_text())
+    data["ingest"]["source"] = str((path.parent / data["ingest"]["source"]).resolve())
+    sections = [s for s in LIBRARY_SECTIONS if isinstance(_section(data, s), dict)]
+    assert {"train.llamafactory", "evaluate.processor", "serve.llm_config"} <= set(sections)
+    variants = []
+    for dotted in sections:
+        variant = copy.deepcopy(data)
+        _section(variant, dotted)[UNKNOWN] = 1
+        variants.append(write(tmp_path, variant, f"{dotted}.yaml"))
+    code, out, err = _validate(capsys, *variants)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and not out and len(errors) == len(sections), err[-3000:]
+    for dotted, variant, line in zip(sections, variants, errors):
+        assert line.startswith(f"error: {variant}") and dotted in line and UNKNOWN in line, (dotted, line)
 
 
 @pytest.mark.parametrize("name", ["viggo-qwen2.5-7b.yaml", "viggo-qwen2.5-7b-fast.yaml"])
@@ -25,8 +66,26 @@ def test_gpu_recipes_require_their_bucket(name, monkeypatch):
         load_recipe(Path(__file__).resolve().parents[2] / "recipes" / name)
 
 
-def test_shipped_recipes_include_the_cpu_demo_and_both_gpu_recipes():
-    assert {"viggo-cpu.yaml", "viggo-qwen2.5-7b.yaml", "viggo-qwen2.5-7b-fast.yaml"} <= {p.name for p in RECIPES}
+def _cpu_bundles(placement_group_config: dict) -> bool:
+    return all(set(bundle) == {"CPU"} for bundle in placement_group_config["bundles"])
+
+
+def test_shipped_recipes_include_the_cpu_demo_and_both_gpu_recipes(monkeypatch):
+    monkeypatch.setenv("WORKFLOW_STORAGE", "s3://validate-only/workflow")
+    recipes = {p.name: load_recipe(p) for p in RECIPES}
+    # The CPU demo: a model built from the data, and every stage on CPUs alone.
+    cpu = recipes["viggo-cpu.yaml"]
+    assert cpu.model.source == "tiny" and cpu.model.pretrain["use_cpu"] and cpu.train.llamafactory["use_cpu"]
+    assert not cpu.train.scaling_config.use_gpu and set(cpu.train.scaling_config.resources_per_worker) == {"CPU"}
+    assert "accelerator_type" not in cpu.evaluate.processor and _cpu_bundles(cpu.evaluate.processor["placement_group_config"])
+    assert cpu.serve.llm_config["accelerator_config"] == {"kind": "cpu"}
+    assert _cpu_bundles(cpu.serve.llm_config["placement_group_config"])
+    # The reference model on GPUs: training workers, evaluation engines and served replicas each ask for one.
+    for name in ("viggo-qwen2.5-7b.yaml", "viggo-qwen2.5-7b-fast.yaml"):
+        gpu = recipes[name]
+        assert gpu.model.source == "Qwen/Qwen2.5-7B-Instruct" and not gpu.train.llamafactory.get("use_cpu"), name
+        assert gpu.train.scaling_config.use_gpu and gpu.train.scaling_config.resources_per_worker["GPU"] >= 1, name
+        assert gpu.evaluate.processor["accelerator_type"] and gpu.serve.llm_config["accelerator_type"], name
 
 
 def write(tmp_path, data, name="r.yaml") -> Path:

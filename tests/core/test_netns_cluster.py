@@ -13,6 +13,8 @@ from netns_cluster import leftovers, namespace_cluster
 
 from workflow.core import envs
 
+pytestmark = pytest.mark.heavy  # every test here starts a namespace cluster
+
 # A driver in the root namespace: writes TAG-driver to its /tmp and ~/.cache, then runs one
 # task on each worker node, one after the other; each writes /tmp/TAG-<its ip> and tells which
 # of the files written so far (and the paths given) it sees.

@@ -20,10 +20,13 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from conftest import INSTRUCTION, free_port
 from netns_cluster import start_ray_node
 
 from workflow.core import envs
+
+pytestmark = pytest.mark.heavy  # each test starts a Ray head
 
 REMEMBERED = Path("/tmp/ray/ray_current_cluster")  # where `ray start --head` records its address
 

@@ -30,6 +30,7 @@ def test_the_generated_token_ids_are_kept_and_a_batch_of_failed_rows_gets_none()
     assert out.column("generated_tokens").to_pylist() == [None] and out.column("error").to_pylist() == ["prompt too long"]
 
 
+@pytest.mark.heavy
 def test_the_light_steps_run_one_task_at_a_time_per_engine(tmp_path):
     """Prompt rendering and column selection start no more worker processes at a time than there can
     be engines (each would start Python, Ray and a tokenizer beside the engine's own start)."""

@@ -154,6 +154,7 @@ def test_packed_attention_says_why_it_is_not_used_outside_the_tested_versions(ol
     assert reason.startswith("workflow.patches.packed_attention not applied: llamafactory 0.1.0 is outside")
 
 
+@pytest.mark.heavy
 def test_the_train_cleaner_reads_the_controllers_state_from_the_gcs(monkeypatch):
     """Without a dashboard (this Ray has none), the GCS actor table says whether an actor lives."""
     import ray

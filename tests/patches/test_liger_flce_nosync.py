@@ -51,6 +51,7 @@ def test_switch_and_version_gate(liger_module, monkeypatch, capsys):
     assert len(err) == 1 and "liger_kernel 0.1.0 is outside the versions it was tested on" in err[0]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="Liger's Triton kernels: run on a GPU machine")
 @pytest.mark.train_env
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
@@ -84,6 +85,7 @@ def test_same_loss_and_gradients_on_a_gpu(liger_module, reduction, monkeypatch):
         torch.testing.assert_close(grad, want_grad, rtol=0, atol=0)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="Liger's Triton kernels: run on a GPU machine")
 @pytest.mark.train_env
 def test_larger_lm_head_chunks_give_the_same_loss_and_gradients_on_a_gpu(liger_module, monkeypatch):

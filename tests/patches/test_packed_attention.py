@@ -54,6 +54,7 @@ def test_packs_of_one_example_each_stay_separate_examples():
     assert batch["max_length_q"] == 4
 
 
+@pytest.mark.gpu
 @needs_varlen_gpu
 @pytest.mark.train_env
 def test_varlen_attention_matches_sdpa_with_llamafactorys_block_mask():
@@ -107,6 +108,7 @@ def _segment_sdpa(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, wind
     return out
 
 
+@pytest.mark.heavy
 @pytest.mark.train_env
 def test_llamafactory_training_on_flattened_packs_matches_its_masked_packs(tiny_model, viggo_alpaca, tmp_path,
                                                                           monkeypatch):

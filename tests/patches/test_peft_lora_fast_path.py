@@ -163,6 +163,7 @@ def test_shared_input_groups_and_stacks_match_peft_outputs_and_gradients(monkeyp
         torch.testing.assert_close(grads_fused[name], grads_peft[name], msg=name)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="bf16 matmuls on a GPU: run on a GPU machine")
 @pytest.mark.train_env
 def test_shared_input_groups_on_a_gpu_match_peft_on_a_bf16_qwen2_under_autocast():
@@ -209,6 +210,7 @@ def test_shared_input_groups_on_a_gpu_match_peft_on_a_bf16_qwen2_under_autocast(
             assert error < 3e-2, (variant, name, float(error))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="bf16 matmuls on a GPU: run on a GPU machine")
 @pytest.mark.train_env
 @pytest.mark.parametrize("stacked", ["1", "backward"])

@@ -11,6 +11,7 @@ def test_grouped_ops_match_vllm_torch_ops(dtype_name):
 
     from workflow.patches import vllm_cpu_lora as ours
 
+    assert vllm_ops.bgmv_shrink is not ours.bgmv_shrink  # vLLM's own ops, not ours patched in by an earlier test
     torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)
     tokens, hidden, rank, out_dim, slots = 37, 64, 8, 48, 3
@@ -54,14 +55,24 @@ def test_grouped_ops_match_vllm_torch_ops(dtype_name):
     torch.testing.assert_close(got, expected, **tol)
 
 
-def test_plugin_is_registered_and_patches_the_cpu_ops():
+def test_plugin_is_registered_and_patches_the_cpu_ops(monkeypatch):
     from importlib.metadata import entry_points
 
+    import vllm.lora.ops.torch_ops as package
+    import vllm.lora.ops.torch_ops.lora_ops as vllm_ops
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
 
     from workflow.patches import vllm_cpu_lora
 
+    # Setting each op to itself records vLLM's own for monkeypatch to put back after the test, so the
+    # rest of the process (test_grouped_ops_match_vllm_torch_ops among it) compares against vLLM's ops.
+    for module in (vllm_ops, package, punica_cpu):
+        for name in vllm_cpu_lora.OPS:
+            assert getattr(module, name) is not getattr(vllm_cpu_lora, name), "already patched before the test"
+            monkeypatch.setattr(module, name, getattr(module, name))
+    monkeypatch.delenv("WORKFLOW_VLLM_CPU_LORA_PATCH", raising=False)
     (ep,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "workflow_cpu_lora"]
     ep.load()()
-    assert punica_cpu.bgmv_expand is vllm_cpu_lora.bgmv_expand
-    assert punica_cpu.bgmv_shrink is vllm_cpu_lora.bgmv_shrink
+    for module in (vllm_ops, package, punica_cpu):
+        for name in vllm_cpu_lora.OPS:
+            assert getattr(module, name) is getattr(vllm_cpu_lora, name), f"{module.__name__}.{name}"

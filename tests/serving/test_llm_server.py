@@ -68,12 +68,6 @@ def adapter_requested(monkeypatch):
     monkeypatch.setattr(serve, "get_multiplexed_model_id", lambda: "viggo:run")
 
 
-def test_rays_server_fails_all_but_one_of_the_first_requests(adapter_requested):
-    # What the fix is for: if Ray's own class stops failing so, the override can go.
-    results = resolve_together(server(RayLLMServer), 4)
-    assert sum(isinstance(r, ValueError) for r in results) == 3
-
-
 def test_concurrent_first_requests_load_the_adapter_once_and_all_succeed(adapter_requested):
     replica = server(LLMServer)
     assert resolve_together(replica, 4) == [None] * 4

@@ -82,6 +82,7 @@ def test_lora_settings_come_from_the_adapter_and_an_over_rank_pin_is_refused(tin
         adapters.lora_engine_kwargs({"max_lora_rank": 8}, {"big": str(big)}, "evaluate.processor")
 
 
+@pytest.mark.heavy
 def test_any_format_is_read_locally_and_from_s3(tmp_path, s3_bucket):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -35,6 +35,7 @@ def test_unknown_key_is_named_with_the_closest_known_one():
                               "(did you mean 'learning_rate'?)")
 
 
+@pytest.mark.heavy
 @pytest.mark.train_env
 def test_two_nodes_strict_spread_with_checkpoints_on_s3(tiny_model, viggo_alpaca, s3_bucket):
     """Workers on two Ray nodes read the model and data from the bucket and write checkpoints there."""
@@ -75,6 +76,7 @@ def test_two_nodes_strict_spread_with_checkpoints_on_s3(tiny_model, viggo_alpaca
     assert any("events.out.tfevents" in f for f in storage.list_files(f"{s3_bucket}/tensorboard"))
 
 
+@pytest.mark.heavy
 @pytest.mark.train_env
 def test_workers_without_room_on_the_cluster_fail_in_one_line_after_the_configured_tries(s3_bucket, monkeypatch):
     """As after a lost node with none to replace it: 2 one-CPU workers on a cluster of one CPU. Ray Train

@@ -33,6 +33,7 @@ def test_tokenizer_is_trained_on_the_data(tiny_model):
     assert (ids[0], ids[-1]) == (tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>"))
 
 
+@pytest.mark.heavy
 def test_vllm_generates_in_the_serve_env(tiny_model, tmp_path):
     script = tmp_path / "gen.py"
     script.write_text(textwrap.dedent(f"""
