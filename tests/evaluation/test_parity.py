@@ -91,3 +91,33 @@ def test_the_peft_reference_is_computed_once_per_run_then_read_back(tiny_model, 
     assert len(list((tmp_path / "cache").iterdir())) == 1
     # Read back, not decoded again: the adapter folder is not even opened.
     assert parity.stored_reference(adapters={"viggo": str(tmp_path / "gone")}, **settings) == first
+
+
+def test_for_an_engine_on_gpus_the_reference_is_a_ray_task_that_reads_the_bucket_on_its_node(
+        tiny_model, tiny_adapter, s3_bucket, tmp_path):
+    """The evaluate stage's path for an engine on GPUs, with 0 GPUs so that it runs here: a Ray task in the train
+    environment's interpreter (the serve environment has no PEFT) reads the model and the adapter from the
+    bucket on its own node, nothing of them lands in the driver's scratch folder, and its tokens are those of
+    the reference computed on this machine."""
+    import ray
+
+    from workflow.core import storage
+
+    storage.upload_dir(tiny_model, f"{s3_bucket}/model")
+    storage.upload_dir(tiny_adapter, f"{s3_bucket}/adapter")
+    rows = [[{"role": "user", "content": "Dirt: Showdown from 2012 is a sport racing game."}],
+            [{"role": "user", "content": "What do you think of Tomb Raider?"}]]
+    settings = {"train_manifest": {"fingerprint": "t" * 64}, "rows": rows, "template": "qwen", "dtype": "float32",
+                "max_tokens": 8, "scratch": tmp_path / "scratch"}
+    try:
+        in_task = parity.stored_reference(
+            model_manifest={"fingerprint": "m" * 64, "outputs": {"model": f"{s3_bucket}/model"}},
+            adapters={"viggo": f"{s3_bucket}/adapter"}, cache_uri=f"{s3_bucket}/cache", gpus=0, **settings)["viggo"]
+    finally:
+        ray.shutdown()
+    assert in_task["versions"]["peft"] and in_task["device"] == "cpu" and in_task["dtype"] == "float32"
+    assert not [p for p in (tmp_path / "scratch").rglob("*") if p.is_file()]
+    here = parity.stored_reference(model_manifest={"fingerprint": "m" * 64, "outputs": {"model": str(tiny_model)}},
+                                   adapters={"viggo": str(tiny_adapter)}, cache_uri=str(tmp_path / "cache"),
+                                   **settings)["viggo"]
+    assert in_task["rows"] == here["rows"] and len(here["rows"]) == 2
