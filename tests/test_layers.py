@@ -2,7 +2,7 @@
 
     cli, __main__              the command line
     show, report_html          reading a finished run
-    runner                     runs the stages in order
+    runner, preflight          runs the stages in order; what can fail before they start
     stages                     one module per stage, and the list of them
     dataset ... training       the libraries' glue, one package per concern
     config                     the recipe's typed sections
@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("config",),
     ("patches", "prompts", "dataset", "inference", "training", "evaluation", "serving"),
     ("stages",),
-    ("runner",),
+    ("runner", "preflight"),
     ("show", "report_html"),
     ("cli", "__main__"),
 ]

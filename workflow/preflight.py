@@ -10,7 +10,8 @@ Three places, by what a check needs:
   named by ``RAY_ADDRESS`` has the stages' environments on every node, a run on a cluster keeps
   its storage in a bucket, and an ingest stage that will be skipped already read the data as a task
   the evaluate section contradicts.
-- :func:`check_task` needs the training outputs: the ingest stage calls it right after reading
+- ``check_task`` (``workflow/evaluation/task_inference.py``, below the stages, which call it) needs the
+  training outputs: the ingest stage calls it right after reading
   them (the task it infers is written to its ``stats.json`` and manifest; an explicit
   ``evaluate.task`` wins), so a recipe whose evaluate section the data contradicts fails within
   the ingest stage's time, not after training.
@@ -22,13 +23,10 @@ engine or endpoint.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import uuid
-from typing import Any
 
 from .config import Recipe
-from .config.task import TaskConfig, dump
 from .core import ray_cluster, storage
 from .core.errors import WorkflowError
 from .inference.adapters import LORA_RANKS
@@ -134,6 +132,7 @@ def check_skipped_ingest(recipe: Recipe) -> None:
     from .core import manifest
     from .core.stage import StageContext
     from .dataset.read import read_records
+    from .evaluation.task_inference import check_task
     from .stages import ingest
 
     ctx = StageContext(recipe=recipe, stage="ingest")
@@ -145,47 +144,3 @@ def check_skipped_ingest(recipe: Recipe) -> None:
     train_uri = found["outputs"].get("train")
     check_task(recipe, found["summary"]["task"], ingest.expected_outputs(read_records(train_uri, "jsonl"))
                if train_uri else None)
-
-
-# ---------------------------------------------------------------- the data's task
-
-def task_record(outputs: list[str], source: str) -> dict[str, Any]:
-    """The task the outputs read as, with its evidence (for ingest's stats.json and manifest)."""
-    from .evaluation import tasks
-
-    cfg = tasks.infer(outputs)
-    parse = tasks.build(cfg, None).parse
-    misfits = [o for o in outputs if not _fits(cfg, parse(o))]
-    fitting = len(outputs) - len(misfits)
-    return {"kind": cfg.kind, "config": dump(cfg), "from": source, "outputs": len(outputs), "fitting": fitting,
-            "share_fitting": fitting / len(outputs) if outputs else 0.0, "misfits": misfits[:3]}
-
-
-def _fits(cfg: TaskConfig, parsed: Any) -> bool:
-    if cfg.kind == "call":
-        return parsed is not None and parsed.complete
-    return parsed is not None
-
-
-def describe_task(record: dict[str, Any]) -> str:
-    """``kind 'call' (1,000 of 1,000 training outputs fit); to pin it, set evaluate.task: {...}``."""
-    text = f"kind {record['kind']!r} ({record['fitting']:,} of {record['outputs']:,} {record['from']} outputs fit"
-    if record["misfits"]:
-        text += f", e.g. not {record['misfits'][0][:80]!r}"
-    return text + f"); to pin it, set evaluate.task: {json.dumps(record['config'])}"
-
-
-def check_task(recipe: Recipe, record: dict[str, Any] | None, train_outputs: list[str] | None) -> None:
-    """The recipe's evaluate section against the task: the explicit ``evaluate.task``, else the one the data
-    reads as (``record``). Builds the task as the evaluate stage will (its metrics, main metric and decoding
-    constraint with the vocabulary learnt from ``train_outputs``), so what would fail there fails here."""
-    from .evaluation import tasks
-
-    evaluate = recipe.evaluate
-    if evaluate is None or (evaluate.task is None and record is None):
-        return
-    where = f"{recipe.path or 'recipe'}: evaluate"
-    cfg = evaluate.task or TaskConfig.model_validate(record["config"])
-    said = "" if evaluate.task else f" (inferred from the {record['from']} outputs, which read as {record['kind']!r})"
-    tasks.build(cfg, train_outputs, constrained=evaluate.constrained_decoding, where=f"{where}.task{said}",
-                stage="ingest")

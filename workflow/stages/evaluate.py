@@ -24,6 +24,7 @@ from ..core.errors import WorkflowError
 from ..core.stage import StageContext, StageResult
 from ..dataset.read import read_records
 from ..evaluation import parity, report, tasks
+from ..evaluation.task_inference import describe_task, recorded_task
 from ..inference import io, processor
 from ..inference.adapters import (
     check_trained_on,
@@ -34,7 +35,6 @@ from ..inference.adapters import (
     model_for_engine,
     stored_adapters,
 )
-from ..preflight import describe_task
 from ..prompts import guard
 from ..prompts.messages import expected_output, row_messages
 
@@ -87,8 +87,8 @@ def ingested_task(ctx: StageContext, cfg: EvaluateConfig) -> TaskConfig | None:
     record = ctx.upstream("ingest").get("summary", {}).get("task")
     if record is None:
         return None
-    say(f"[evaluate] task: {describe_task(record)} (as the ingest stage read it)")
-    return TaskConfig.model_validate(record["config"])
+    say(f"[evaluate] task: {describe_task(record)}")
+    return recorded_task(record)
 
 
 def training_outputs(ctx: StageContext) -> list[str] | None:

@@ -18,7 +18,8 @@ from ..core.console import say
 from ..core.envs import SERVE
 from ..core.stage import StageContext, StageResult
 from ..dataset.formats import dataset_info, load_splits, split_sources
-from ..preflight import check_task, describe_task, task_record
+from ..dataset.lengths import check_prompt_lengths
+from ..evaluation.task_inference import check_task, task_record
 from ..prompts.messages import expected_output
 
 ENV = SERVE
@@ -53,11 +54,15 @@ def expected_outputs(rows: list[dict]) -> list[str]:
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.recipe.ingest
     splits, stats = load_splits(cfg)
-    task = task_record(expected_outputs(splits["train"]), "training") if splits.get("train") else None
-    if task is not None:
+    training = expected_outputs(splits["train"]) if splits.get("train") else None
+    task = None
+    if training:
+        task, lines = task_record(training, "training")
         stats["task"] = task
-        say(f"[ingest] task: {describe_task(task)}")
-    check_task(ctx.recipe, task, expected_outputs(splits["train"]) if task is not None else None)
+        for line in lines:
+            say(f"[ingest] {line}")
+    check_task(ctx.recipe, task, training)
+    check_prompt_lengths(ctx.recipe, splits)
     with tempfile.TemporaryDirectory(prefix="workflow-ingest-") as tmp:
         out = Path(tmp)
         for name, rows in splits.items():
