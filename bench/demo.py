@@ -29,22 +29,27 @@ import record  # noqa: E402
 
 from workflow.core import envs  # noqa: E402
 
-_FINISHED = re.compile(r"^\[(\w+)\] finished in (\d+)s$")
+_FINISHED = re.compile(r"^\[(\w+)\] finished in (\d+)s\s*$")
 _PARITY = re.compile(r"^(\d+/\d+) rows identical")
 CONSTRAINED = "+constrained"  # the evaluate stage's suffix of a constrained variant
 
 
-def run_pipeline(recipe: Path, stages: str | None, env: dict[str, str]) -> tuple[float, dict[str, int], int]:
-    """``workflow run``, its output passed through: (wall seconds, stage -> seconds, exit code)."""
+def run_pipeline(recipe: Path, stages: str | None, env: dict[str, str]) -> tuple[float, str, int]:
+    """``workflow run``, its output passed through: (wall seconds, the output, exit code)."""
     cmd = [envs.python_for(envs.SERVE), "-m", "workflow", "run", str(recipe), *(["--stages", stages] if stages else [])]
     started = time.monotonic()
-    stage_seconds: dict[str, int] = {}
+    lines = []
     with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, bufsize=1) as proc:
         for line in proc.stdout:
             sys.stdout.write(line)
-            if found := _FINISHED.match(line.strip()):
-                stage_seconds[found[1]] = int(found[2])
-    return round(time.monotonic() - started, 1), stage_seconds, proc.returncode
+            lines.append(line)
+    return round(time.monotonic() - started, 1), "".join(lines), proc.returncode
+
+
+def stage_seconds(output: str) -> dict[str, int]:
+    """Each stage's seconds, from the runner's ``[stage] finished in Ns`` lines (a stage that was up to date
+    prints none)."""
+    return {m[1]: int(m[2]) for m in map(_FINISHED.match, output.splitlines()) if m}
 
 
 def adapter_results(run_uri: str) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
@@ -71,7 +76,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp:
         storage = args.storage or tmp
         env = {**envs.stage_environment(envs.SERVE), "WORKFLOW_STORAGE": storage}
-        seconds, stage_seconds, code = run_pipeline(Path(args.recipe), args.stages, env)
+        seconds, output, code = run_pipeline(Path(args.recipe), args.stages, env)
         if code != 0:
             raise SystemExit(f"error: workflow run {args.recipe} failed (exit {code}); nothing recorded")
         os.environ["WORKFLOW_STORAGE"] = storage  # the recipe's ${WORKFLOW_STORAGE} as the run saw it
@@ -79,11 +84,11 @@ def main() -> int:
 
         metrics, parity = adapter_results(load_recipe(args.recipe).run_uri)
     first = next(iter(metrics), None)
-    figures = {"seconds": seconds, "stage_seconds": stage_seconds, "adapter": first,
+    figures = {"seconds": seconds, "stage_seconds": stage_seconds(output), "adapter": first,
                "adapter_metrics": metrics.get(first, {}), "parity": parity.get(first),
                "recipe": os.path.relpath(args.recipe, REPO), "cpus": os.cpu_count(),
                "load_avg_1m": round(os.getloadavg()[0], 1)}
-    print(f"[demo] {seconds:.0f} s; stages {stage_seconds}; {first}: {figures['adapter_metrics']}, parity "
+    print(f"[demo] {seconds:.0f} s; stages {figures['stage_seconds']}; {first}: {figures['adapter_metrics']}, parity "
           f"{figures['parity']}", flush=True)
     record.write("demo", figures, args.out)
     return 0
