@@ -56,7 +56,7 @@ record = load_bench("record")
 def run_bench(script: str, *args: str, timeout: int = 600, env: dict | None = None) -> None:
     proc = subprocess.run([envs.python_for(envs.SERVE), str(BENCH / script), *args], capture_output=True, text=True,
                           env={**envs.stage_environment(envs.SERVE), **(env or {})}, timeout=timeout, check=False)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
 def check_schema(doc: dict, benchmark: str) -> dict:
