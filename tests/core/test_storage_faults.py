@@ -26,7 +26,7 @@ import pytest
 import yaml
 from conftest import VIGGO, free_port
 
-from workflow.core import storage
+from workflow.core import manifest, storage
 
 FAILURES_PER_REQUEST = 1
 # Not S3's "SlowDown ... reduce your request rate": s3fs retries that text by itself.
@@ -150,9 +150,10 @@ def test_ingest_to_s3_through_faults_writes_every_file_whole(flaky_s3, s3_bucket
     for name, data in expected.items():
         if name != "manifest.json":  # times and paths differ; its outputs are checked below
             assert storage.read_bytes(f"{uri}/{name}") == data, name
-    outputs = storage.read_json(f"{uri}/manifest.json")["outputs"]
-    assert outputs == {"train": f"{uri}/train.jsonl", "test": f"{uri}/test.jsonl",
-                       "dataset_info": f"{uri}/dataset_info.json"}
+    recorded = storage.read_json(f"{uri}/manifest.json")["outputs"]  # relative to the stage folder
+    assert recorded == {"train": "./train.jsonl", "test": "./test.jsonl", "dataset_info": "./dataset_info.json"}
+    assert manifest.read(uri)["outputs"] == {"train": f"{uri}/train.jsonl", "test": f"{uri}/test.jsonl",
+                                             "dataset_info": f"{uri}/dataset_info.json"}
 
 
 def test_sync_round_trip_through_faults(flaky_s3, s3_bucket, tmp_path):

@@ -60,3 +60,42 @@ def test_sync_rejects_a_missing_source_and_a_hub_destination(tmp_path):
         sync(str(tmp_path / "nope"), str(tmp_path / "out"))
     with pytest.raises(WorkflowError, match="uploading to the Hugging Face hub is not supported"):
         sync(str(tmp_path), "hf://me/model")
+
+
+def test_a_run_synced_to_a_bucket_reads_its_outputs_there(tmp_path, s3_bucket, capsys):
+    from workflow.core import manifest
+    from workflow.show import show
+
+    run = str(tmp_path / "runs" / "moved")
+    storage.write_text(f"{run}/ingest/test.jsonl", '{"instruction": "hi", "output": "x"}\n')
+    storage.write_text(f"{run}/train/adapters/a/adapter_config.json", '{"r": 8}')
+    common = dict(run="moved", config={}, inputs={}, started_at=manifest.now())
+    manifest.write(f"{run}/ingest", stage="ingest", outputs={"test": f"{run}/ingest/test.jsonl"}, **common)
+    manifest.write(f"{run}/model", stage="model", outputs={"model": "Qwen/Qwen2.5-0.5B-Instruct"}, **common)
+    written = manifest.write(f"{run}/train", stage="train", outputs={
+        "adapter": f"{run}/train/adapters/a", "adapters_dir": f"{run}/train/adapters",
+        "rows": f"{run}/ingest/test.jsonl", "folder": f"{run}/train"}, **common)
+    assert written["outputs"]["adapter"] == f"{run}/train/adapters/a"  # what the runner goes on with
+    # On disk: relative to the stage folder; nothing names the folder the run was written in.
+    for stage in ("ingest", "model", "train"):
+        assert str(tmp_path) not in (tmp_path / "runs" / "moved" / stage / "manifest.json").read_text(), stage
+    assert storage.read_json(f"{run}/train/manifest.json")["outputs"] == {
+        "adapter": "./adapters/a", "adapters_dir": "./adapters", "rows": "../ingest/test.jsonl", "folder": "."}
+
+    moved = f"{s3_bucket}/runs/moved"
+    assert main(["sync", run, moved]) == 0
+    outputs = manifest.read(f"{moved}/train")["outputs"]
+    assert outputs == {"adapter": f"{moved}/train/adapters/a", "adapters_dir": f"{moved}/train/adapters",
+                       "rows": f"{moved}/ingest/test.jsonl", "folder": f"{moved}/train"}
+    assert storage.read_json(f"{outputs['adapter']}/adapter_config.json") == {"r": 8}
+    assert storage.read_text(outputs["rows"]).startswith('{"instruction": "hi"')
+    assert manifest.read(f"{moved}/model")["outputs"] == {"model": "Qwen/Qwen2.5-0.5B-Instruct"}  # outside the run
+    capsys.readouterr()
+    show(moved)
+    shown = capsys.readouterr().out
+    assert f"output adapter: {moved}/train/adapters/a" in shown and str(tmp_path) not in shown
+
+    # A manifest written before outputs were relative (absolute paths) still reads as it was written.
+    old = {**storage.read_json(f"{run}/ingest/manifest.json"), "outputs": {"test": f"{run}/ingest/test.jsonl"}}
+    storage.write_json(f"{run}/ingest/manifest.json", old)
+    assert manifest.read(f"{run}/ingest")["outputs"] == {"test": f"{run}/ingest/test.jsonl"}

@@ -3,6 +3,12 @@
 A stage's folder counts as complete only once its ``manifest.json`` exists; it is written
 last. The manifest's ``fingerprint`` (config hash + input hashes) decides whether a rerun
 can skip the stage.
+
+Outputs inside the run are recorded relative to the manifest's own stage folder (``./adapters``,
+``../ingest/train.jsonl``) and resolved against wherever the manifest is read from, so a run copied
+elsewhere (``workflow sync runs/x s3://bucket/runs/x``) reads its outputs there. Outputs outside the
+run (a hub model id, a base model's folder or bucket) stay as they are, as do the absolute paths of
+manifests written before.
 """
 
 from __future__ import annotations
@@ -10,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
@@ -84,9 +89,42 @@ def manifest_uri(stage_uri: str) -> str:
     return storage.join(stage_uri, MANIFEST)
 
 
+def _run_of(stage_uri: str) -> str:
+    return stage_uri.rstrip("/").rsplit("/", 1)[0]
+
+
+def relative_output(value: str, stage_uri: str) -> str:
+    """``value`` as the manifest records it: relative to the stage folder when it lies inside the run."""
+    stage, run = stage_uri.rstrip("/"), _run_of(stage_uri)
+    if value == stage:
+        return "."
+    if value.startswith(stage + "/"):
+        return "./" + value[len(stage) + 1:]
+    if value.startswith(run + "/"):
+        return "../" + value[len(run) + 1:]
+    return value
+
+
+def resolve_output(value: str, stage_uri: str) -> str:
+    """A recorded output as a path or URI, for a manifest read from ``stage_uri``."""
+    if value == ".":
+        return stage_uri.rstrip("/")
+    if value.startswith("./"):
+        return storage.join(stage_uri, value[2:])
+    if value.startswith("../"):
+        return storage.join(_run_of(stage_uri), value[3:])
+    return value
+
+
 def read(stage_uri: str) -> dict | None:
+    """The stage's manifest, its outputs resolved against ``stage_uri``; None if the stage has not completed."""
     uri = manifest_uri(stage_uri)
-    return storage.read_json(uri) if storage.exists(uri) else None
+    if not storage.exists(uri):
+        return None
+    found = storage.read_json(uri)
+    found["outputs"] = {k: resolve_output(v, stage_uri) if isinstance(v, str) else v
+                        for k, v in found.get("outputs", {}).items()}
+    return found
 
 
 def write(stage_uri: str, *, stage: str, run: str, config: Any, inputs: dict[str, str], outputs: dict[str, str],
@@ -98,15 +136,14 @@ def write(stage_uri: str, *, stage: str, run: str, config: Any, inputs: dict[str
         "config_hash": config_hash(config),
         "config": redact_mapping(config),
         "inputs": inputs,
-        "outputs": outputs,
+        "outputs": {k: relative_output(v, stage_uri) if isinstance(v, str) else v for k, v in outputs.items()},
         "summary": redact_mapping(summary or {}),
         "versions": package_versions(),
-        "python": sys.executable,
         "started_at": started_at,
         "finished_at": now(),
     }
     storage.write_json(manifest_uri(stage_uri), manifest)
-    return manifest
+    return {**manifest, "outputs": dict(outputs)}
 
 
 def invalidate(stage_uri: str) -> None:
