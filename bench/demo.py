@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
+sys.path.insert(0, str(REPO))
 
-import record  # noqa: E402
+import record  # noqa: E402  (bench/record.py: this script's folder is on the path)
 
 from workflow.core import envs  # noqa: E402
 

@@ -51,9 +51,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
+sys.path.insert(0, str(REPO))
 
-import record  # noqa: E402  (bench/record.py)
+import record  # noqa: E402  (bench/record.py: this script's folder is on the path)
 import yaml  # noqa: E402
 
 from workflow.config import load_recipe  # noqa: E402

@@ -6,6 +6,7 @@ The bench itself needs a GPU; these checks run anywhere (transformers' config cl
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 def bench():
     spec = importlib.util.spec_from_file_location("train_throughput", REPO / "bench" / "train_throughput.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(REPO / "bench"))  # the script imports bench/record.py as `record`
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "bench"))
     return module
 
 
