@@ -42,11 +42,12 @@ FAULT_FIGURES = ("rows_lost", "recovery_s", "failed_requests")
 def load_bench(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    saved = list(sys.path)
     sys.path.insert(0, str(BENCH))  # the scripts import bench/record.py as `record`
     try:
         spec.loader.exec_module(module)
     finally:
-        sys.path.remove(str(BENCH))
+        sys.path[:] = saved  # what the script put on the path too
     return module
 
 
