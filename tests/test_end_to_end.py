@@ -11,24 +11,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CI_SECRETS
 
-from workflow.config import load_recipe
-from workflow.core import envs, manifest
+from workflow.core import envs
 
-SECRETS = {"HF_TOKEN": "hf_e2eplantedtoken0001", "OPENAI_API_KEY": "sk-e2eplantedopenai0002",
-           "AWS_SECRET_ACCESS_KEY": "e2eplantedawssecret0003", "WORKFLOW_API_KEY": "e2e-planted-serve-key-0004"}
+SECRETS = CI_SECRETS
 
 
 @pytest.fixture(scope="module")
-def demo_run(ci_recipe):
-    env = {**envs.stage_environment(envs.SERVE), **SECRETS}
-    proc = subprocess.run([sys.executable, "-m", "workflow", "run", str(ci_recipe)], env=env, capture_output=True,
-                          text=True, timeout=3000)
-    print(proc.stdout[-5000:], proc.stderr[-5000:])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    recipe = load_recipe(ci_recipe)
-    stages = {s: manifest.read(f"{recipe.run_uri}/{s}") for s in ("ingest", "model", "train", "evaluate", "serve")}
-    return {"proc": proc, "recipe": recipe, "manifests": stages}
+def demo_run(ci_run):
+    """The session's one end-to-end run (conftest.ci_run; tests/core/test_secrets.py reads it too)."""
+    return ci_run
 
 
 def test_every_stage_completed_with_its_outputs(demo_run):

@@ -17,6 +17,7 @@ import json
 import re
 
 from .core import manifest, storage
+from .core.secrets import redact
 from .evaluation.report import score_text
 from .show import lineage
 from .stages import ORDER
@@ -51,7 +52,7 @@ CSS = """
 def write_report(run_uri: str, dest: str | None = None) -> str:
     """Render the run's page and write it (atomically) to ``dest``, by default ``<run>/report.html``."""
     dest = dest or storage.join(run_uri, REPORT)
-    storage.write_text(dest, render(run_uri))
+    storage.write_text(dest, redact(render(run_uri)))  # the same masking as logs and manifests
     return dest
 
 

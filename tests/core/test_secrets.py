@@ -1,5 +1,10 @@
 """Planted tokens and keys never show up in what a run leaves behind.
 
+The shared end-to-end run (conftest.ci_run: every stage, serve and evaluate included, with
+CI_SECRETS in its environment) is searched whole: the console, every file of the run (stage logs,
+manifests, endpoint.json, report.html), the workflow's cache and Ray's session folders of its
+jobs and of its serving cluster.
+
 A small run (ingest + model + train: the runner, both environments, a Ray cluster and
 two training workers that receive the storage and hub variables through Ray's runtime_env)
 runs with fake secrets in its environment. None of them may appear in the runner's
@@ -17,8 +22,10 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from conftest import CI_SECRETS
 
 from workflow.core import envs
+from workflow.core.secrets import REDACTED, redact, redact_mapping, register_secret_env
 
 SECRETS = {
     "HF_TOKEN": "hf_plantedHubToken000000000001",
@@ -31,13 +38,56 @@ SECRETS = {
 }
 
 
-def leaks_in(root: Path) -> list[str]:
+def leaks_in(root: Path, secrets: dict[str, str] = SECRETS) -> list[str]:
     found = []
     for path in root.rglob("*"):
         if path.is_file() and not path.is_symlink() and path.stat().st_size < 200_000_000:
             data = path.read_bytes()
-            found += [f"{name} in {path}" for name, value in SECRETS.items() if value.encode() in data]
+            found += [f"{name} in {path}" for name, value in secrets.items() if value.encode() in data]
     return found
+
+
+def test_no_planted_secret_anywhere_the_end_to_end_run_wrote(ci_run):
+    run = Path(ci_run["recipe"].run_uri)
+    proc = ci_run["proc"]
+    # The places searched hold what they should (so the search is not over empty folders).
+    for written in ("report.html", "serve/endpoint.json", "serve/manifest.json", "evaluate/manifest.json",
+                    "logs/evaluate.log", "logs/serve.log"):
+        assert (run / written).is_file(), written
+    sessions = [s.parent.name for s in ci_run["ray_tmp"].glob("**/session_*/logs")]
+    assert any(s.startswith("wf-ray-") for s in sessions) and "ray" in sessions, sessions  # serving cluster, jobs
+    leaks = [f"{name} in the console" for name, value in CI_SECRETS.items() if value in proc.stdout + proc.stderr]
+    for root in (run, ci_run["cache"], ci_run["ray_tmp"]):
+        leaks += leaks_in(root, CI_SECRETS)
+    assert not leaks, leaks
+
+
+def test_max_tokens_stays_readable_in_the_end_to_end_runs_manifests(ci_run):
+    serve = ci_run["manifests"]["serve"]["config"]
+    assert serve["smoke"]["max_tokens"] == ci_run["recipe"].serve.smoke.max_tokens
+    assert serve["api_key_env"] == "WORKFLOW_API_KEY"  # the variable's name, not its value
+    evaluate = ci_run["manifests"]["evaluate"]["config"]
+    assert REDACTED not in str(evaluate) and REDACTED not in str(serve)
+
+
+def test_masking_is_by_value_and_by_secret_names_not_by_words(monkeypatch):
+    from workflow.core import secrets
+
+    monkeypatch.setattr(secrets, "_registered", set())
+    monkeypatch.setenv("MY_SERVE_KEY_VAR", "a-served-key-0123456789")
+    monkeypatch.setenv("MAX_TOKENS", "4096")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/home/u/.ray/auth_token")
+    assert redact("key a-served-key-0123456789") == "key a-served-key-0123456789"  # not a secret's name
+    register_secret_env("MY_SERVE_KEY_VAR")  # as the recipe's serve.api_key_env does
+    assert redact("key a-served-key-0123456789 and 4096") == "key *** and 4096"
+    assert redact("/home/u/.ray/auth_token") == "/home/u/.ray/auth_token"
+    record = {"max_tokens": 4096, "max_new_tokens": 64, "eos_token": "<|im_end|>", "api_key_env": "MY_KEY",
+              "token": "abc", "hf_token": "x", "password": "p", "Authorization": "Bearer x",
+              "url": "s3://b/x?sig=a-served-key-0123456789", "nested": [{"api_key": "k"}]}
+    assert redact_mapping(record) == {"max_tokens": 4096, "max_new_tokens": 64, "eos_token": "<|im_end|>",
+                                      "api_key_env": "MY_KEY", "token": REDACTED, "hf_token": REDACTED,
+                                      "password": REDACTED, "Authorization": REDACTED,
+                                      "url": "s3://b/x?sig=***", "nested": [{"api_key": REDACTED}]}
 
 
 def test_no_planted_secret_in_console_storage_scratch_or_ray_logs(train_recipe):

@@ -31,10 +31,11 @@ def _one_warning(capsys) -> str:
 
 def test_installed_versions_are_inside_every_patch_of_this_environment():
     from workflow.patches import ray_serve_direct_streaming, vllm_cpu_lora, vllm_cpu_placement
+    from workflow.patches import ray_serve_haproxy_listeners as listeners
     from workflow.serving import app
 
     for tested in (vllm_cpu_lora.TESTED, vllm_cpu_placement.TESTED, ray_serve_direct_streaming.TESTED,
-                   app.INGRESS_TESTED):
+                   listeners.TESTED, app.INGRESS_TESTED):
         assert patches.outside_tested(tested) is None, tested
 
 
@@ -191,3 +192,27 @@ def test_the_train_cleaner_is_left_as_ray_ships_it_outside_the_tested_versions(o
     assert cleaner.is_actor_alive is before
     line = _one_warning(capsys)
     assert "ray_train_controller_state not applied: ray 0.1.0" in line and "dashboard" in line
+
+
+def test_haproxy_listeners_stay_as_ray_binds_them_outside_the_tested_ray(old_versions, capsys):
+    from ray.serve._private import controller
+
+    from workflow.patches import ray_serve_haproxy_listeners as patch
+
+    rays = controller.HAProxyManager
+    assert patch.cluster_env() == {}
+    patch.in_controller()
+    assert controller.HAProxyManager is rays
+    assert "listen on every interface" in _one_warning(capsys)
+
+
+def test_haproxy_listeners_are_left_where_the_template_lacks_its_bind_lines(capsys, monkeypatch):
+    from ray.serve._private import haproxy
+
+    from workflow.patches import ray_serve_haproxy_listeners as patch
+
+    monkeypatch.setattr(patches, "_warned", set())
+    monkeypatch.setattr(haproxy, "HAPROXY_CONFIG_TEMPLATE", "listen stats\n  bind *:8404\n")
+    assert not patch.bind_listeners_to_loopback()
+    assert haproxy.HAPROXY_CONFIG_TEMPLATE == "listen stats\n  bind *:8404\n"
+    assert "has no line" in _one_warning(capsys)

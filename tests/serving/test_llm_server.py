@@ -44,9 +44,13 @@ class Engine:
 
 
 def server(cls) -> object:
+    from workflow.serving.adapter_store import AdapterCatalogue
+
     replica = object.__new__(cls)  # no engine start: only what adapter resolution reads
-    replica._llm_config = SimpleNamespace(lora_config=object())
+    replica._llm_config = SimpleNamespace(lora_config=SimpleNamespace(dynamic_lora_loading_path="s3://b/adapters"))
     replica.engine = Engine()
+    # The adapters folder, listed: "run" is there (a real folder listing is adapter_store's test).
+    replica._workflow_adapters = AdapterCatalogue("s3://b/adapters", list_names=lambda uri: ["run"])
 
     async def load_model(model_id):
         return SimpleNamespace(model_id=model_id, local_path="/adapters/" + model_id)
@@ -75,6 +79,18 @@ def test_concurrent_first_requests_load_the_adapter_once_and_all_succeed(adapter
     assert resolve_together(replica, 3) == [None] * 3 and replica.engine.loads == 1
 
 
+def test_an_adapter_the_folder_does_not_list_is_a_404_and_loads_nothing(monkeypatch):
+    from fastapi import HTTPException
+
+    replica = server(LLMServer)
+    for name in ("viggo:nope", "viggo:../run", "viggo:run/../run"):
+        monkeypatch.setattr(serve, "get_multiplexed_model_id", lambda name=name: name)
+        with pytest.raises(HTTPException) as refused:
+            asyncio.run(replica._maybe_resolve_lora_from_multiplex())
+        assert refused.value.status_code == 404 and name in refused.value.detail
+    assert replica.engine.loads == 0
+
+
 def test_base_model_requests_are_not_serialized(monkeypatch):
     monkeypatch.setattr(serve, "get_multiplexed_model_id", lambda: "")
     replica = server(LLMServer)
@@ -91,7 +107,7 @@ def test_the_served_app_uses_it_where_there_are_adapters():
     assert LLMServer.__name__ == RayLLMServer.__name__  # deployments keep their names (LLMServer:<model id>)
     without = app.build_llm_config(ServeConfig(), model_source="/m", default_model_id="m", adapters_uri=None,
                                    lora_rank=None)
-    assert "server_cls" not in without
+    assert without["server_cls"] == app.SERVER  # with direct streaming its replicas check the key
 
 
 def test_without_the_router_the_adapter_comes_from_the_request_body():

@@ -15,9 +15,12 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
+from ..core.secrets import register_secret_env
 from .base import Section
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Shorter keys can be guessed; 16 random characters are beyond that.
+MIN_API_KEY_LENGTH = 16
 
 
 def _is_loopback(host: str) -> bool:
@@ -40,8 +43,26 @@ class SmokeConfig(Section):
     max_tokens: int = Field(96, ge=1)
 
 
+class RequireConfig(Section):
+    """``serve.require``: the promotion gate. What each adapter's scores in the evaluate stage's
+    ``metrics.json`` (the unconstrained variant, as clients get it) must reach before it is deployed.
+
+    ``at_least``: metric -> lowest score (``{slot_f1: 0.8}``); ``beats_base_by``: metric -> how far above
+    the base model's score (``{slot_f1: 0.5}``). Metric names are the evaluation task's.
+    """
+
+    at_least: dict[str, float] = {}
+    beats_base_by: dict[str, float] = {}
+
+    @property
+    def metrics(self) -> list[str]:
+        return list(dict.fromkeys([*self.at_least, *self.beats_base_by]))
+
+
 class ServeConfig(Section):
     llm_config: dict[str, Any] = {}
+    # The promotion gate (RequireConfig): an adapter whose evaluation falls short is not deployed.
+    require: RequireConfig = Field(default_factory=RequireConfig)
     # Ray Serve deployment options of the OpenAI ingress (e.g. {num_replicas: 1}); Ray's
     # default is 2 to 1000 autoscaled replicas per model replica.
     ingress_deployment_config: dict[str, Any] = {}
@@ -56,6 +77,10 @@ class ServeConfig(Section):
     api_key_env: str | None = None
     # An endpoint that listens beyond loopback needs api_key_env unless this says it may be open.
     allow_unauthenticated: bool = False
+    # Largest request body the app reads (bytes); a larger one is refused with 413 before any model sees it.
+    max_request_bytes: int = Field(16 * 2**20, ge=1024)
+    # Origins (e.g. https://app.example.com) whose browser pages may call the endpoint (CORS); none by default.
+    cors_allow_origins: list[str] = []
     # Logical CPUs the workflow's own local Ray cluster advertises (not used on a user's cluster):
     # Ray Serve needs more than a 2-core machine's real count or the ingress and proxy
     # replicas never get scheduled.
@@ -65,8 +90,9 @@ class ServeConfig(Section):
     allow_prompt_mismatch: bool = False
     # Ray 2.60's direct streaming: each LLM replica serves vLLM's own OpenAI app behind HAProxy,
     # with no Serve proxy or ingress replica on the request path (bench/README.md, "Serving").
-    # Then ingress_deployment_config does not apply, the API key is vLLM's own check (the /v1
-    # routes), and /v1/models lists the base model and the adapters loaded so far.
+    # Then ingress_deployment_config does not apply, the API key is checked by the workflow's
+    # LLMServer in front of vLLM's app (every path), and /v1/models lists the base model and the
+    # adapters loaded so far.
     direct_streaming: bool = False
 
     @field_validator("api_key_env")
@@ -74,6 +100,16 @@ class ServeConfig(Section):
     def _env_name(cls, v: str | None) -> str | None:
         if v is not None and not _ENV_NAME.match(v):
             raise ValueError("must be the NAME of an environment variable (e.g. WORKFLOW_API_KEY), not the key itself")
+        if v is not None:
+            register_secret_env(v)  # its value is masked wherever this process writes (core/secrets.py)
+        return v
+
+    @field_validator("cors_allow_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for origin in v:
+            if origin == "*" or "," in origin or not re.match(r"^https?://[^/]+$", origin):
+                raise ValueError(f"{origin!r}: give each origin as scheme://host[:port] (no '*', no path)")
         return v
 
     @model_validator(mode="after")
@@ -108,6 +144,19 @@ class ServeConfig(Section):
             raise ValueError(f"host: {host} is reachable from other hosts, and the endpoint has no API key; set "
                              "serve.api_key_env (the name of a variable holding the key), or "
                              "serve.allow_unauthenticated: true to serve it open")
+
+    def api_key(self, environ) -> str | None:
+        """The API key from the variable ``api_key_env`` names (None without one), or a one-line error."""
+        if not self.api_key_env:
+            return None
+        key = environ.get(self.api_key_env)
+        if not key:
+            raise ValueError(f"serve.api_key_env: ${self.api_key_env} is not set")
+        if len(key.strip()) < MIN_API_KEY_LENGTH or key != key.strip():
+            raise ValueError(f"serve.api_key_env: ${self.api_key_env} holds {len(key)} characters; an API key needs "
+                             f"at least {MIN_API_KEY_LENGTH} and no surrounding spaces (e.g. `python -c \"import "
+                             f"secrets; print(secrets.token_urlsafe(32))\"`)")
+        return key
 
     @property
     def model_id(self) -> str | None:

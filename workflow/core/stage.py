@@ -17,9 +17,7 @@ own environment. Being part of ``workflow.core``, this module imports nothing ab
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,8 +66,8 @@ class StageContext:
 
 
 def cache_dir(run_name: str) -> Path:
-    """This machine's working folder for a run: ``$WORKFLOW_CACHE/<run>``, else under the temp folder."""
-    return Path(os.environ.get("WORKFLOW_CACHE", Path(tempfile.gettempdir()) / "workflow-cache")) / run_name
+    """This machine's working folder for a run: ``<the user's cache folder>/<run>`` (``storage.cache_root``)."""
+    return storage.cache_root() / run_name
 
 
 @dataclass

@@ -218,18 +218,36 @@ def upload_dir(local_dir: str | Path, uri: str, *, last: Iterable[str] = ()) -> 
         with_retries(lambda rel=rel, target=target: fs.put_file(str(src / rel), target), what=f"upload {uri}/{rel}")
 
 
+def _inside(uri: str, rel: str, folder: Path) -> Path:
+    """``folder / rel`` for an object key ``rel`` under ``uri``; a key that is absolute, climbs (``..``) or
+    otherwise resolves outside ``folder`` is refused in one line (a bucket's keys are anyone's strings)."""
+    parts = rel.split("/")
+    target = folder.joinpath(*parts)
+    if (rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts)
+            or not target.resolve().is_relative_to(folder.resolve())):
+        raise WorkflowError(f"{uri}: object key {rel!r} is absolute or climbs out of the folder; nothing was "
+                            "downloaded", hint="remove or rename that object in the bucket")
+    return target
+
+
 def download_dir(uri: str, local_dir: str | Path, *, include: Callable[[str], bool] | None = None) -> Path:
     """Copy ``uri``'s files (those whose relative path ``include`` accepts) into ``local_dir``
-    (staged, then renamed into place)."""
+    (staged, then renamed into place). Every key must stay inside the folder (checked before any download)."""
     dest = Path(local_dir)
     files = [rel for rel in list_files(uri) if include is None or include(rel)]
     if not files:
         raise WorkflowError(f"{uri}: nothing there to download", hint="check the path and that the stage that writes it has run")
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging-", dir=dest.parent))
+    try:
+        for rel in files:
+            _inside(uri, rel, staging)
+    except WorkflowError:
+        shutil.rmtree(staging)
+        raise
     fs, base = filesystem(uri)
     for rel in files:
-        target = staging / rel
+        target = _inside(uri, rel, staging)
         target.parent.mkdir(parents=True, exist_ok=True)
         src = base.rstrip("/") + "/" + rel
         with_retries(lambda src=src, target=target: fs.get_file(src, str(target)), what=f"download {uri}/{rel}")
@@ -270,13 +288,47 @@ def node_local_copy(uri: str, key: str, *, include: Callable[[str], bool] | None
 
     if is_local(uri):
         return str(local_path(uri))
-    root = Path(os.environ.get("WORKFLOW_CACHE", Path(tempfile.gettempdir()) / "workflow-cache")) / "downloads"
+    root = cache_root() / "downloads"
     dest = root / (re.sub(r"[^A-Za-z0-9._-]", "_", uri.split("://", 1)[1]) + "-" + key[:12])
     root.mkdir(parents=True, exist_ok=True)
     with open(f"{dest}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (dest / ".complete").exists():
+        if not owned_by_user(dest / ".complete"):
             say(f"[storage] downloading {uri} -> {dest}")
             download_dir(uri, dest, include=include)
             (dest / ".complete").touch()
     return str(dest)
+
+
+CACHE_ENV = "WORKFLOW_CACHE"
+
+
+def cache_root() -> Path:
+    """This machine's cache folder for the workflow, the user's own: ``$WORKFLOW_CACHE``, else
+    ``$XDG_CACHE_HOME/workflow`` or ``~/.cache/workflow``; made with mode 0700.
+
+    A folder that another user owns is refused (they could plant a ``state.json`` whose process
+    ``workflow stop`` would signal, or a download marked complete); one that others may write to is
+    made private.
+    """
+    raw = os.environ.get(CACHE_ENV)
+    root = Path(raw) if raw else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "workflow"
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    found = root.stat()
+    if found.st_uid != os.getuid():
+        raise WorkflowError(f"{root}: the workflow's cache folder belongs to another user (uid {found.st_uid})",
+                            hint=f"set {CACHE_ENV} to a folder of your own")
+    if found.st_mode & 0o077:
+        root.chmod(0o700)
+    return root
+
+
+def owned_by_user(path: Path) -> bool:
+    """Whether ``path`` exists, is no symbolic link and belongs to this user (what a cache file must be to be trusted)."""
+    try:
+        found = path.lstat()
+    except FileNotFoundError:
+        return False
+    import stat
+
+    return found.st_uid == os.getuid() and not stat.S_ISLNK(found.st_mode)

@@ -15,6 +15,7 @@ Ray, boto3 and moto are imported inside the functions that use them.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..core import storage
@@ -96,3 +97,70 @@ def publish_adapters_on_loopback(adapters_uri: str, port: int, run_name: str) ->
     actor = ray.remote(num_cpus=0)(LoopbackS3).options(name=LOOPBACK_S3_ACTOR, lifetime="detached")
     ray.get(actor.remote(port, str(storage.local_path(adapters_uri)), run_name).sync.remote(), timeout=120)
     return f"s3://{LOOPBACK_BUCKET}/{run_name}"
+
+
+# What a client may call an adapter ("<model id>:<name>"): one folder name of the adapters folder.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def adapter_name_allowed(name: str) -> bool:
+    """Whether ``name`` can be an adapter folder's name (no path, no climbing)."""
+    return bool(ADAPTER_NAME.fullmatch(name)) and name not in (".", "..")
+
+
+class AdapterCatalogue:
+    """The adapters a served model has: the subfolders of its adapters folder, listed in the background.
+
+    A replica asks :meth:`knows` before anything reads storage for a requested adapter: a name
+    outside ``ADAPTER_NAME`` or not in the last listing is unknown. No client request reads
+    storage here: the listing is refreshed every ``refresh_s`` by a task on the replica's event
+    loop (an adapter published after the deploy is served once a listing has seen it).
+    """
+
+    def __init__(self, adapters_uri: str, *, refresh_s: float = 5.0, list_names=None):
+        self._uri = adapters_uri
+        self._refresh_s = refresh_s
+        self._list_names = list_names or _adapter_subfolders
+        self._names: set[str] = set()
+        self._task = None
+        self._starting = None
+
+    async def start(self) -> None:
+        """List once, then keep listing in the background (on the replica's event loop; requests that
+        arrive together wait for the one first listing)."""
+        import asyncio
+
+        if self._task is not None:
+            return
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._task is None:
+                await self.refresh()
+                self._task = asyncio.get_running_loop().create_task(self._keep_listing())
+
+    async def refresh(self) -> None:
+        import asyncio
+
+        self._names = set(await asyncio.to_thread(self._list_names, self._uri))
+
+    async def _keep_listing(self) -> None:
+        import asyncio
+
+        while True:
+            await asyncio.sleep(self._refresh_s)
+            try:
+                await self.refresh()
+            except Exception as err:  # noqa: BLE001 - the next round retries; the last listing stays
+                print(f"[serve] listing the adapters in {self._uri} failed, retrying: {type(err).__name__}: {err}",
+                      flush=True)
+
+    def knows(self, name: str) -> bool:
+        return adapter_name_allowed(name) and name in self._names
+
+
+def _adapter_subfolders(uri: str) -> list[str]:
+    """Names of the adapters folder's subfolders (Ray's own listing, as its /v1/models uses)."""
+    from ray.llm._internal.common.utils.cloud_utils import CloudFileSystem
+
+    return [name.strip("/") for name in CloudFileSystem.list_subfolders(uri)]

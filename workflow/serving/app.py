@@ -19,8 +19,8 @@ from ..core import storage
 from ..core.errors import WorkflowError
 from ..core.secrets import key_digest
 from ..inference.adapters import supported_lora_rank, with_revision
-from ..patches import ray_serve_direct_streaming, supported
-from . import adapter_store
+from ..patches import ray_serve_direct_streaming, ray_serve_haproxy_listeners, supported
+from . import adapter_store, guard
 
 APP_NAME = "workflow"  # on the workflow's own cluster; on a user's cluster: app_name(recipe)
 INGRESS = "workflow.serving.ingress"
@@ -30,7 +30,8 @@ INGRESS_TESTED = {"ray": "==2.60.*"}
 SERVER = "workflow.serving.llm_server:LLMServer"
 SERVER_TESTED = {"ray": "==2.60.*"}
 SERVER_CONSEQUENCE = ("Ray's LLMServer serves: requests arriving together for an adapter a replica has not loaded "
-                      "yet may fail with HTTP 500 (vLLM: 'has already been loaded')")
+                      "yet may fail with HTTP 500 (vLLM: 'has already been loaded'), adapter names are not checked "
+                      "against the adapters folder, and direct streaming cannot check an API key")
 
 
 def build_llm_config(cfg: ServeConfig, *, model_source: str, default_model_id: str, adapters_uri: str | None,
@@ -40,8 +41,10 @@ def build_llm_config(cfg: ServeConfig, *, model_source: str, default_model_id: s
     ``revision``: the commit the model stage pinned a hub model to (vLLM's ``revision`` and ``tokenizer_revision``).
     """
     llm = copy.deepcopy(cfg.llm_config)
-    if adapters_uri is not None and supported(SERVER.split(":")[0], SERVER_TESTED, SERVER_CONSEQUENCE):
-        llm.setdefault("server_cls", SERVER)  # adapters loaded once per replica (serving/llm_server.py)
+    if supported(SERVER.split(":")[0], SERVER_TESTED, SERVER_CONSEQUENCE):
+        # Adapters loaded once per replica and only by listed names; with direct streaming, the key checked
+        # before anything else (serving/llm_server.py).
+        llm.setdefault("server_cls", SERVER)
     loading = llm.setdefault("model_loading_config", {})
     loading.setdefault("model_id", default_model_id)
     loading.setdefault("model_source", model_source)
@@ -110,21 +113,24 @@ def check_recipe_llm_config(recipe) -> None:
     validate_llm_config(llm, f"{recipe.path or recipe.name}: serve.llm_config")
 
 
-def ingress_cls_config(api_key: str | None) -> dict[str, Any] | None:
-    """The workflow's ingress (serving/ingress.py): optional API key (passed as its digest), OpenAI-format errors.
+def ingress_cls_config(api_key: str | None, cfg: ServeConfig | None = None) -> dict[str, Any] | None:
+    """The workflow's ingress (serving/ingress.py): the key (passed as its digest) in front of every path, the
+    body limit and CORS origins of ``cfg``, OpenAI-format errors, adapters only by listed names.
 
     It subclasses Ray's private ``OpenAiIngress``, so it is used only with the Ray versions in
     ``INGRESS_TESTED``; elsewhere Ray's own ingress serves (None), which cannot check a key.
     """
     if not supported(INGRESS, INGRESS_TESTED, "Ray's own ingress serves the app: no API key check, "
-                     "errors in FastAPI's form instead of OpenAI's"):
+                     "errors in FastAPI's form instead of OpenAI's, every origin allowed (CORS)"):
         if api_key:
             raise WorkflowError(f"serve.api_key_env needs the workflow ingress, which is tested on ray "
-                                f"{INGRESS_TESTED['ray']} only", hint="use that Ray, or set serve.direct_streaming: "
-                                "true (vLLM checks the key there)")
+                                f"{INGRESS_TESTED['ray']} only", hint="use that Ray")
         return None
-    return {"ingress_cls": f"{INGRESS}:WorkflowIngress",
-            "ingress_extra_kwargs": {"api_key_sha256": key_digest(api_key)} if api_key else {}}
+    cfg = cfg or ServeConfig()
+    extra: dict[str, Any] = {"max_body_bytes": cfg.max_request_bytes, "cors_allow_origins": cfg.cors_allow_origins}
+    if api_key:
+        extra["api_key_sha256"] = key_digest(api_key)
+    return {"ingress_cls": f"{INGRESS}:WorkflowIngress", "ingress_extra_kwargs": extra}
 
 
 # The cluster's side of direct streaming (ServeConfig.direct_streaming): HAProxy in front, the
@@ -139,10 +145,28 @@ DIRECT_STREAMING_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_LLM_ENABLE_
                         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
-def direct_streaming_env(api_key: str | None) -> dict[str, str]:
-    """The cluster's environment for direct streaming; the replicas then serve vLLM's own
-    OpenAI app, which checks ``VLLM_API_KEY`` on /v1 routes (there is no workflow ingress)."""
-    return {**DIRECT_STREAMING_ENV, **({"VLLM_API_KEY": api_key} if api_key else {})}
+def direct_streaming_env(api_key: str | None, cfg: ServeConfig | None = None) -> dict[str, str]:
+    """The cluster's environment for direct streaming: the replicas then serve vLLM's own OpenAI app, wrapped
+    by the workflow's LLMServer in the key check (serving/guard.py), which reads the key's digest (never the
+    key), the body limit and the CORS origins from here."""
+    cfg = cfg or ServeConfig()
+    if api_key and not supported(SERVER.split(":")[0], SERVER_TESTED, SERVER_CONSEQUENCE):
+        raise WorkflowError(f"serve.api_key_env with serve.direct_streaming needs the workflow's LLMServer, which is "
+                            f"tested on ray {SERVER_TESTED['ray']} only", hint="use that Ray, or set "
+                            "serve.direct_streaming: false (the workflow ingress checks the key)")
+    env = {**DIRECT_STREAMING_ENV, **ray_serve_haproxy_listeners.cluster_env(),
+           guard.MAX_BODY_ENV: str(cfg.max_request_bytes), guard.CORS_ENV: ",".join(cfg.cors_allow_origins)}
+    if api_key:
+        env[guard.DIGEST_ENV] = key_digest(api_key)
+    return env
+
+
+def with_cors_origins(llm: dict[str, Any], cfg: ServeConfig) -> dict[str, Any]:
+    """``llm`` with vLLM's CORS origins (its app answers with direct streaming): the recipe's list, none by
+    default (the recipe's ``engine_kwargs.allowed_origins`` wins)."""
+    if cfg.cors_allow_origins:
+        llm.setdefault("engine_kwargs", {}).setdefault("allowed_origins", list(cfg.cors_allow_origins))
+    return llm
 
 
 def app_name(recipe_name: str) -> str:

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,9 @@ def start_cluster(state_dir: Path, *, num_cpus: int, env_vars: dict[str, str]) -
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     gcs_port = free_port()
-    # Ray puts unix sockets under the temp dir; keep its path short (108-byte limit).
-    temp_dir = Path("/tmp") / f"wf-ray-{gcs_port}"
+    # Ray puts unix sockets under the temp dir; keep its path short (108-byte limit). A new folder of this
+    # user's (mode 0700), under RAY_TMPDIR where set: never one that someone else could have made first.
+    temp_dir = Path(tempfile.mkdtemp(prefix=f"wf-ray-{gcs_port}-", dir=os.environ.get("RAY_TMPDIR") or "/tmp"))
     log = open(state_dir / "ray-head.log", "w")  # noqa: SIM115 - the cluster writes to it after we exit
     cmd = [_ray_executable(), "start", "--head", "--block", "--disable-usage-stats",
            "--node-ip-address=127.0.0.1", f"--port={gcs_port}", f"--num-cpus={num_cpus}",

@@ -1,13 +1,16 @@
 """Ray Serve LLM's OpenAI ingress, with an optional API key and OpenAI-format errors on every route.
 
 ``build_openai_app`` takes the ingress class by name (``ingress_cls_config``); this one is
-``OpenAiIngress`` whose routes first check ``Authorization: Bearer <key>`` (when
-``api_key_sha256`` is given) and turn the ``HTTPException``s that Ray raises for an unknown
-model or adapter (FastAPI would answer ``{"detail": ...}``) into OpenAI's error body. The
-replica gets the key's SHA-256 digest as an argument, never the key: the digest is all it
-compares against, so the app can be deployed on any cluster (nothing in the nodes'
-environment) and Serve's deployment config, the recipe and the manifests hold no key.
-Serve's own health check ``/-/healthz`` is answered by the proxy and needs no key.
+``OpenAiIngress`` whose whole app is wrapped in ``KeyGuard`` (``serving/guard.py``): with
+``api_key_sha256`` given, every path but Serve's health check ``/-/healthz`` needs
+``Authorization: Bearer <key>``, checked before the body is read (up to ``max_body_bytes``) and
+before any route runs. The replica gets the key's SHA-256 digest as an argument, never the key: the
+digest is all it compares against, so the app can be deployed on any cluster (nothing in the
+nodes' environment) and Serve's deployment config, the recipe and the manifests hold no key.
+Ray's ingress allows every origin with credentials (CORS); here no origin is allowed unless
+``cors_allow_origins`` names it. The routes turn the ``HTTPException``s that Ray raises for an
+unknown model or adapter (FastAPI would answer ``{"detail": ...}``) into OpenAI's error body, and
+an adapter that the adapters folder does not list is a 404 before Ray reads storage for it.
 
 It subclasses a private Ray class: ``serving.app.ingress_cls_config`` names it only for the Ray
 versions it was tested on (``INGRESS_TESTED`` there). Only the Ray replicas import this module.
@@ -16,14 +19,17 @@ versions it was tested on (``INGRESS_TESTED`` there). Only the Ray replicas impo
 from __future__ import annotations
 
 import functools
-import hmac
 import inspect
 
 from fastapi import HTTPException, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, OpenAiIngress
+from starlette.middleware import Middleware
 
-from ..core.secrets import key_digest
+from .adapter_store import AdapterCatalogue
+from .guard import KeyGuard, route_table
+from .llm_server import DEFAULT_MAX_BODY_BYTES
 
 
 def openai_error(status_code: int, message: str, code: str | int | None = None) -> JSONResponse:
@@ -33,29 +39,60 @@ def openai_error(status_code: int, message: str, code: str | int | None = None) 
 
 
 class WorkflowIngress(OpenAiIngress):
-    def __init__(self, *args, api_key_sha256: str | None = None, **kwargs):
+    def __init__(self, *args, api_key_sha256: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 cors_allow_origins: list[str] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._api_key_sha256 = api_key_sha256
+        self._max_body_bytes = max_body_bytes
+        self._cors_allow_origins = list(cors_allow_origins or [])
+        self._adapter_catalogues = {base: AdapterCatalogue(path) for base, path in self._lora_paths.items()}
 
-    def _refusal(self, request: Request) -> JSONResponse | None:
-        """OpenAI's 401 answer unless the key is off or the request carries ``Authorization: Bearer <key>``."""
-        if self._api_key_sha256 is None:
+    def _set_asgi_app(self, app) -> None:
+        """Serve's hook for the replica's app: Ray's CORS rule replaced, the whole app behind the key."""
+        app.user_middleware = [m for m in app.user_middleware if m.cls is not CORSMiddleware]
+        if self._cors_allow_origins:
+            app.user_middleware.insert(0, Middleware(CORSMiddleware, allow_origins=self._cors_allow_origins,
+                                                     allow_methods=["GET", "POST"],
+                                                     allow_headers=["authorization", "content-type"]))
+        self._workflow_app = app
+        super()._set_asgi_app(KeyGuard(app, api_key_sha256=self._api_key_sha256, max_body_bytes=self._max_body_bytes,
+                                       cors_preflight=bool(self._cors_allow_origins)))
+
+    def asgi_routes(self) -> list[tuple[str, list[str]]]:
+        """The routes of the app this replica serves, for a deployment handle's caller."""
+        return route_table(self._workflow_app)
+
+    async def _unknown_adapter(self, model) -> JSONResponse | None:
+        """OpenAI's 404 for ``<base>:<adapter>`` unless the base model's adapters folder lists the adapter."""
+        if not isinstance(model, str) or ":" not in model:
             return None
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(key_digest(token.strip()), self._api_key_sha256):
-            return None
-        return openai_error(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'.", "invalid_api_key")
+        base, _, adapter = model.partition(":")
+        catalogue = self._adapter_catalogues.get(base)
+        if catalogue is not None:
+            await catalogue.start()
+            if catalogue.knows(adapter):
+                return None
+        return openai_error(404, f"The model '{model}' does not exist.", "model_not_found")
+
+
+def _requested_model(kwargs: dict):
+    """The model a route's arguments name: a path parameter, or the request body's ``model``."""
+    if "model" in kwargs:
+        return kwargs["model"]
+    body = kwargs.get("body")
+    return getattr(body, "model", None)
 
 
 def _guarded(method):
-    """``method`` behind the key check, with a ``request`` parameter FastAPI fills in."""
+    """``method`` with OpenAI-format errors and the adapter check, with a ``request`` parameter FastAPI fills in."""
     sig = inspect.signature(method, eval_str=True)
     adds_request = "request" not in sig.parameters
 
     @functools.wraps(method)
     async def guarded(self, *args, **kwargs):
-        request = kwargs.pop("request") if adds_request else kwargs["request"]
-        refusal = self._refusal(request)
+        if adds_request:
+            kwargs.pop("request")
+        refusal = await self._unknown_adapter(_requested_model(kwargs))
         if refusal is not None:
             return refusal
         try:

@@ -21,6 +21,7 @@ call deploys.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -32,7 +33,7 @@ from ..core.envs import SERVE
 from ..core.errors import WorkflowError
 from ..core.stage import StageContext, StageResult
 from ..dataset.read import read_records
-from ..evaluation import parity, tasks
+from ..evaluation import gate, parity, tasks
 from ..inference.adapters import check_trained_on, lint_adapters, model_architectures, stored_adapters
 from ..inference.processor import cpu_engine, note_emulated_bfloat16
 from ..patches import ray_serve_direct_streaming
@@ -65,7 +66,11 @@ def _state_file(ctx: StageContext) -> Path:
 
 
 def _read_state(ctx: StageContext) -> dict | None:
+    """The local cluster's state, trusted (its process group is signalled) only if this user wrote it."""
     path = _state_file(ctx)
+    if path.exists() and not storage.owned_by_user(path):
+        raise WorkflowError(f"{path}: not this user's file (or a link); it names processes the workflow would signal",
+                            hint="remove it, and keep the workflow's cache folder (WORKFLOW_CACHE) your own")
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -130,6 +135,39 @@ def _adapters(ctx: StageContext) -> tuple[str | None, list[str], int | None, lis
     return adapters_dir, names, train["summary"].get("lora_rank"), _training_rows(ctx)
 
 
+def _chosen_adapters(ctx: StageContext, adapters_dir: str | None, names: list[str]) -> tuple[list[str], str | None]:
+    """(the adapters to deploy, the folder the replicas load them from): those ``--adapters`` picks (all by
+    default) that pass ``serve.require`` (one line for each that does not); the train stage's folder when
+    that is all of them, else a copy holding only those, so that no other adapter can be asked for."""
+    if adapters_dir is None:
+        return names, None
+    stored, picked = names, ctx.options.get("adapters")
+    if picked:
+        unknown = [a for a in picked if a not in stored]
+        if unknown:
+            raise WorkflowError(f"serve --adapters: {', '.join(unknown)}: not among the run's adapters "
+                                f"({', '.join(stored)})", hint="name adapters of the train stage's folder")
+        names = [a for a in stored if a in picked]
+    require = ctx.recipe.serve.require
+    if require.metrics:
+        results = storage.read_json(ctx.upstream("evaluate")["outputs"]["metrics.json"])
+        names, refused = gate.gate(require, results, names, where=f"{ctx.recipe.path}")
+        if not names:
+            more = f" (and {len(refused) - 1} more adapter(s))" if len(refused) > 1 else ""
+            raise WorkflowError(f"serve: {refused[0]}{more}; nothing was deployed",
+                                hint="train a better adapter, or change serve.require in the recipe")
+        for line in refused:
+            say(f"[serve] {line}")
+    if names == stored:
+        return names, adapters_dir
+    key = hashlib.sha256(json.dumps([ctx.upstream("train")["fingerprint"], names]).encode()).hexdigest()[:12]
+    served = storage.join(ctx.out_uri, "adapters", key)
+    for name in names:
+        storage.copy_dir(storage.join(adapters_dir, name), storage.join(served, name), last=["adapter_config.json"])
+    say(f"[serve] serving the adapters {', '.join(names)} (of {', '.join(stored)}) from {served}")
+    return names, served
+
+
 def _training_rows(ctx: StageContext) -> list[dict]:
     train_uri = ctx.upstream("ingest")["outputs"].get("train")
     if not train_uri:
@@ -138,14 +176,15 @@ def _training_rows(ctx: StageContext) -> list[dict]:
 
 
 def _smoke_metric(ctx: StageContext, rows: list[dict]):
-    """(name, one row's score) of the evaluation task's main metric: the recipe's task, else the one the
-    training outputs read as; None without either."""
+    """(name, one row's score) of the metric ``serve.require`` names first, else of the evaluation task's main
+    metric: the recipe's task, else the one the training outputs read as; None without either."""
     cfg = ctx.recipe.evaluate.task if ctx.recipe.evaluate is not None else None
     outputs = [o for o in map(expected_output, rows) if o is not None]
     if cfg is None and not outputs:
         return None
     task = tasks.build(cfg, outputs, where=f"{ctx.recipe.path}: evaluate.task", stage="serve")
-    return task.main_metric, task.row_score
+    name = next((m for m in ctx.recipe.serve.require.metrics if m in task.metrics), task.main_metric)
+    return name, lambda expected, got: task.row_score(expected, got, metric=name)
 
 
 def _parity_settings(ctx: StageContext) -> ParityConfig | None:
@@ -229,12 +268,11 @@ def run(ctx: StageContext) -> StageResult:
         cfg.check_open_endpoint(on_cluster=bool(address))
     except ValueError as err:
         raise WorkflowError(f"{ctx.recipe.path}: serve: {err}") from None
-    api_key = None
-    if cfg.api_key_env:
-        api_key = os.environ.get(cfg.api_key_env)
-        if not api_key:
-            raise WorkflowError(f"{ctx.recipe.path}: serve.api_key_env: ${cfg.api_key_env} is not set",
-                                hint=f"export {cfg.api_key_env}=<key>, or remove serve.api_key_env for an open endpoint")
+    try:
+        api_key = cfg.api_key(os.environ)
+    except ValueError as err:
+        raise WorkflowError(f"{ctx.recipe.path}: {err}", hint=f"export {cfg.api_key_env}=<key>, or remove "
+                            "serve.api_key_env for an open endpoint") from None
     if address and storage.is_local(ctx.run_uri):
         raise WorkflowError(f"serve: the run's storage {ctx.run_uri} is a folder on this machine, which the replicas "
                             f"on the cluster at {address} cannot load the model and adapters from",
@@ -243,6 +281,7 @@ def run(ctx: StageContext) -> StageResult:
     model = ctx.upstream("model")
     model_source = model["outputs"]["model"]
     adapters_dir, adapter_names, lora_rank, training = _adapters(ctx)
+    adapter_names, served_dir = _chosen_adapters(ctx, adapters_dir, adapter_names)
     main_metric = _smoke_metric(ctx, training) if adapter_names else None
     rows = training[: cfg.smoke.rows]
     # Before anything reads the model (its config.json, for the adapters' lint).
@@ -272,11 +311,11 @@ def run(ctx: StageContext) -> StageResult:
         checked = _parity_reference(ctx, parity_settings, adapters_dir, adapter_names)
     s3_port = cluster.free_port() if local_adapters else None
     # The loopback URI is only known once published; validate with a placeholder of the same form.
-    placeholder = f"s3://{adapter_store.LOOPBACK_BUCKET}/{ctx.recipe.name}" if local_adapters else adapters_dir
+    placeholder = f"s3://{adapter_store.LOOPBACK_BUCKET}/{ctx.recipe.name}" if local_adapters else served_dir
     llm = app.build_llm_config(cfg, model_source=model_source, default_model_id=ctx.recipe.name,
                                adapters_uri=placeholder, lora_rank=lora_rank,
                                revision=model.get("summary", {}).get("revision"))
-    app.validate_llm_config(llm, f"{ctx.recipe.path}: serve.llm_config")
+    app.validate_llm_config(app.with_cors_origins(llm, cfg), f"{ctx.recipe.path}: serve.llm_config")
     model_id = llm["model_loading_config"]["model_id"]
     model_ids = [model_id] + [f"{model_id}:{a}" for a in adapter_names]
     host = cfg.listen_host(on_cluster=bool(address))
@@ -307,7 +346,7 @@ def run(ctx: StageContext) -> StageResult:
         env_vars = adapter_store.loopback_env(s3_port) if s3_port else {}
         direct_streaming = cfg.direct_streaming and ray_serve_direct_streaming.available()
         if direct_streaming:
-            env_vars.update(app.direct_streaming_env(api_key))
+            env_vars.update(app.direct_streaming_env(api_key, cfg))
         name = app.APP_NAME
         port = cfg.port or cluster.free_port()
         base_url = f"http://{host}:{port}/v1"
@@ -324,10 +363,10 @@ def run(ctx: StageContext) -> StageResult:
             cluster.connect(state)
         if local_adapters:
             llm["lora_config"]["dynamic_lora_loading_path"] = adapter_store.publish_adapters_on_loopback(
-                adapters_dir, s3_port, ctx.recipe.name)
+                served_dir, s3_port, ctx.recipe.name)
         say(f"[serve] deploying build_openai_app as {name} on {base_url} (takes a minute or two on a CPU)")
         app.deploy(app.validate_llm_config(llm, f"{ctx.recipe.path}: serve.llm_config"), host=host,
-                   port=port, ingress_cls_config=app.ingress_cls_config(api_key),
+                   port=port, ingress_cls_config=app.ingress_cls_config(api_key, cfg),
                    ingress_deployment_config=cfg.ingress_deployment_config, direct_streaming=direct_streaming,
                    name=name)
         client.wait_until_answering(base_url, model_id, api_key)

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +114,7 @@ def _train_env_arg_names() -> set[str]:
     venv = Path(python).parent.parent
     versions = sorted(p.name for p in venv.glob("lib/python*/site-packages/*.dist-info")
                       if p.name.startswith(("llamafactory-", "transformers-")))
-    cache = (Path(os.environ.get("WORKFLOW_CACHE", Path(tempfile.gettempdir()) / "workflow-cache"))
-             / f"llamafactory-keys-{sha256_text(python + ' '.join(versions))[:16]}.json")
+    cache = storage.cache_root() / f"llamafactory-keys-{sha256_text(python + ' '.join(versions))[:16]}.json"
     if versions and cache.is_file():
         return set(json.loads(cache.read_text()))
     proc = subprocess.run([python, "-m", "workflow.training.llamafactory_args", "keys"], env=envs.stage_environment(envs.TRAIN),
