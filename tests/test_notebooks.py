@@ -28,6 +28,7 @@ def test_notebook_executes(path, ci_recipe, monkeypatch, tmp_path):
     nbformat.write(nb, tmp_path / path.name)
 
 
+@pytest.mark.heavy  # a whole run: training, an engine
 def test_your_dataset_notebook_runs_a_json_dataset_by_yaml_alone(tiny_model, monkeypatch, tmp_path):
     """The walkthrough of a dataset made in the notebook (trip slots as JSON, a third of them {}): the json
     kind's run of tests/test_task_kinds.py, with a two-step training; its last cells count the report's
