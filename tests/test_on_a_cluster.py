@@ -33,6 +33,8 @@ CLUSTER_OVERRIDES = {
     "model": {"pretrain": {"max_steps": 8, "save_steps": 4, "logging_steps": 2}},
     "train": {"scaling_config": {"placement_strategy": "SPREAD"},
               "llamafactory": {"max_samples": 64, "max_steps": 8, "save_steps": 4, "logging_steps": 2}},
+    # 8 steps teach the adapter little: the gate only asks that it score no worse than the base.
+    "serve": {"require": {"at_least": {"slot_f1": 0.0}, "beats_base_by": {"slot_f1": 0.0}}},
 }
 
 

@@ -3,8 +3,8 @@
     workflow run RECIPE [--stages a,b] [--from STAGE] [--force]
     workflow validate RECIPE...
     workflow ingest|model|train|evaluate|serve RECIPE [--force]
-    workflow batch RECIPE --input URI --output URI [--adapter PATH ...]
-    workflow serve RECIPE [--detach | --stop]      workflow stop RECIPE
+    workflow batch RECIPE --input URI --output URI [--adapter PATH ...] [--max-errors N]
+    workflow serve RECIPE [--detach | --stop] [--adapters a,b]      workflow stop RECIPE
     workflow sync SRC DEST
     workflow tiny-model --data FILE... --out DIR
     workflow show RECIPE|RUN_URI [--html [PATH]]
@@ -76,6 +76,8 @@ def _cmd_run(args) -> int:
 def _cmd_stage(args) -> int:
     recipe = load_recipe(args.recipe)
     options = {k: v for k, v in vars(args).items() if k in ("detach", "stop") and v}
+    if getattr(args, "adapters", None):
+        options["adapters"] = [a.strip() for a in args.adapters.split(",") if a.strip()]
     if args.command == "stop":
         args.command, options = "serve", {"stop": True}
     runner.run_stage(args.command, recipe, force=getattr(args, "force", False), debug=args.debug, options=options)
@@ -84,7 +86,8 @@ def _cmd_stage(args) -> int:
 
 def _cmd_batch(args) -> int:
     recipe = load_recipe(args.recipe)
-    options = {"input": args.input, "output": args.output, "adapters": args.adapter or []}
+    options = {"input": args.input, "output": args.output, "adapters": args.adapter or [],
+               "max_errors": args.max_errors}
     runner.run_stage("batch", recipe, debug=args.debug, options=options, job=True)
     return 0
 
@@ -158,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
             group = p.add_mutually_exclusive_group()
             group.add_argument("--detach", action="store_true", help="leave the app running")
             group.add_argument("--stop", action="store_true", help="shut the app down")
+            p.add_argument("--adapters", metavar="A,B", help="serve only these of the run's adapters (each must "
+                           "still pass serve.require)")
         p.set_defaults(func=_cmd_stage)
 
     p = add_on_cluster("stop", help="shut down the recipe's served app (on the cluster its endpoint.json names)")
@@ -169,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="JSONL, Parquet or CSV (local, s3://, gs://)")
     p.add_argument("--output", required=True, help="where to write (.parquet or .jsonl)")
     p.add_argument("--adapter", action="append", help="a LoRA adapter folder; repeat for several")
+    p.add_argument("--max-errors", type=int, default=0, metavar="N",
+                   help="rows that may fail (error column set) before the job exits non-zero (default 0)")
     p.set_defaults(func=_cmd_batch)
 
     p = add("sync", help="copy a folder between local disk and object storage")

@@ -45,8 +45,14 @@ def test_batch_from_s3_parquet_to_s3_jsonl_with_two_adapters_and_a_too_long_row(
     recipe = make_run("batch-s3", evaluate={"sampling_params": {"temperature": 0.0, "max_tokens": 16}})
 
     proc = run_batch(recipe, "--input", f"{s3_bucket}/data/in.parquet", "--output", f"{s3_bucket}/out/preds.jsonl",
-                     "--adapter", str(tiny_adapter), "--adapter", str(second))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+                     "--adapter", str(tiny_adapter), "--adapter", str(second), "--max-errors", "1")
+    # The too-long row fails once per adapter: 2 failed rows, more than --max-errors allows; the output is written.
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: batch: 2 of {2 * len(rows)} rows failed, more than --max-errors 1 allows "
+                           "(first: "), line
+    assert "maximum context length" in line and f"every row is in {s3_bucket}/out/preds.jsonl" in line, line
+    assert f"[batch] 2 of {2 * len(rows)} rows failed" in proc.stdout
     out = [json.loads(line) for line in storage.read_text(f"{s3_bucket}/out/preds.jsonl").splitlines()]
     assert len(out) == 2 * len(rows)
     assert set(out[0]) == {"id", "instruction", "input", "source", "model", "generated_text", "num_input_tokens",
@@ -107,3 +113,37 @@ def test_any_format_is_read_locally_and_from_s3(tmp_path, s3_bucket):
         io.read_dataset(str(tmp_path / "a.txt"))
     with pytest.raises(WorkflowError, match="names the output uses"):
         processor.check_input_columns(["prompt", "generated_text"], "in.jsonl")
+
+
+def test_row_errors_are_counted_and_fail_the_job_past_max_errors(capsys):
+    from workflow.stages.batch import check_row_errors
+
+    check_row_errors(0, 10, "", 0, "out.jsonl")
+    assert capsys.readouterr().out == ""
+    check_row_errors(3, 10, "too long", 3, "out.jsonl")  # allowed: counted and printed
+    assert "[batch] 3 of 10 rows failed (their error column in out.jsonl says why); first: too long" in \
+        capsys.readouterr().out
+    with pytest.raises(WorkflowError, match=r"^batch: 4 of 10 rows failed, more than --max-errors 3 allows"):
+        check_row_errors(4, 10, "too long", 3, "out.jsonl")
+
+
+def test_input_and_adapters_on_this_disk_go_where_every_node_reads_them(tiny_adapter, s3_bucket, tmp_path):
+    """What a batch on a cluster of several nodes does first (no cluster needed to check the copies)."""
+    from workflow.core import storage
+    from workflow.stages.batch import _where_every_node_reads
+
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "hi"}) + "\n")
+    given = {tiny_adapter.name: str(tiny_adapter)}
+    lora = adapters.engine_adapters(given, tmp_path / "cache")
+    assert lora.loading_path is None  # a folder on this machine: engines elsewhere cannot load it
+    uploads = f"{s3_bucket}/runs/r/batch/uploads/job"
+    source, shared = _where_every_node_reads(str(tmp_path / "in.jsonl"), given, lora, uploads)
+    assert source == f"{uploads}/input/in.jsonl" and storage.read_text(source) == (tmp_path / "in.jsonl").read_text()
+    assert shared == adapters.EngineAdapters({tiny_adapter.name: tiny_adapter.name}, f"{uploads}/adapters")
+    assert storage.list_files(f"{uploads}/adapters/{tiny_adapter.name}") == sorted(
+        p.relative_to(tiny_adapter).as_posix() for p in tiny_adapter.rglob("*") if p.is_file())
+    # Already in storage, named by their folders: left where they are.
+    remote = {"a": f"{s3_bucket}/lora/a"}
+    storage.upload_dir(tiny_adapter, remote["a"])
+    kept = adapters.engine_adapters(remote, tmp_path / "cache")
+    assert _where_every_node_reads(f"{s3_bucket}/in.jsonl", remote, kept, uploads) == (f"{s3_bucket}/in.jsonl", kept)

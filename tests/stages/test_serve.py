@@ -24,6 +24,8 @@ RUN = "serve-test"
 KEY_ENV = "WORKFLOW_TEST_SERVE_KEY"
 KEY = "test-serve-key-0123456789"
 ADAPTERS = ("viggo", "viggo2")
+# serve.max_request_bytes of both deploys (tests/security_checks.py sends a larger body).
+MAX_BODY = 2**20
 # Rows of the test split the parity check sends to each adapter (fewer than its default 16: CPU time).
 PARITY_ROWS = 3
 LLM_CONFIG = {
@@ -91,6 +93,56 @@ def test_local_adapters_with_a_model_in_s3_are_refused_in_one_line(make_run, tin
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
     assert "the run's adapters are in a local folder" in errors[0] and "s3://models/tiny" in errors[0]
+
+
+def _evaluated(path: Path, scores: dict[str, float], require: dict) -> None:
+    """The run of ``path`` with an evaluate stage that scored each variant's slot F1 as given (interval +-0.05)."""
+    recipe = yaml.safe_load(path.read_text())
+    recipe["serve"] = {"llm_config": LLM_CONFIG, "require": require}
+    path.write_text(yaml.safe_dump(recipe))
+    out = f"{recipe['storage']}/{recipe['name']}/evaluate"
+    storage.write_json(f"{out}/metrics.json", {v: {"metrics": {"slot_f1": f, "function_accuracy": 1.0},
+                                                   "intervals": {"slot_f1": [f - 0.05, f + 0.05]}}
+                                               for v, f in scores.items()})
+    manifest.write(out, stage="evaluate", run=recipe["name"], config={}, inputs={}, started_at=manifest.now(),
+                   outputs={"metrics.json": f"{out}/metrics.json"})
+
+
+def test_an_adapter_below_serve_require_is_not_deployed_with_one_line(make_run, tiny_adapter):
+    path = make_run("serve-gate", adapters={"good": tiny_adapter, "weak": tiny_adapter})
+    _evaluated(path, {"base": 0.1, "good": 0.9, "weak": 0.3}, {"at_least": {"slot_f1": 0.8}})
+
+    def serve(*args: str) -> list[str]:
+        proc = subprocess.run([envs.python_for(envs.SERVE), "-m", "workflow", "serve", str(path), *args],
+                              env=envs.stage_environment(envs.SERVE), capture_output=True, text=True, timeout=300)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+        return errors[0]
+
+    assert serve("--adapters", "weak") == ("error: serve: adapter 'weak' is not served: slot_f1 0.300 [0.250, 0.350] "
+                                           "is below serve.require.at_least.slot_f1: 0.8; nothing was deployed "
+                                           "(train a better adapter, or change serve.require in the recipe)")
+    assert serve("--adapters", "good,nope").startswith("error: serve --adapters: nope: not among the run's adapters "
+                                                       "(good, weak)")
+    assert not storage.exists(f"{yaml.safe_load(path.read_text())['storage']}/serve-gate/serve/endpoint.json")
+
+
+def test_the_gate_passes_each_adapter_on_its_own_scores():
+    from workflow.config.serve import RequireConfig
+    from workflow.evaluation import gate
+
+    results = {v: {"metrics": {"slot_f1": f}, "intervals": {"slot_f1": [f - 0.1, f + 0.1]}}
+               for v, f in {"base": 0.2, "a": 0.85, "b": 0.6, "b+constrained": 0.95}.items()}
+    require = RequireConfig(at_least={"slot_f1": 0.5}, beats_base_by={"slot_f1": 0.5})
+    passed, refused = gate.gate(require, results, ["a", "b", "c"], "r.yaml")
+    assert passed == ["a"]
+    # b is judged unconstrained (as clients get it), not on its constrained variant's 0.95.
+    assert refused == ["adapter 'b' is not served: slot_f1 0.600 [0.500, 0.700] against the base's 0.200 "
+                       "[0.100, 0.300] is short of serve.require.beats_base_by.slot_f1: 0.5",
+                       "adapter 'c' is not served: it has no scores in the evaluate stage's metrics.json (variants: "
+                       "base, a, b, b+constrained)"]
+    with pytest.raises(WorkflowError, match=r"r.yaml: serve.require names 'rouge_l', which the evaluation does not"):
+        gate.gate(RequireConfig(at_least={"rouge_l": 0.5}), results, ["a"], "r.yaml")
 
 
 def test_unknown_own_key_is_refused():
@@ -247,9 +299,11 @@ def served(s3_server, tiny_model, tiny_adapter, viggo_alpaca, tmp_path_factory):
     boto3.client("s3").create_bucket(Bucket=bucket)
     storage_uri = f"s3://{bucket}/runs"
     _layout_run(f"{storage_uri}/{RUN}", tiny_model, tiny_adapter, viggo_alpaca)
+    # Where the adapter name "../x" would lead Ray (beside the adapters folder): the name must be refused.
+    storage.upload_dir(tiny_adapter, f"{storage_uri}/{RUN}/train/x", last=["adapter_config.json"])
     tmp = tmp_path_factory.mktemp("serve")
     serve = {"api_key_env": KEY_ENV, "port": cluster.free_port(), "ingress_deployment_config": {"num_replicas": 1},
-             "smoke": {"rows": 2, "max_tokens": 32}, "llm_config": LLM_CONFIG}
+             "smoke": {"rows": 2, "max_tokens": 32}, "llm_config": LLM_CONFIG, "max_request_bytes": MAX_BODY}
     recipe = tmp / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({**_recipe(serve), "storage": storage_uri}))
     env = {**envs.stage_environment(envs.SERVE), KEY_ENV: KEY, "WORKFLOW_CACHE": str(tmp / "cache")}
@@ -353,6 +407,22 @@ def test_api_key_is_enforced_except_on_the_health_check(served):
     assert health.status_code == 200
 
 
+def test_the_ingress_app_guards_every_route_and_names_adapters_from_the_list(served):
+    """tests/security_checks.py against the workflow ingress (issue 36); "../x" would reach the adapter planted at
+    train/x, so its 404 shows the name was refused before Ray read storage."""
+    import httpx
+    import security_checks as attack
+
+    root = served["base_url"].removesuffix("/v1")
+    routes = attack.app_routes(served["state_file"], "WorkflowIngress")
+    attack.check_every_route_needs_the_key(root, routes, f"{RUN}:viggo", KEY)
+    attack.check_bodies_over_the_limit_are_refused(root, RUN, KEY, MAX_BODY)
+    attack.check_adapter_names_come_from_the_list(root, RUN, KEY)
+    card = httpx.get(f"{root}/v1/models/{RUN}:nope", headers=_auth(), timeout=60)
+    assert card.status_code == 404 and set(card.json()["error"]) >= {"message", "type", "code"}, card.text
+    attack.check_no_serving_listener_off_loopback(json.loads(served["state_file"].read_text())["address"])
+
+
 def test_stop_leaves_no_application_or_replica_behind(served):
     import httpx
 
@@ -392,7 +462,7 @@ def test_direct_streaming_serves_base_and_adapters_behind_haproxy(tiny_model, ti
     _layout_run(f"{storage_uri}/{RUN}", tiny_model, tiny_adapter, viggo_alpaca)
     port = cluster.free_port()
     serve = {"api_key_env": KEY_ENV, "port": port, "direct_streaming": True, "smoke": {"rows": 2, "max_tokens": 32},
-             "llm_config": {**LLM_CONFIG, "deployment_config": {"num_replicas": 1}}}
+             "llm_config": {**LLM_CONFIG, "deployment_config": {"num_replicas": 1}}, "max_request_bytes": MAX_BODY}
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({**_recipe(serve), "storage": storage_uri}))
     env = {**envs.stage_environment(envs.SERVE), KEY_ENV: KEY, "WORKFLOW_CACHE": str(tmp_path / "cache")}
@@ -421,6 +491,7 @@ def test_direct_streaming_serves_base_and_adapters_behind_haproxy(tiny_model, ti
         assert resp.status_code == 401, resp.text
 
         storage.upload_dir(tiny_adapter, f"{storage_uri}/{RUN}/train/adapters/later", last=["adapter_config.json"])
+        _guards_every_route(base_url.removesuffix("/v1"), tmp_path / "cache" / RUN / "serve" / "state.json")
         deadline, later = time.monotonic() + 60, None
         while time.monotonic() < deadline:
             later = httpx.post(f"{base_url}/chat/completions", headers=_auth(), timeout=120, json={
@@ -439,3 +510,22 @@ def test_direct_streaming_serves_base_and_adapters_behind_haproxy(tiny_model, ti
     while _cluster_pids(state["address"]) and time.monotonic() < deadline:
         time.sleep(1)
     assert _cluster_pids(state["address"]) == {}
+
+
+def _guards_every_route(root: str, state_file: Path) -> None:
+    """tests/security_checks.py against vLLM's app behind the workflow's LLMServer (issue 36), once the adapter
+    "later" is in the adapters folder but not loaded: a request without the key that names it loads nothing."""
+    import httpx
+    import security_checks as attack
+
+    def loaded() -> set[str]:  # vLLM's list: the base model and the adapters the engine holds
+        return {m["id"] for m in httpx.get(f"{root}/v1/models", headers=_auth(), timeout=60).json()["data"]}
+
+    time.sleep(10)  # the loopback S3 server and the replica's adapter listing pick "later" up (2 s, 5 s)
+    before = loaded()
+    assert f"{RUN}:later" not in before, before
+    attack.check_every_route_needs_the_key(root, attack.app_routes(state_file, "LLMServer"), f"{RUN}:later", KEY)
+    assert loaded() == before
+    attack.check_bodies_over_the_limit_are_refused(root, RUN, KEY, MAX_BODY)
+    attack.check_adapter_names_come_from_the_list(root, RUN, KEY)
+    attack.check_no_serving_listener_off_loopback(json.loads(state_file.read_text())["address"])

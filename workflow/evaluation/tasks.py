@@ -325,9 +325,10 @@ class Task:
     def kind(self) -> str:
         return self.config.kind
 
-    def row_score(self, expected: str, got: str) -> float:
-        """The main metric on one row (how the worst errors are ranked and the serve smoke check scores)."""
-        metric = self.metrics[self.main_metric]
+    def row_score(self, expected: str, got: str, metric: str | None = None) -> float:
+        """The main metric (or ``metric``) on one row (how the worst errors are ranked and the serve smoke
+        check scores)."""
+        metric = self.metrics[metric or self.main_metric]
         e, g = (self.parse(expected), self.parse(got)) if metric.parsed else (expected, got)
         return metric.aggregate([metric.per_row(e, g)])
 
