@@ -81,7 +81,7 @@ INSTRUCTIONS = {"call": "Write the dialogue act of the sentence.", "label": "Nam
 
 # What CI changes in the copied recipe, beyond name, ingest and the served model id, to keep the kinds' runs
 # within a few minutes of CI: the session's tiny model as the base (no tiny build, no pre-training), no
-# bootstrap, 32 new tokens, and no train or serve section (on 2 cores a Ray Train start costs about a minute
+# bootstrap, 32 new tokens (the random base's answers run to the limit), and no train or serve section (on 2 cores a Ray Train start costs about a minute
 # and a Serve deploy as much; the demo's run tests both, the notebook's run trains): the run is
 # ingest -> model -> evaluate, the base model answering with and without the kind's constraint.
 CI_EVALUATE = {"bootstrap": 0, "sampling_params": {"temperature": 0.0, "max_tokens": 32}}

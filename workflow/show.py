@@ -95,6 +95,9 @@ def run_summary(recipe) -> str:
     if served:
         lines.append(f"\n  served and smoke-checked: {', '.join(served)}")
     command = envs.command()
-    lines.append(f"\n  serve the adapter:  {command} serve {recipe.path} --detach   (stop: {command} stop {recipe.path})")
+    lines.append("")
+    if recipe.serve is not None:  # `workflow serve` needs the recipe's serve section
+        what = "the adapter" if recipe.train is not None else "the model  "
+        lines.append(f"  serve {what}:  {command} serve {recipe.path} --detach   (stop: {command} stop {recipe.path})")
     lines.append(f"  lineage:            {command} show {recipe.path}")
     return "\n".join(lines)

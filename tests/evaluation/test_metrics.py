@@ -449,3 +449,4 @@ def test_run_summary_prints_any_metric_value(tmp_path):
     text = run_summary(recipe)
     row = next(line for line in text.splitlines() if line.strip().startswith("base"))
     assert row.split() == ["base", "0.250", "some", "differ", "n/a", '{"a":[1,2]}']
+    assert "serve the" not in text and "lineage:" in text  # a recipe without a serve section has nothing to serve
