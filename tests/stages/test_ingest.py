@@ -50,9 +50,11 @@ def test_viggo_cpu_recipe_writes_all_splits(tmp_path, monkeypatch):
                              "columns": {"prompt": "instruction", "query": "input", "response": "output"}}
     # Every ViGGO training output is a call in the default syntax (value-less slots such as
     # player_perspective[] included): the task is recorded with its evidence, beside the split counts.
-    task = {"kind": "call", "config": {"kind": "call"}, "from": "training", "outputs": 5103, "fitting": 5103,
-            "share_fitting": 1.0, "misfits": []}
-    assert m["summary"]["task"] == task and json.loads((out / "stats.json").read_text())["task"] == task
+    task = m["summary"]["task"]
+    assert json.loads((out / "stats.json").read_text())["task"] == task
+    assert {k: task[k] for k in ("task", "kind", "from", "outputs", "fit", "misfits", "misfit_examples")} == {
+        "task": {"kind": "call"}, "kind": "call", "from": "training", "outputs": 5103, "fit": 5103, "misfits": 0,
+        "misfit_examples": []}
 
 
 def run_ingest_with_evaluate(tmp_path, rows, evaluate, *, name="t"):
@@ -70,10 +72,12 @@ def run_ingest_with_evaluate(tmp_path, rows, evaluate, *, name="t"):
 def test_the_inferred_task_is_printed_and_written_with_how_to_pin_it(tmp_path, capsys):
     rows = [(f"sentence {i}", label) for i, label in enumerate(["yes", "no", "maybe"] * 20)]
     _, m = run_ingest_with_evaluate(tmp_path, rows, {"constrained_decoding": {}})
-    assert m["summary"]["task"] == {"kind": "label", "config": {"kind": "label"}, "from": "training", "outputs": 60,
-                                    "fitting": 60, "share_fitting": 1.0, "misfits": []}
-    assert ("[ingest] task: kind 'label' (60 of 60 training outputs fit); to pin it, set evaluate.task: "
-            '{"kind": "label"}') in capsys.readouterr().out
+    task = m["summary"]["task"]
+    assert (task["task"], task["from"], task["outputs"], task["fit"], task["misfits"]) == (
+        {"kind": "label"}, "training", 60, 60, 0)
+    said = [line for line in capsys.readouterr().out.splitlines() if "[ingest] task:" in line]
+    assert len(said) == 1 and "inferred kind 'label' from 60 training outputs" in said[0]
+    assert 'to pin it, set evaluate.task: {"kind": "label"}' in said[0]
 
 
 def test_an_evaluate_section_the_data_contradicts_fails_in_ingest_before_anything_is_written(tmp_path):
