@@ -304,3 +304,45 @@ def test_llamafactory_reads_the_ingested_dataset(tmp_path, tiny_model):
     labels = [t for t in data["train_dataset"][0]["labels"] if t != -100]
     decoded = tokenizer_module["tokenizer"].decode(labels)
     assert decoded.startswith("inform(name[") and decoded.endswith(")<|im_end|>\n")
+
+
+def test_prompts_are_held_against_max_model_len_and_cutoff_len_when_the_tokenizer_is_at_hand(tmp_path, tiny_model,
+                                                                                             capsys):
+    """A local base model's tokenizer is read before the model stage: a prompt past the evaluate engine's
+    max_model_len (an error row there) and a training row past cutoff_len (truncated by LLaMA-Factory) are
+    counted in one line each; a split whose every prompt is too long fails here."""
+    from transformers import AutoTokenizer
+
+    from workflow.prompts.guard import chat_template_prompt_ids
+
+    short, long = "Portal is fun.", " ".join(["word"] * 150)
+    rows = [{"input": short, "output": "inform(name[Portal])", "split": s} for s in ("train", "test")] + [
+        {"input": long, "output": "inform(name[x])", "split": s} for s in ("train", "test")]
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps({"input": r["input"], "output": r["output"]}) + "\n"
+                                                         for r in rows if r["split"] == split))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    lengths = [len(chat_template_prompt_ids(tokenizer, [{"role": "user", "content": f"Parse.\n{text}"}]))
+               for text in (short, long)]
+    assert lengths[0] < 100 < lengths[1]  # the limits below sit between the two
+
+    def recipe(name, max_model_len):
+        data = {"name": name, "storage": str(tmp_path / "runs"), "model": {"source": str(tiny_model)},
+                "ingest": {"source": str(tmp_path), "splits": {"train": "train.jsonl", "test": "test.jsonl"},
+                           "instruction": "Parse."},
+                "train": {"llamafactory": {"stage": "sft", "finetuning_type": "lora", "cutoff_len": 100}},
+                "evaluate": {"task": {"kind": "call"}, "sampling_params": {"temperature": 0.0, "max_tokens": 16},
+                             "processor": {"engine_kwargs": {"max_model_len": max_model_len}}}}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(data))
+        return load_recipe(tmp_path / f"{name}.yaml")
+
+    execute(ingest, StageContext(recipe=recipe("fits", 100), stage="ingest"))
+    said = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(said) == 2, said
+    assert f"1 of 2 'train' rows (prompt and answer) are longer than train.llamafactory.cutoff_len (100 tokens; " \
+           f"the longest {lengths[1] + len(tokenizer('inform(name[x])')['input_ids']) + 1})" in said[0]
+    assert (f"1 of 2 'test' prompts are longer than evaluate.processor.engine_kwargs.max_model_len (100 tokens; the "
+            f"longest {lengths[1]}): the engine answers them with an error") in said[1]
+    with pytest.raises(WorkflowError, match=r"max_model_len is 8 tokens and every prompt of the 'test' split is "
+                                             rf"longer \(the shortest {lengths[0]}\)"):
+        execute(ingest, StageContext(recipe=recipe("none-fits", 8), stage="ingest"))
