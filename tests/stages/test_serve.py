@@ -298,12 +298,21 @@ def served(s3_server, tiny_model, tiny_adapter, viggo_alpaca, tmp_path_factory):
     bucket = f"serve-{cluster.free_port()}"
     boto3.client("s3").create_bucket(Bucket=bucket)
     storage_uri = f"s3://{bucket}/runs"
-    _layout_run(f"{storage_uri}/{RUN}", tiny_model, tiny_adapter, viggo_alpaca)
+    run_uri = f"{storage_uri}/{RUN}"
+    _layout_run(run_uri, tiny_model, tiny_adapter, viggo_alpaca)
     # Where the adapter name "../x" would lead Ray (beside the adapters folder): the name must be refused.
-    storage.upload_dir(tiny_adapter, f"{storage_uri}/{RUN}/train/x", last=["adapter_config.json"])
+    storage.upload_dir(tiny_adapter, f"{run_uri}/train/x", last=["adapter_config.json"])
+    # A third adapter that serve.require keeps out (the scores are written here, not measured: the gate reads them).
+    storage.upload_dir(tiny_adapter, f"{run_uri}/train/adapters/weak", last=["adapter_config.json"])
+    scores = {"base": 0.0, "viggo": 0.9, "viggo2": 0.9, "weak": 0.1}
+    storage.write_json(f"{run_uri}/evaluate/metrics.json", {v: {"metrics": {"slot_f1": f}, "intervals": {
+        "slot_f1": [f, f]}} for v, f in scores.items()})
+    manifest.write(f"{run_uri}/evaluate", stage="evaluate", run=RUN, config={}, inputs={}, started_at=manifest.now(),
+                   outputs={"metrics.json": f"{run_uri}/evaluate/metrics.json"})
     tmp = tmp_path_factory.mktemp("serve")
     serve = {"api_key_env": KEY_ENV, "port": cluster.free_port(), "ingress_deployment_config": {"num_replicas": 1},
-             "smoke": {"rows": 2, "max_tokens": 32}, "llm_config": LLM_CONFIG, "max_request_bytes": MAX_BODY}
+             "smoke": {"rows": 2, "max_tokens": 32}, "llm_config": LLM_CONFIG, "max_request_bytes": MAX_BODY,
+             "require": {"at_least": {"slot_f1": 0.5}}}
     recipe = tmp / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({**_recipe(serve), "storage": storage_uri}))
     env = {**envs.stage_environment(envs.SERVE), KEY_ENV: KEY, "WORKFLOW_CACHE": str(tmp / "cache")}
@@ -373,6 +382,16 @@ def test_streams_from_base_and_each_adapter(served):
         answers[model] = "".join(chunks)
     assert answers[f"{RUN}:viggo"] != answers[RUN]  # the adapter is applied
     assert answers[f"{RUN}:viggo"] == answers[f"{RUN}:viggo2"]  # same weights, same answer
+
+
+def test_an_adapter_the_gate_keeps_out_is_not_served(served):
+    import httpx
+
+    assert ("[serve] adapter 'weak' is not served: slot_f1 0.100 [0.100, 0.100] is below "
+            "serve.require.at_least.slot_f1: 0.5") in served["proc"].stdout
+    resp = httpx.post(f"{served['base_url']}/chat/completions", headers=_auth(), timeout=120,
+                      json={"model": f"{RUN}:weak", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert resp.status_code == 404, resp.text  # in the train stage's folder, not in the one the app loads from
 
 
 def test_unknown_adapter_is_an_error_not_a_hang(served):
