@@ -142,3 +142,24 @@ def test_packages_the_recipes_llamafactory_settings_need_are_installed(path):
         importlib.import_module(module)
     if "liger_kernel.transformers" in needed:  # what LLaMA-Factory imports for a Qwen2 model
         from liger_kernel.transformers import apply_liger_kernel_to_qwen2  # noqa: F401
+
+
+def test_the_readmes_cluster_example_passes_the_checks_a_run_makes_before_its_first_stage(monkeypatch):
+    """README, "On a Ray cluster": `export ... WORKFLOW_API_KEY=...` then `workflow run recipes/viggo-qwen2.5-7b.yaml
+    --address auto`. On a cluster the endpoint listens on every node, so the recipe names its key; the CPU demo,
+    which leaves it out, is refused there before any stage (its own machine's loopback needs none)."""
+    from workflow.config import load_recipe
+    from workflow.core.errors import WorkflowError
+    from workflow.preflight import check_recipe, check_serve_environment
+
+    recipe = load_recipe(REPO / "recipes" / "viggo-qwen2.5-7b.yaml")
+    check_recipe(recipe, on_cluster=True)
+    monkeypatch.setenv("WORKFLOW_API_KEY", "a-key-for-the-test")
+    check_serve_environment(recipe, address="auto")
+    monkeypatch.delenv("WORKFLOW_API_KEY")
+    with pytest.raises(WorkflowError, match=r"serve\.api_key_env: \$WORKFLOW_API_KEY is not set"):
+        check_serve_environment(recipe, address="auto")
+    demo = load_recipe(REPO / "recipes" / "viggo-cpu.yaml")
+    check_recipe(demo, on_cluster=False)
+    with pytest.raises(WorkflowError, match=r"viggo-cpu\.yaml: serve\.host: 0\.0\.0\.0 is reachable from other hosts"):
+        check_recipe(demo, on_cluster=True)

@@ -5,8 +5,8 @@ Three places, by what a check needs:
 - :func:`check_recipe` needs the recipe alone (no data, no network): ``workflow validate`` and the
   start of ``workflow run`` call it. An endpoint that will listen beyond loopback without an API
   key; an adapter rank the recipe's engines cannot hold.
-- :func:`check_before_run` is the start of ``workflow run`` (and of a single stage's command
-  where noted): the key's variable is set, the run's storage is reachable and writable, a cluster
+- :func:`check_before_run` is the start of ``workflow run``: a local model folder exists, the key's
+  variable is set, the run's storage is reachable and writable, a cluster
   named by ``RAY_ADDRESS`` has the stages' environments on every node, a run on a cluster keeps
   its storage in a bucket, and an ingest stage that will be skipped already read the data as a task
   the evaluate section contradicts.
@@ -15,6 +15,9 @@ Three places, by what a check needs:
   them (the task it infers is written to its ``stats.json`` and manifest; an explicit
   ``evaluate.task`` wins), so a recipe whose evaluate section the data contradicts fails within
   the ingest stage's time, not after training.
+
+``workflow/dataset/lengths.py`` (the ingest stage) holds the rows' token counts against ``cutoff_len`` and
+``max_model_len`` where the base model's tokenizer can be had before the model stage.
 
 What still fails later needs a trained adapter (its saved modules, dtype, parity) or a live
 engine or endpoint.
@@ -81,21 +84,32 @@ def check_before_run(recipe: Recipe, stages: list[str]) -> None:
     address = os.environ.get(ray_cluster.ADDRESS_ENV)
     check_recipe(recipe, on_cluster=bool(address))
     where = str(recipe.path or "recipe")
+    source = recipe.model.source
+    if "model" in stages and source.startswith("/") and not os.path.exists(source):
+        raise WorkflowError(f"{where}: model.source: {source} does not exist",
+                            hint="give an existing model folder, a Hugging Face id, or s3://... / gs://...")
     if "serve" in stages:
-        key_env = recipe.serve.api_key_env
-        if key_env and not os.environ.get(key_env):
-            raise WorkflowError(f"{where}: serve.api_key_env: ${key_env} is not set (the serve stage needs it)",
-                                hint=f"export {key_env}=<key>, or remove serve.api_key_env for an open endpoint")
-        if address and storage.is_local(recipe.run_uri):
-            raise WorkflowError(f"{where}: storage: {recipe.run_uri} is a folder on this machine, which the serving "
-                                f"replicas on the cluster at {address} cannot load the model and adapters from",
-                                hint="set the recipe's storage (or WORKFLOW_STORAGE) to s3://... or gs://..., or "
-                                     "unset RAY_ADDRESS")
+        check_serve_environment(recipe, address)
     check_storage_writable(recipe.run_uri)
     if address:
         check_cluster(address, recipe.run_uri, stages)
     if "ingest" in stages and recipe.evaluate is not None:
         check_skipped_ingest(recipe)
+
+
+def check_serve_environment(recipe: Recipe, address: str | None) -> None:
+    """What the serve stage reads from this process's environment: the API key's variable, and a cluster
+    (``address``) that can load the model and adapters from the run's storage."""
+    where = str(recipe.path or "recipe")
+    key_env = recipe.serve.api_key_env
+    if key_env and not os.environ.get(key_env):
+        raise WorkflowError(f"{where}: serve.api_key_env: ${key_env} is not set (the serve stage needs it)",
+                            hint=f"export {key_env}=<key>, or remove serve.api_key_env for an open endpoint")
+    if address and storage.is_local(recipe.run_uri):
+        raise WorkflowError(f"{where}: storage: {recipe.run_uri} is a folder on this machine, which the serving "
+                            f"replicas on the cluster at {address} cannot load the model and adapters from",
+                            hint="set the recipe's storage (or WORKFLOW_STORAGE) to s3://... or gs://..., or "
+                                 "unset RAY_ADDRESS")
 
 
 def check_storage_writable(run_uri: str) -> None:
