@@ -147,7 +147,9 @@ def reference_in_ray_task(model: str, adapters: dict[str, str], rows: list[list[
     init_ray()
     request = {"model": model, "revision": revision, "adapters": adapters, "rows": rows, "template": template,
                "max_tokens": max_tokens, "dtype": dtype, "model_key": model_key, "adapters_key": adapters_key}
-    task = ray.remote(num_gpus=gpus, max_retries=0, runtime_env={
+    # max_calls=1: the worker exits after the task, so the engine that starts next gets the whole GPU back
+    # (PyTorch's allocator would keep the model's memory reserved in an idle worker).
+    task = ray.remote(num_gpus=gpus, max_retries=0, max_calls=1, runtime_env={
         "py_executable": envs.python_for(envs.TRAIN),
         "env_vars": {k: v for k, v in envs.stage_environment(envs.TRAIN).items()
                      if k in ("DISABLE_VERSION_CHECK", "PYTHONPATH", "HF_HUB_OFFLINE", "HF_HOME")}})(_reference_task)
