@@ -194,6 +194,18 @@ def test_demo_times_the_pipeline_stage_by_stage(tmp_path):
     assert figures["adapter_metrics"] == {} and figures["parity"] is None  # no evaluate stage in this recipe
 
 
+def test_demo_figures_of_the_shared_end_to_end_run(ci_run):
+    """bench/demo.py's reading of a whole run (the CI recipe's, every stage), against the run's own manifests."""
+    demo = load_bench("demo")
+    seconds = demo.stage_seconds(ci_run["proc"].stdout)
+    assert list(seconds) == ["ingest", "model", "train", "evaluate", "serve"] and all(s >= 0 for s in seconds.values())
+    metrics, parity = demo.adapter_results(ci_run["recipe"].run_uri)
+    adapter = ci_run["manifests"]["train"]["summary"]["adapter_name"]
+    assert metrics == {adapter: ci_run["manifests"]["evaluate"]["summary"]["metrics"][adapter]}
+    assert {"function_accuracy", "slot_f1", "exact_match"} <= set(metrics[adapter])
+    assert re.fullmatch(r"\d+/\d+", parity[adapter])
+
+
 def test_demo_reads_the_adapters_metrics_and_parity(tmp_path):
     from workflow.core import manifest
 
