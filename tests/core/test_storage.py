@@ -98,3 +98,86 @@ def test_missing_files_are_not_retried():
 def test_download_of_nothing_says_so(tmp_path, s3_bucket):
     with pytest.raises(WorkflowError, match="nothing there to download"):
         storage.download_dir(f"{s3_bucket}/nope", tmp_path / "x")
+
+
+def _bucket_with_a_climbing_key(s3_bucket: str, key: str) -> str:
+    """``<bucket>/model``: a model's files and one object whose key, relative to the folder, is ``key``."""
+    import boto3
+
+    bucket = s3_bucket.removeprefix("s3://")
+    s3 = boto3.client("s3")
+    for name in ("config.json", "model.safetensors"):
+        s3.put_object(Bucket=bucket, Key=f"model/{name}", Body=b"{}")
+    s3.put_object(Bucket=bucket, Key=f"model/{key}", Body=b"planted")
+    assert any(o["Key"] == f"model/{key}" for o in s3.list_objects_v2(Bucket=bucket)["Contents"])
+    return f"{s3_bucket}/model"
+
+
+@pytest.mark.parametrize("key", ["../escaped.txt", "sub/../../escaped.txt", "/escaped.txt"])
+def test_a_key_that_climbs_out_is_refused_before_anything_is_written(tmp_path, s3_bucket, key):
+    uri = _bucket_with_a_climbing_key(s3_bucket, key)
+    dest = tmp_path / "a" / "dest"
+    with pytest.raises(WorkflowError, match=r"object key '.*escaped.txt' is absolute or climbs out of the folder; "
+                                            r"nothing was downloaded"):
+        storage.download_dir(uri, dest)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["a"]
+    with pytest.raises(WorkflowError, match="climbs out"):
+        storage.node_local_copy(uri, "k" * 12)
+
+
+def test_workflow_sync_and_the_model_copy_refuse_it_in_one_line(tmp_path, s3_bucket):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from workflow.core import envs
+
+    uri = _bucket_with_a_climbing_key(s3_bucket, "../../escaped.txt")
+    work = tmp_path / "work"
+    work.mkdir()
+    recipe = work / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "climb", "storage": str(work / "runs"),
+                                      "model": {"source": uri, "mirror": True},
+                                      "ingest": {"source": str(work / "d.jsonl"), "instruction": "x"}}))
+    env = {**envs.stage_environment(envs.SERVE), "WORKFLOW_CACHE": str(work / "cache")}
+    for args in (["sync", uri, str(work / "out" / "model")], ["model", str(recipe)]):
+        proc = subprocess.run([sys.executable, "-m", "workflow", *args], env=env, capture_output=True, text=True,
+                              timeout=300, cwd=work)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode != 0 and len(errors) == 1, (args, proc.stderr[-2000:])
+        assert "object key '../../escaped.txt' is absolute or climbs out of the folder" in errors[0], errors
+    assert not list(tmp_path.rglob("escaped.txt")) and not list(tmp_path.parent.glob("escaped.txt"))
+    assert not (work / "out").exists() and not (work / "runs" / "climb" / "model" / "weights").exists()
+
+
+def test_the_cache_folder_is_the_users_own(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    monkeypatch.delenv("WORKFLOW_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    root = storage.cache_root()
+    assert root == tmp_path / "xdg" / "workflow" and stat.S_IMODE(root.stat().st_mode) == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    monkeypatch.setenv("WORKFLOW_CACHE", str(shared))
+    assert storage.cache_root() == shared and stat.S_IMODE(shared.stat().st_mode) == 0o700  # made private
+    monkeypatch.setattr(os, "getuid", lambda: os.geteuid() + 1)  # as another user would find it
+    with pytest.raises(WorkflowError, match=r"shared: the workflow's cache folder belongs to another user"):
+        storage.cache_root()
+
+
+def test_a_marker_is_trusted_only_if_it_is_the_users_file(tmp_path, monkeypatch):
+    import os
+
+    marker = tmp_path / ".complete"
+    assert not storage.owned_by_user(marker)
+    marker.touch()
+    assert storage.owned_by_user(marker)
+    link = tmp_path / "link"
+    link.symlink_to(marker)
+    assert not storage.owned_by_user(link)
+    monkeypatch.setattr(os, "getuid", lambda: os.geteuid() + 1)
+    assert not storage.owned_by_user(marker)
