@@ -80,7 +80,7 @@ def test_the_inferred_task_is_printed_and_written_with_how_to_pin_it(tmp_path, c
     assert 'to pin it, set evaluate.task: {"kind": "label"}' in said[0]
 
 
-def test_an_evaluate_section_the_data_contradicts_fails_in_ingest_before_anything_is_written(tmp_path):
+def test_an_evaluate_section_the_data_contradicts_fails_in_ingest_before_anything_is_written(tmp_path, capsys):
     rows = [(f"s{i}", text) for i, text in enumerate(["The cat sat on the mat.", "A dog ran in the park.",
                                                       "Rain fell all night.", "She read by the window."])]
     with pytest.raises(WorkflowError, match=r"evaluate\.task \(inferred from the training outputs, which read as "
@@ -91,6 +91,8 @@ def test_an_evaluate_section_the_data_contradicts_fails_in_ingest_before_anythin
     _, m = run_ingest_with_evaluate(tmp_path, rows, {"constrained_decoding": {}, "task": {"kind": "label"}},
                                     name="pinned")
     assert m["summary"]["task"]["kind"] == "text"
+    assert "[ingest] warning: evaluate.task is a label task, and the training outputs read as 'text'" in \
+        capsys.readouterr().out
 
 
 def test_a_skipped_ingest_is_checked_against_a_changed_evaluate_section_at_the_start_of_a_run(tmp_path):

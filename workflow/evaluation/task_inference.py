@@ -14,6 +14,7 @@ from typing import Any
 
 from ..config import Recipe
 from ..config.task import TaskConfig
+from ..core.console import say
 from . import tasks
 
 
@@ -38,13 +39,16 @@ def describe_task(record: dict[str, Any]) -> str:
 
 
 def check_task(recipe: Recipe, record: dict[str, Any] | None, train_outputs: list[str] | None) -> None:
-    """The recipe's evaluate section against the task: the explicit ``evaluate.task``, else the one the data
-    reads as (``record``). Builds the task as the evaluate stage will (its metrics, main metric and decoding
+    """The recipe's evaluate section against the task: the explicit ``evaluate.task`` (a line says so where the
+    data reads as another kind), else the one the data reads as (``record``). Builds the task as the evaluate stage will (its metrics, main metric and decoding
     constraint with the vocabulary learnt from ``train_outputs``), so what would fail there fails here."""
     evaluate = recipe.evaluate
     if evaluate is None or (evaluate.task is None and record is None):
         return
     where = f"{recipe.path or 'recipe'}: evaluate"
+    if evaluate.task is not None and record is not None and evaluate.task.kind != record["kind"]:
+        say(f"[ingest] warning: evaluate.task is a {evaluate.task.kind} task, and the {record['from']} outputs read "
+            f"as {record['kind']!r} ({record['reason']}); going on with evaluate.task")
     cfg = evaluate.task or recorded_task(record)
     said = "" if evaluate.task else f" (inferred from the {record['from']} outputs, which read as {record['kind']!r})"
     tasks.build(cfg, train_outputs, constrained=evaluate.constrained_decoding, where=f"{where}.task{said}",
