@@ -204,3 +204,71 @@ def test_a_node_without_the_train_environment_is_named_in_one_line(ns_cluster, c
     error = one_error(proc)
     assert f"node {node.ip} of the cluster at {ns_cluster.address} cannot run this stage's workers" in error, error
     assert f"it has no interpreter at {envs.python_for(envs.TRAIN)}" in error and "make setup" in error
+
+
+def s3_keys(ns_cluster, uri: str) -> list[str]:
+    import boto3
+
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    s3 = boto3.client("s3", endpoint_url=ns_cluster.s3_endpoint, region_name=ns_cluster.aws_env["AWS_DEFAULT_REGION"],
+                      aws_access_key_id=ns_cluster.aws_env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=ns_cluster.aws_env["AWS_SECRET_ACCESS_KEY"])
+    return [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+
+
+def test_batch_with_an_adapter_and_input_on_this_disk_runs_on_the_nodes(ns_cluster, cluster_run, tmp_path):
+    """The adapter folder and the input exist only on the driver's disk (its /tmp, which no node sees): the job
+    copies them into the run's bucket, the engine on a worker node loads them from there, the copies go after."""
+    run = f"{cluster_run['storage']}/{RUN}"
+    adapter = tmp_path / "mine"
+    pulled = workflow(ns_cluster, "sync", f"{run}/train/adapters/{RUN}", str(adapter))
+    assert pulled.returncode == 0, pulled.stderr[-2000:]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"instruction": INSTRUCTION, "input": text}) + "\n"
+                              for text in ("Do you like Tetris?", "Is Portal 2 on Mac?")))
+    proc = workflow(ns_cluster, "batch", str(cluster_run["recipe"]), "--input", str(source), "--output",
+                    str(tmp_path / "out.jsonl"), "--adapter", str(adapter))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "[batch] copying the input" in proc.stdout and "[batch] copying the adapters mine to" in proc.stdout
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(r["model"], r["error"]) for r in out] == [("mine", ""), ("mine", "")], out
+    assert all(r["generated_text"] for r in out)
+    assert s3_keys(ns_cluster, f"{run}/batch/uploads/") == []
+
+
+def test_a_local_run_synced_to_a_bucket_serves_on_the_cluster(ns_cluster, cluster_run, make_run, tiny_model,
+                                                              tiny_adapter, tmp_path):
+    """A run finished in a local folder (its model and two adapters inside it), copied with `workflow sync` to the
+    cluster's bucket and served from there: both adapters answer another host. After the cluster run's app has
+    been stopped (above): every app is at route "/" for now."""
+    import shutil
+
+    from workflow.core import manifest
+
+    recipe = make_run("synced", adapters={"viggo": tiny_adapter, "viggo2": tiny_adapter})
+    data = yaml.safe_load(recipe.read_text())
+    run = Path(data["storage"]) / "synced"
+    shutil.copytree(tiny_model, run / "model" / "weights")  # where the model stage of `source: tiny` puts it
+    found = manifest.read(str(run / "model"))
+    manifest.write(str(run / "model"), **{k: found[k] for k in ("stage", "run", "config", "inputs", "started_at")},
+                   outputs={"model": str(run / "model" / "weights")})
+    for written in run.glob("*/manifest.json"):
+        assert str(run) not in written.read_text(), written
+    bucket = ns_cluster.make_bucket(f"synced-{free_port()}")
+    synced = workflow(ns_cluster, "sync", str(run), f"{bucket}/runs/synced")
+    assert synced.returncode == 0, synced.stderr[-2000:]
+    serve = yaml.safe_load(cluster_run["recipe"].read_text())["serve"]  # its port: where the cluster's Serve listens
+    serve.pop("require")  # no evaluate stage in this run
+    data["evaluate"]["parity"] = None  # the cluster run's serve checks parity on the cluster; here only where from
+    data.update(storage=f"{bucket}/runs", serve=serve)
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    proc = workflow(ns_cluster, "serve", str(recipe), "--detach")
+    try:
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        endpoint = json.loads(read_s3(ns_cluster, f"{bucket}/runs/synced/serve/endpoint.json"))
+        for model in ("viggo:viggo", "viggo:viggo2"):
+            status, answer = chat_from(ns_cluster, ns_cluster.nodes[-1], endpoint["base_url"], model)
+            assert status == 200 and answer, (model, status, answer)
+    finally:
+        stopped = workflow(ns_cluster, "stop", str(recipe))
+    assert stopped.returncode == 0, (stopped.stdout + stopped.stderr)[-3000:]
