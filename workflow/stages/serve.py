@@ -13,6 +13,11 @@ detached app down. The app is ``ray.serve.llm.build_openai_app``, deployed
   (serving/cluster.py); its process group, address and URL are kept in a local state file,
   ``<scratch>/serve/state.json``.
 
+Before anything is deployed, ``serve.require`` (the promotion gate, ``evaluation/gate.py``) keeps out each
+adapter whose scores in the evaluate stage's ``metrics.json`` fall short, in one line; ``--adapters a,b``
+picks which to expose. Fewer than all of the train stage's adapters are served from a copy holding only
+those (``<run>/serve/adapters/<key>/``), so no other can be asked for by name.
+
 Written to ``<run>/serve/``: ``smoke.json`` (the model ids served and what each answered),
 ``endpoint.json`` (URL, model ids, whether a key is needed, where the app runs, and once
 stopped when; never the key) and a manifest naming both. The stage is not cacheable: every
