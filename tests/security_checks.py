@@ -101,22 +101,41 @@ def check_adapter_names_come_from_the_list(root: str, model: str, key: str) -> N
         assert set(error) >= {"message", "type", "code"} and requested in error["message"], error
 
 
+def _speaks_http(host: str, port: int) -> bool:
+    """Whether the listener on ``port`` answers an HTTP/1 request (Serve's proxy, HAProxy, a replica's app, moto do;
+    the gRPC server of every Ray worker, which binds every interface, does not)."""
+    import socket
+
+    with socket.create_connection((host, port), timeout=5) as conn:
+        conn.settimeout(3)
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        try:
+            return conn.recv(5) == b"HTTP/"
+        except OSError:
+            return False
+
+
 def check_no_serving_listener_off_loopback(address: str) -> None:
-    """No process of the cluster but Ray's own services listens on an address other than loopback."""
+    """No HTTP listener of the cluster (the serving path: Serve's proxy, HAProxy's frontend, stats and metrics, the
+    replicas' apps, the loopback S3 server) is on an address other than loopback. Ray's own services
+    (``RAY_CORE``) and its workers' gRPC servers bind every interface whatever the settings (README's table)."""
     import ipaddress
 
     import psutil
 
     pids = {p.pid: " ".join(p.cmdline()) or p.name() for p in cluster.cluster_processes(address) if p.is_running()}
     assert any("haproxy" in c or "ServeReplica" in c for c in pids.values()), pids
-    listening, off = [], []
+    http, off = [], []
     for conn in psutil.net_connections(kind="inet"):
-        if conn.status != psutil.CONN_LISTEN or conn.pid not in pids:
+        if conn.status != psutil.CONN_LISTEN or conn.pid not in pids or any(n in pids[conn.pid] for n in RAY_CORE):
             continue
-        listening.append(conn)
         ip = ipaddress.ip_address(conn.laddr.ip)
-        ip = ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
-        if not ip.is_loopback and not any(name in pids[conn.pid] for name in RAY_CORE):
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        if not _speaks_http("127.0.0.1" if ip.is_unspecified or ip.is_loopback else str(ip), conn.laddr.port):
+            continue
+        http.append(conn.laddr.port)
+        if not ip.is_loopback:
             off.append(f"{conn.laddr.ip}:{conn.laddr.port} {pids[conn.pid][:120]}")
-    assert listening, "no listener of the cluster was found"
+    assert http, "no HTTP listener of the cluster was found"
     assert not off, off
