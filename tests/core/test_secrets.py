@@ -47,7 +47,7 @@ def test_no_planted_secret_anywhere_the_end_to_end_run_wrote(ci_run):
     for written in ("report.html", "serve/endpoint.json", "serve/manifest.json", "evaluate/manifest.json",
                     "logs/evaluate.log", "logs/serve.log"):
         assert (run / written).is_file(), written
-    sessions = [s.parent.name for s in ci_run["ray_tmp"].glob("**/session_*/logs")]
+    sessions = [s.parent.parent.name for s in ci_run["ray_tmp"].glob("**/session_*/logs")]
     assert any(s.startswith("wf-ray-") for s in sessions) and "ray" in sessions, sessions  # serving cluster, jobs
     leaks = [f"{name} in the console" for name, value in CI_SECRETS.items() if value in proc.stdout + proc.stderr]
     for root in (run, ci_run["cache"], ci_run["ray_tmp"]):
