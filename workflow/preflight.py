@@ -120,7 +120,7 @@ def check_storage_writable(run_uri: str) -> None:
 
 
 def check_cluster(address: str, run_uri: str, stages: list[str]) -> None:
-    """The cluster contract for the stages that run in this environment (README, "Running on a Ray cluster"):
+    """The cluster contract for the stages that run in this environment (docs/cluster.md, "The cluster contract"):
     every node imports their modules with this interpreter's Ray and Python. The stages of the other
     environment check theirs as they start."""
     needs = {"evaluate": "vllm", "serve": "vllm"}

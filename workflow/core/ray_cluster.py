@@ -9,7 +9,7 @@
   interpreter (``runtime_env.py_executable``): the train stage's workers import LLaMA-Factory
   from the train environment and the evaluate stage's actors import vLLM from the serve
   environment, whichever interpreter started the cluster's nodes. That is the cluster
-  contract (README, "Running on a Ray cluster"): every node has the stage's environment at
+  contract (docs/cluster.md, "The cluster contract"): every node has the stage's environment at
   the same path, with the same Ray and Python versions as the driver. ``check_nodes`` checks
   it on every node before the stage starts anything there (a worker whose interpreter is
   missing would otherwise leave Ray retrying its start forever). Run storage must be a bucket
@@ -30,7 +30,7 @@ from .errors import WorkflowError
 ADDRESS_ENV = "RAY_ADDRESS"
 CONTRACT_HINT = ("every node needs the stage's environment at the same path, with the driver's Ray and Python "
                  "(`make setup` in the same folder on each node, or nodes started from the containerfile image; "
-                 "README: Running on a Ray cluster)")
+                 "docs/cluster.md: The cluster contract)")
 
 
 def init_ray(*, log_to_driver: bool, storage_uri: str | None = None, needs: tuple[str, ...] = (),

@@ -153,7 +153,7 @@ def parse_label(text: str) -> str | None:
 
 # ---------------------------------------------------------------- inferring the kind
 
-# The rule that reads a task off the training outputs (README, "Evaluation: the task"; docs/evaluation.md):
+# The rule that reads a task off the training outputs (docs/evaluation.md):
 #   1. json  if at least MIN_SHARE_THAT_FIT of the outputs are JSON objects or arrays;
 #   2. call  if at least MIN_SHARE_THAT_FIT of them read in full as calls in one of CANDIDATE_SYNTAXES
 #            (value-less slots such as ``attr``, ``attr[]``, ``attr=`` included) and some call has a slot;

@@ -254,7 +254,7 @@ def note_emulated_bfloat16(engine_kwargs: dict[str, Any], dtype_key: str) -> Non
     """One line when a CPU engine would compute in bfloat16 on an x86 CPU without AVX512-BF16 (this one).
 
     vLLM's CPU kernels then emulate bfloat16: the CPU demo's evaluation took 489 s in bfloat16 against 180 s
-    in float32 on a 2-core AVX2 VM (bench/README.md, "Engine dtype on the CPU"). ``auto`` is bfloat16 on
+    in float32 on a 2-core AVX2 VM (bench/README.md, "Why it is fast"). ``auto`` is bfloat16 on
     the CPU for a float32 or bfloat16 model. Only a note: the engine may run on another node than this one.
     """
     if str(engine_kwargs.get("dtype", "auto")) not in ("auto", "bfloat16") or not _x86_without_bfloat16():
