@@ -42,12 +42,14 @@ def _ray_executable() -> str:
     return str(Path(sys.executable).parent / "ray")
 
 
-def start_cluster(state_dir: Path, *, num_cpus: int, env_vars: dict[str, str]) -> dict[str, Any]:
+def start_cluster(state_dir: Path, *, num_cpus: int, env_vars: dict[str, str],
+                  withheld: tuple[str, ...] = ()) -> dict[str, Any]:
     """Start a one-node Ray cluster on loopback ports in its own process group; return its state.
 
     ``env_vars`` are added to the cluster's environment, which every worker (the Serve
     replicas) inherits: that is how AWS_ENDPOINT_URL and the API key reach them without
-    appearing in any Ray config.
+    appearing in any Ray config. ``withheld`` names variables of this process the cluster
+    does not get.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     gcs_port = free_port()
@@ -70,7 +72,7 @@ def start_cluster(state_dir: Path, *, num_cpus: int, env_vars: dict[str, str]) -
     # that is being ended has nowhere to move them (Serve has already been shut down by then).
     env = {**os.environ, **env_vars, "RAY_AUTH_MODE": "token", CLUSTER_MARKER: state["address"],
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", *withheld):
         env.pop(name, None)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     state["pid"] = proc.pid

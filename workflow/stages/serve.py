@@ -48,6 +48,8 @@ from ..serving import adapter_store, app, client, cluster
 
 ENV = SERVE
 CACHEABLE = False
+# The hub's token variables (huggingface_hub reads both).
+HUB_TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 def config(ctx: StageContext) -> dict:
@@ -357,7 +359,12 @@ def run(ctx: StageContext) -> StageResult:
         base_url = f"http://{host}:{port}/v1"
         where = {}
         say(f"[serve] starting a Ray cluster ({cfg.num_cpus} logical CPUs) for {model_id}")
-        state = cluster.start_cluster(ctx.scratch("ray"), num_cpus=cfg.num_cpus, env_vars=env_vars)
+        # A model in a folder or a bucket needs no hub token in the replicas, and Ray Serve LLM copies one it finds
+        # in a replica's environment into the replica's runtime_env (ray.llm's ENV_VARS_TO_PROPAGATE), which Ray's
+        # runtime-env agent writes to its log in full: the cluster is started without it.
+        hub_model = storage.is_local(model_source) and not storage.local_path(model_source).exists()
+        state = cluster.start_cluster(ctx.scratch("ray"), num_cpus=cfg.num_cpus, env_vars=env_vars,
+                                      withheld=() if hub_model else HUB_TOKEN_VARS)
         state["base_url"] = base_url
         _state_file(ctx).write_text(json.dumps(state))
 
