@@ -89,3 +89,17 @@ def test_no_outputs_is_text_with_no_evidence():
 ])
 def test_the_fields_of_a_json_value(text, fields):
     assert tasks.parse_json(text).fields == fields
+
+
+def test_a_stage_scores_with_the_pinned_task_else_the_ingested_one_else_none(capsys):
+    from workflow.config.task import TaskConfig
+    from workflow.evaluation.task_inference import stage_task, task_record
+
+    record, _ = task_record(calls(50))
+    ingest = {"summary": {"task": record}}
+    pinned = TaskConfig(kind="text")
+    assert stage_task(pinned, ingest, "serve") is pinned and capsys.readouterr().out == ""
+    found = stage_task(None, ingest, "serve")
+    assert found.kind == "call" and found.syntax == EQ
+    assert capsys.readouterr().out.startswith("[serve] task: kind 'call', as the ingest stage read 50 training outputs")
+    assert stage_task(None, {"summary": {}}, "serve") is None

@@ -29,6 +29,20 @@ def recorded_task(record: dict[str, Any]) -> TaskConfig:
     return TaskConfig.model_validate(record["task"])
 
 
+def stage_task(pinned: TaskConfig | None, ingest_manifest: dict[str, Any], stage: str) -> TaskConfig | None:
+    """The task a stage scores with: the recipe's ``evaluate.task`` (``pinned``), else the one the ingest stage
+    recorded (and one line saying so); None for an ingest stage that recorded none (then ``tasks.build`` infers
+    it from the training outputs). The evaluate stage and the serve stage's smoke check both call it, so they
+    score with the same task."""
+    if pinned is not None:
+        return pinned
+    record = ingest_manifest.get("summary", {}).get("task")
+    if record is None:
+        return None
+    say(f"[{stage}] task: {describe_task(record)}")
+    return recorded_task(record)
+
+
 def describe_task(record: dict[str, Any]) -> str:
     """One line for a stage that uses the ingest stage's record instead of inferring again."""
     text = (f"kind {record['kind']!r}, as the ingest stage read {record['outputs']} {record['from']} outputs "

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config.evaluate import EvaluateConfig, check_library_fields
-from ..config.task import TaskConfig, dump
+from ..config.task import dump
 from ..core import manifest, storage
 from ..core.console import say
 from ..core.envs import SERVE
@@ -24,7 +24,7 @@ from ..core.errors import WorkflowError
 from ..core.stage import StageContext, StageResult
 from ..dataset.read import read_records
 from ..evaluation import parity, report, tasks
-from ..evaluation.task_inference import describe_task, recorded_task
+from ..evaluation.task_inference import stage_task
 from ..inference import io, processor
 from ..inference.adapters import (
     check_trained_on,
@@ -77,18 +77,6 @@ def run_adapters(ctx: StageContext, cfg: EvaluateConfig) -> dict[str, str]:
     if missing:
         raise WorkflowError(f"evaluate.adapters: {missing} not in {adapters_dir}; it has {found}")
     return {name: storage.join(adapters_dir, name) for name in wanted}
-
-
-def ingested_task(ctx: StageContext, cfg: EvaluateConfig) -> TaskConfig | None:
-    """The recipe's task, else the one the ingest stage read the training outputs as (and said so); None
-    for an ingest stage that recorded none (then ``tasks.build`` infers it here)."""
-    if cfg.task is not None:
-        return cfg.task
-    record = ctx.upstream("ingest").get("summary", {}).get("task")
-    if record is None:
-        return None
-    say(f"[evaluate] task: {describe_task(record)}")
-    return recorded_task(record)
 
 
 def training_outputs(ctx: StageContext) -> list[str] | None:
@@ -262,8 +250,8 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.recipe.evaluate
     check_library_fields(cfg)
     rows = load_rows(ctx, cfg)
-    task = tasks.build(ingested_task(ctx, cfg), training_outputs(ctx), constrained=cfg.constrained_decoding,
-                       where=f"{ctx.recipe.path}: evaluate.task",
+    task = tasks.build(stage_task(cfg.task, ctx.upstream("ingest"), "evaluate"), training_outputs(ctx),
+                       constrained=cfg.constrained_decoding, where=f"{ctx.recipe.path}: evaluate.task",
                        reference_outputs=[metrics_reference(row) for row in rows])
     table, reference = predict(ctx, cfg, rows, task)
     parity_result = check_parity(ctx, cfg, table, reference)
