@@ -39,6 +39,7 @@ from ..core.errors import WorkflowError
 from ..core.stage import StageContext, StageResult
 from ..dataset.read import read_records
 from ..evaluation import gate, parity, tasks
+from ..evaluation.task_inference import stage_task
 from ..inference.adapters import check_trained_on, lint_adapters, model_architectures, stored_adapters
 from ..inference.processor import cpu_engine, note_emulated_bfloat16
 from ..patches import ray_serve_direct_streaming
@@ -129,6 +130,24 @@ def stop(ctx: StageContext) -> bool:
     return found
 
 
+def refuse_replacing_a_live_app(ctx: StageContext) -> None:
+    """A run without ``--detach`` on the workflow's own cluster would replace the recipe's detached app there
+    (one app per cluster, and a second vLLM engine costs what this machine has): refused in one line while
+    that app is live, unless ``--replace``. On a user's cluster the check runs as an app of its own instead.
+    Called by the stage and, for ``workflow run``, before its first stage (workflow/preflight.py)."""
+    if ctx.options.get("detach") or ctx.options.get("replace") or os.environ.get(ray_cluster.ADDRESS_ENV):
+        return
+    state = _read_state(ctx)
+    if state is None or not cluster.cluster_alive(state):
+        return
+    command, recipe = envs.command(), ctx.recipe.path or ctx.recipe.name
+    raise WorkflowError(f"{recipe}: serve: the app of {ctx.recipe.name} left running (--detach) is live at "
+                        f"{state.get('base_url')}; a run without --detach would replace it with one it shuts down "
+                        "after its smoke check",
+                        hint=f"pass --replace to do so, --detach to redeploy it, or stop it first (`{command} stop "
+                             f"{recipe}`)")
+
+
 def _adapters(ctx: StageContext) -> tuple[str | None, list[str], int | None, list[dict]]:
     """(adapters folder, adapter names, LoRA rank, training rows for the smoke check)."""
     if ctx.recipe.train is None:
@@ -184,8 +203,10 @@ def _training_rows(ctx: StageContext) -> list[dict]:
 
 def _smoke_metric(ctx: StageContext, rows: list[dict]):
     """(name, one row's score) of the metric ``serve.require`` names first, else of the evaluation task's main
-    metric: the recipe's task, else the one the training outputs read as; None without either."""
-    cfg = ctx.recipe.evaluate.task if ctx.recipe.evaluate is not None else None
+    metric: the task the evaluate stage scores with (the recipe's, else the one the ingest stage recorded, else
+    the one the training outputs read as); None without any."""
+    cfg = stage_task(ctx.recipe.evaluate.task if ctx.recipe.evaluate is not None else None, ctx.upstream("ingest"),
+                     "serve")
     outputs = [o for o in map(expected_output, rows) if o is not None]
     if cfg is None and not outputs:
         return None
@@ -270,7 +291,9 @@ def run(ctx: StageContext) -> StageResult:
             say(f"[serve] no detached app is recorded for {ctx.recipe.name} ({_state_file(ctx)}, "
                 f"{_endpoint_uri(ctx)})")
         return StageResult(outputs={})
+    refuse_replacing_a_live_app(ctx)
     address = os.environ.get(ray_cluster.ADDRESS_ENV)
+    detach = bool(ctx.options.get("detach"))
     try:
         cfg.check_open_endpoint(on_cluster=bool(address))
     except ValueError as err:
