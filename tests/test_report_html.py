@@ -110,6 +110,24 @@ def test_the_page_has_every_section_escaped_text_and_nothing_from_outside(full_r
     assert "report-run.share_identical" in page and "<th>position</th>" in page  # evaluate/parity.json
 
 
+def test_each_metric_row_says_in_one_line_what_the_metric_is(full_run):
+    from workflow.evaluation import metrics
+    from workflow.report_html import render
+
+    page = render(full_run)
+    call_metrics = metrics.METRICS["call"]
+    for name in ("exact_match", "function_accuracy", "slot_f1"):
+        row = re.search(rf"<tr><td>{name}</td>.*?</tr>", page)
+        assert row and f"<td class=meta>{_escaped(call_metrics[name].definition)}</td>" in row[0], name
+    assert "<th>what it is</th>" in page
+
+
+def _escaped(text: str) -> str:
+    import html
+
+    return html.escape(text)
+
+
 def test_a_run_with_only_ingest_renders_the_rest_as_not_run(tmp_path):
     from workflow.report_html import render
 

@@ -137,23 +137,26 @@ def _evaluation_section(evaluate: dict | None) -> str:
     outputs = evaluate["outputs"]
     results = json.loads(_read(outputs["metrics.json"]) or b"{}")
     parts = ["<h2>Evaluation</h2>"]
+    report_md = (_read(outputs.get("report.md", "")) or b"").decode()
     if results:
         variants = list(results)
         names = list(next(iter(results.values()))["metrics"])
+        definitions = metric_definitions_in_report(report_md)
         parts.append("<p class=meta>each cell: the score (±sd over seeds, where there are several) and its 95% bootstrap "
                      "interval over rows</p><table><tr>"
-                     "<th>metric</th>" + "".join(f"<th>{_e(v)}</th>" for v in variants) + "</tr>")
+                     "<th>metric</th>" + "".join(f"<th>{_e(v)}</th>" for v in variants) + "<th>what it is</th></tr>")
         for n in names:
             parts.append(f"<tr><td>{_e(n)}</td>" + "".join(
-                f"<td class=num>{_e(score_text(results[v], n))}</td>" for v in variants) + "</tr>")
+                f"<td class=num>{_e(score_text(results[v], n))}</td>" for v in variants)
+                + f"<td class=meta>{_e(definitions.get(n, ''))}</td></tr>")
         for key in ("rows", "errors", "generated_tokens"):
             parts.append(f"<tr><td>{key}</td>" + "".join(
-                f"<td class=num>{_e(results[v].get(key, ''))}</td>" for v in variants) + "</tr>")
+                f"<td class=num>{_e(results[v].get(key, ''))}</td>" for v in variants) + "<td></td></tr>")
         parts.append("</table>")
     for chart in ("metrics.png", "confusion.png"):
         if chart in outputs and (png := _read(outputs[chart])):
             parts.append(_image(png, chart))
-    worst = worst_errors_in_report((_read(outputs.get("report.md", "")) or b"").decode())
+    worst = worst_errors_in_report(report_md)
     parts.append("<h2>Worst errors</h2>")
     if not worst:
         parts.append("<p class=meta>report.md lists none</p>")
@@ -161,6 +164,20 @@ def _evaluation_section(evaluate: dict | None) -> str:
         parts.append(f"<h3>{_e(variant)}</h3>" + (_table(table[0], table[1:]) if table else
                                                    "<p class=meta>No wrong answers.</p>"))
     return "".join(parts)
+
+
+def metric_definitions_in_report(report_md: str) -> dict[str, str]:
+    """Each metric's one-line definition from ``report.md``'s legend ("Metrics, as computed here:", written by
+    ``workflow/evaluation/report.py`` from the metrics' registered definitions)."""
+    definitions, inside = {}, False
+    for line in report_md.splitlines():
+        if line.startswith("Metrics, as computed here:"):
+            inside = True
+        elif inside and (found := re.match(r"- `([^`]+)`: (.*)", line)):
+            definitions[found[1]] = found[2]
+        elif inside and line.strip():
+            break
+    return definitions
 
 
 def worst_errors_in_report(report_md: str) -> dict[str, list[list[str]]]:
