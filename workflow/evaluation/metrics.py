@@ -165,7 +165,7 @@ class _WordTokenizer:
         return [self._stemmer.stem(w) if len(w) > 3 and w.isascii() else w for w in words]
 
 
-_ROUGE = None
+_ROUGE = None  # (rouge-score's scorer, the word tokenizer it was given), made on first use
 
 
 @register("rouge_l", ("text",),
@@ -177,10 +177,12 @@ def rouge_l(expected: str, got: str) -> float:
     if _ROUGE is None:
         from rouge_score import rouge_scorer
 
-        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_WordTokenizer())
-    if not _ROUGE._tokenizer.tokenize(expected or "") and not _ROUGE._tokenizer.tokenize(got or ""):
+        words = _WordTokenizer()
+        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], tokenizer=words), words
+    scorer, words = _ROUGE
+    if not words.tokenize(expected or "") and not words.tokenize(got or ""):
         return float((expected or "").strip() == (got or "").strip())
-    return _ROUGE.score(expected or "", got or "")["rougeL"].fmeasure
+    return scorer.score(expected or "", got or "")["rougeL"].fmeasure
 
 
 _CHRF = None
