@@ -236,11 +236,20 @@ def _parity_reference(ctx: StageContext, settings: ParityConfig, adapters_dir: s
     max_tokens = int(evaluate.sampling_params.get("max_tokens", 16)) if evaluate else ctx.recipe.serve.smoke.max_tokens
     template = parity.training_template(adapters_dir, names, ctx.recipe)
     dtype = parity.reference_dtype(settings, ctx.recipe.serve.llm_config.get("engine_kwargs"))
+    # An engine on GPUs: the reference is a Ray task with one GPU, as in the evaluate stage (whose stored
+    # reference this reuses when it has the same rows), not a model copied to this machine.
+    on_gpu = not cpu_engine(ctx.recipe.serve.llm_config)
     reference = parity.stored_reference(
         model_manifest=ctx.upstream("model"), train_manifest=ctx.upstream("train"),
         adapters={name: storage.join(adapters_dir, name) for name in names}, rows=rows, template=template,
-        dtype=dtype, max_tokens=max_tokens, cache_uri=parity.cache_uri(ctx.run_uri), scratch=ctx.scratch("parity"))
-    say(f"[serve] parity: {len(rows)} rows of {split!r}, PEFT reference ready ({dtype})")
+        dtype=dtype, max_tokens=max_tokens, cache_uri=parity.cache_uri(ctx.run_uri), scratch=ctx.scratch("parity"),
+        gpus=1 if on_gpu else None)
+    if on_gpu and not os.environ.get(ray_cluster.ADDRESS_ENV):
+        import ray
+
+        ray.shutdown()  # the task's private Ray; the app runs on the workflow's own serving cluster
+    say(f"[serve] parity: {len(rows)} rows of {split!r}, PEFT reference ready ({dtype}"
+        f"{', a Ray task with one GPU' if on_gpu else ''})")
     return rows, max_tokens, reference
 
 
