@@ -1,10 +1,10 @@
 """``workflow`` — the command line.
 
-    workflow run RECIPE [--stages a,b] [--from STAGE] [--force]
+    workflow run RECIPE [--stages a,b] [--from STAGE] [--force] [--detach] [--replace]
     workflow validate RECIPE...
     workflow ingest|model|train|evaluate|serve RECIPE [--force]
     workflow batch RECIPE --input URI --output URI [--adapter PATH ...] [--max-errors N]
-    workflow serve RECIPE [--detach | --stop] [--adapters a,b]      workflow stop RECIPE
+    workflow serve RECIPE [--detach | --stop] [--replace] [--adapters a,b]      workflow stop RECIPE
     workflow sync SRC DEST
     workflow tiny-model --data FILE... --out DIR
     workflow show RECIPE|RUN_URI [--html [PATH]]
@@ -59,7 +59,8 @@ def _cmd_validate(args) -> int:
 def _cmd_run(args) -> int:
     recipe = load_recipe(args.recipe)
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
-    options = {"serve": {"detach": args.detach}} if args.detach else None
+    serve = {k: True for k in ("detach", "replace") if getattr(args, k)}
+    options = {"serve": serve} if serve else None
     runner.run_pipeline(recipe, stages=stages, from_stage=args.from_stage, force=args.force, debug=args.debug,
                         options=options)
     from .report_html import write_report
@@ -75,7 +76,7 @@ def _cmd_run(args) -> int:
 
 def _cmd_stage(args) -> int:
     recipe = load_recipe(args.recipe)
-    options = {k: v for k, v in vars(args).items() if k in ("detach", "stop") and v}
+    options = {k: v for k, v in vars(args).items() if k in ("detach", "stop", "replace") and v}
     if getattr(args, "adapters", None):
         options["adapters"] = [a.strip() for a in args.adapters.split(",") if a.strip()]
     if args.command == "stop":
@@ -120,6 +121,8 @@ def _cmd_show(args) -> int:
     return 0
 
 
+REPLACE_HELP = ("without --detach: smoke-check even while the recipe's detached app runs on the workflow's own "
+                "cluster, replacing it (on a cluster named by RAY_ADDRESS the check is an app of its own)")
 VERBOSE_HELP = (f"show everything the stages print (sets {runner.VERBOSE_ENV}=1; by default the libraries' "
                 "output goes only to <run>/logs/<stage>.log)")
 
@@ -147,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_stage", help="start at this stage")
     p.add_argument("--force", action="store_true", help="rerun stages that are up to date")
     p.add_argument("--detach", action="store_true", help="leave the served app running at the end")
+    p.add_argument("--replace", action="store_true", help=REPLACE_HELP)
     p.set_defaults(func=_cmd_run)
 
     p = add("validate", help="check recipes without running anything")
@@ -161,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
             group = p.add_mutually_exclusive_group()
             group.add_argument("--detach", action="store_true", help="leave the app running")
             group.add_argument("--stop", action="store_true", help="shut the app down")
+            p.add_argument("--replace", action="store_true", help=REPLACE_HELP)
             p.add_argument("--adapters", metavar="A,B", help="serve only these of the run's adapters (each must "
                            "still pass serve.require)")
         p.set_defaults(func=_cmd_stage)

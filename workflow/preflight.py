@@ -6,7 +6,8 @@ Three places, by what a check needs:
   start of ``workflow run`` call it. An endpoint that will listen beyond loopback without an API
   key; an adapter rank the recipe's engines cannot hold.
 - :func:`check_before_run` is the start of ``workflow run``: a local model folder exists, the key's
-  variable is set, the run's storage is reachable and writable, a cluster
+  variable is set, no detached app of the recipe on the workflow's own cluster would be replaced by a
+  run without ``--detach`` (unless ``--replace``), the run's storage is reachable and writable, a cluster
   named by ``RAY_ADDRESS`` has the stages' environments on every node, a run on a cluster keeps
   its storage in a bucket, and an ingest stage that will be skipped already read the data as a task
   the evaluate section contradicts.
@@ -79,8 +80,9 @@ def check_lora_rank(recipe: Recipe) -> None:
 
 # ---------------------------------------------------------------- the start of a run
 
-def check_before_run(recipe: Recipe, stages: list[str]) -> None:
-    """Everything a run can check before its first stage (see the module doc)."""
+def check_before_run(recipe: Recipe, stages: list[str], serve_options: dict | None = None) -> None:
+    """Everything a run can check before its first stage (see the module doc); ``serve_options``: the serve
+    stage's (``detach``, ``replace``)."""
     address = os.environ.get(ray_cluster.ADDRESS_ENV)
     check_recipe(recipe, on_cluster=bool(address))
     where = str(recipe.path or "recipe")
@@ -90,6 +92,7 @@ def check_before_run(recipe: Recipe, stages: list[str]) -> None:
                             hint="give an existing model folder, a Hugging Face id, or s3://... / gs://...")
     if "serve" in stages:
         check_serve_environment(recipe, address)
+        check_no_live_app_replaced(recipe, serve_options or {})
     check_storage_writable(recipe.run_uri)
     if address:
         check_cluster(address, recipe.run_uri, stages)
@@ -110,6 +113,15 @@ def check_serve_environment(recipe: Recipe, address: str | None) -> None:
                             f"replicas on the cluster at {address} cannot load the model and adapters from",
                             hint="set the recipe's storage (or WORKFLOW_STORAGE) to s3://... or gs://..., or "
                                  "unset RAY_ADDRESS")
+
+
+def check_no_live_app_replaced(recipe: Recipe, serve_options: dict) -> None:
+    """A run without ``--detach`` would replace the recipe's detached app on the workflow's own cluster: refused
+    now unless ``--replace``, not after training (``workflow/stages/serve.py``, ``refuse_replacing_a_live_app``)."""
+    from .core.stage import StageContext
+    from .stages import serve
+
+    serve.refuse_replacing_a_live_app(StageContext(recipe=recipe, stage="serve", options=serve_options))
 
 
 def check_storage_writable(run_uri: str) -> None:

@@ -180,7 +180,8 @@ def run_pipeline(recipe: Recipe, *, stages: list[str] | None = None, from_stage:
     chosen = select_stages(recipe, stages, from_stage)
     if not chosen:
         raise WorkflowError(f"{recipe.path}: no stage to run (the recipe has no section for the stages asked for)")
-    check_before_run(recipe, chosen)  # every failure knowable before the first stage (workflow/preflight.py)
+    # Every failure knowable before the first stage (workflow/preflight.py).
+    check_before_run(recipe, chosen, (options or {}).get("serve"))
     print(f"run {recipe.name}: {' -> '.join(chosen)}  (storage {recipe.run_uri})", flush=True)
     for name in chosen:
         run_stage(name, recipe, force=force, debug=debug, options=(options or {}).get(name))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from .config import load_recipe
-from .core import envs, manifest, storage
+from .core import envs, manifest, ray_cluster, storage
 from .evaluation.metrics import format_value
 from .stages import ORDER
 
@@ -52,6 +52,9 @@ def show(target: str) -> None:
                 print(f"  {key}: {m['summary'][key]}")
         if stage == "serve" and "endpoint" in m["outputs"]:
             print(f"  app: {app_status(m['outputs']['endpoint'])}")
+    address = os.environ.get(ray_cluster.ADDRESS_ENV)
+    if address:
+        print("\n" + "\n".join(cluster_apps(address)))
 
 
 def app_status(endpoint_uri: str) -> str:
@@ -74,6 +77,43 @@ def app_status(endpoint_uri: str) -> str:
     except OSError as err:
         answer = f"not answering ({type(err).__name__})"
     return f"{where}, detached: {answer} at {endpoint['base_url']}"
+
+
+def cluster_apps(address: str) -> list[str]:
+    """Lines naming the workflow's apps (``workflow-*``) that the Ray cluster at ``address`` serves: name, route,
+    status, base URL. Quick where no cluster answers (a 3 s connection probe), and never an error."""
+    import socket
+
+    lines = [f"workflow apps on the Ray cluster at {address}:"]
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if host and port.isdigit():
+        try:
+            socket.create_connection((host, int(port)), timeout=3).close()
+        except OSError as err:
+            return [*lines, f"  none listed: the cluster does not answer ({type(err).__name__})"]
+    try:
+        import ray
+
+        from .serving import app
+
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        try:
+            listening = app.running_http_options()
+            public = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
+            if listening is not None and listening[0] not in ("0.0.0.0", "::"):
+                public = listening[0]
+            found = app.workflow_apps(public)
+        finally:
+            ray.shutdown()
+    except Exception as err:  # noqa: BLE001 - a listing that cannot be had is one line, not a failure of `show`
+        return [*lines, f"  none listed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"]
+    if not found:
+        return [*lines, "  none (Ray Serve runs no workflow app there)"]
+    width = max(len(a["name"]) for a in found)
+    for a in found:
+        url = f"http://{public}:{listening[1]}{a['route'].rstrip('/')}/v1" if a["route"] != "?" else ""
+        lines.append(f"  {a['name']:<{width}}  {a['route']:<16} {a['status']:<13} {url}".rstrip())
+    return lines
 
 
 def run_summary(recipe) -> str:

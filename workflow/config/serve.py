@@ -19,6 +19,7 @@ from ..core.secrets import register_secret_env
 from .base import Section
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ROUTE_PREFIX = re.compile(r"^/$|^(/[A-Za-z0-9._-]+)+$")
 # Shorter keys can be guessed; 16 random characters are beyond that.
 MIN_API_KEY_LENGTH = 16
 
@@ -94,6 +95,20 @@ class ServeConfig(Section):
     # LLMServer in front of vLLM's app (every path), and /v1/models lists the base model and the
     # adapters loaded so far.
     direct_streaming: bool = False
+    # Where the app answers on a user's cluster (RAY_ADDRESS), beside other recipes' apps: its OpenAI base URL is
+    # http://<host>:<port><route_prefix>/v1. None: /<recipe name>. The workflow's own cluster runs one app, at /.
+    route_prefix: str | None = None
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _route_prefix(cls, v: str | None) -> str | None:
+        if v is not None and not _ROUTE_PREFIX.match(v):
+            raise ValueError(f"{v!r}: give a path such as /viggo or /team/viggo (starting with '/', segments of "
+                             "letters, digits, '.', '_' or '-', no '/' at the end), or / for the root")
+        if v is not None and (v.endswith("/v1") or "/v1/" in v or v.startswith("/-")):
+            raise ValueError(f"{v!r}: clashes with the routes the app answers (/v1/...) or Ray Serve's own "
+                             "(/-/healthz, /-/routes); choose another path")
+        return v
 
     @field_validator("api_key_env")
     @classmethod
@@ -133,6 +148,10 @@ class ServeConfig(Section):
                 raise ValueError(f"llm_config.lora_config.max_num_adapters_per_replica ({per_replica}) must equal "
                                  f"llm_config.engine_kwargs.max_loras ({max_loras})")
         return self
+
+    def route(self, recipe_name: str) -> str:
+        """The app's route on a user's cluster: ``route_prefix``, else ``/<recipe name>``."""
+        return self.route_prefix or f"/{recipe_name}"
 
     def listen_host(self, on_cluster: bool) -> str:
         return self.host or ("0.0.0.0" if on_cluster else "127.0.0.1")

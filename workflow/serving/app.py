@@ -188,8 +188,14 @@ def running_http_options() -> tuple[str, int] | None:
 
 
 def deploy(llm_config, *, host: str, port: int, ingress_cls_config: dict[str, Any] | None,
-           ingress_deployment_config: dict[str, Any], direct_streaming: bool = False, name: str = APP_NAME) -> None:
-    """Run the OpenAI app on the connected cluster and wait until it is RUNNING.
+           ingress_deployment_config: dict[str, Any], direct_streaming: bool = False, name: str = APP_NAME,
+           route_prefix: str = "/") -> None:
+    """Run the OpenAI app on the connected cluster as ``name`` at ``route_prefix`` (an app of that name already
+    there is updated in place: Serve's rolling update); ``wait_until_deployed`` waits for it.
+
+    Under a prefix other than ``/`` Serve's proxy sets the ASGI ``root_path`` to it and keeps the full path;
+    Starlette's routing (the ingress, FastAPI) matches the path less the ``root_path``, so the app's routes
+    answer at ``<route_prefix>/v1/...``.
 
     ``ingress_cls_config`` None keeps Ray's own ``OpenAiIngress`` (the benchmark's baseline).
     With ``direct_streaming`` (the cluster started with ``DIRECT_STREAMING_ENV``) the LLM
@@ -211,7 +217,14 @@ def deploy(llm_config, *, host: str, port: int, ingress_cls_config: dict[str, An
             if ingress_cls_config is not None:
                 args["ingress_cls_config"] = ingress_cls_config
         application = build_openai_app(args)
-    serve.run(application, name=name, route_prefix="/", blocking=False)
+    try:
+        serve.run(application, name=name, route_prefix=route_prefix, blocking=False)
+    except Exception as err:  # RayServeException, raised in the controller and re-raised here
+        if "is being used by application" not in str(err):
+            raise
+        raise WorkflowError(f"serve: route {route_prefix} is taken on this cluster: "
+                            f"{str(err).splitlines()[-1].strip()}",
+                            hint="set serve.route_prefix in the recipe to a route of its own") from None
 
 
 def _one_replica(llm_config) -> bool:
@@ -224,6 +237,57 @@ def _reads_adapter_from_body(llm_config) -> bool:
     """Adapters reach a replica without Ray's router only through the workflow's LLMServer."""
     server = llm_config.server_cls  # a class once validated
     return llm_config.lora_config is None or f"{server.__module__}:{server.__qualname__}" == SERVER
+
+
+def application_status(name: str) -> str | None:
+    """The status of the connected cluster's application ``name`` (RUNNING, DEPLOYING, ...), None if it has none."""
+    from ray import serve
+
+    found = serve.status().applications.get(name)
+    return None if found is None else found.status.value
+
+
+def wait_until_deployed(name: str, *, timeout_s: float = 1200) -> None:
+    """Wait until the application ``name`` just (re)deployed is RUNNING. While an in-place update rolls, the
+    app's old replicas may still answer (and Serve reports it DEPLOYING from the moment ``serve.run`` returns),
+    so an answer alone could smoke-check the old version. A failed deploy is one line with Serve's message."""
+    import time
+
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = serve.status().applications.get(name)
+        if found is not None:
+            if found.status == "RUNNING":
+                return
+            if found.status == "DEPLOY_FAILED":
+                message = " ".join(found.message.split())[:400]
+                raise WorkflowError(f"serve: Ray Serve could not deploy the application {name}: {found.status.value}: "
+                                    f"{message}", hint="the replicas' logs are in the cluster's Ray session folder")
+        time.sleep(2)
+    raise WorkflowError(f"serve: the application {name} was not RUNNING after {timeout_s:.0f} s",
+                        hint="check the cluster's free resources (`ray status`)")
+
+
+def workflow_apps(host: str) -> list[dict[str, str]]:
+    """The workflow's applications (``workflow-*``) the connected cluster's Serve runs: name, route (from the
+    proxy's ``/-/routes`` at ``host``, Serve's port), status; empty where Serve does not run."""
+    import httpx
+    from ray import serve
+
+    listening = running_http_options()
+    if listening is None:
+        return []
+    statuses = {name: found.status for name, found in serve.status().applications.items()
+                if name.startswith(f"{APP_NAME}-")}
+    try:
+        routes = httpx.get(f"http://{host}:{listening[1]}/-/routes", timeout=5).json()
+    except (httpx.HTTPError, ValueError):
+        routes = {}
+    route_of = {app_of: route for route, app_of in routes.items()}
+    return [{"name": name, "route": route_of.get(name, "?"), "status": status.value}
+            for name, status in sorted(statuses.items())]
 
 
 def delete(name: str) -> bool:

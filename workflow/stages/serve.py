@@ -5,13 +5,17 @@ down; ``--detach`` leaves it running; ``--stop`` (or ``workflow stop RECIPE``) s
 detached app down. The app is ``ray.serve.llm.build_openai_app``, deployed
 
 - with ``RAY_ADDRESS`` set, into that cluster's Ray Serve as the application
-  ``workflow-<recipe>``, listening on every node (``0.0.0.0``, Serve's port 8000 unless the
-  recipe says otherwise; such an endpoint needs an API key or ``serve.allow_unauthenticated``).
-  ``endpoint.json`` records the cluster and the application, so ``workflow stop`` finds it
-  from any machine that can reach the cluster and the run's storage;
+  ``workflow-<recipe>`` at the route ``serve.route_prefix`` (default ``/<recipe>``; base URL
+  ``http://<head>:<port><route>/v1``), beside other recipes' apps, listening on every node (``0.0.0.0``, Serve's
+  port 8000 unless the recipe says otherwise; such an endpoint needs an API key or ``serve.allow_unauthenticated``).
+  ``--detach`` again updates the app in place (Serve's rolling update). Without ``--detach`` the smoke check
+  runs on a temporary app of its own (``workflow-<recipe>-check-<id>``), removed after, so a detached app
+  of the recipe goes on answering. ``endpoint.json`` records the cluster and the detached application, so
+  ``workflow stop`` finds it from any machine that can reach the cluster and the run's storage;
 - else on a Ray cluster of the workflow's own on this machine that outlives this process
-  (serving/cluster.py); its process group, address and URL are kept in a local state file,
-  ``<scratch>/serve/state.json``.
+  (serving/cluster.py), the app at ``/``; its process group, address and URL are kept in a local state
+  file, ``<scratch>/serve/state.json``. While a detached app runs there, a run without ``--detach`` is
+  refused unless ``--replace`` (it would replace it).
 
 Before anything is deployed, ``serve.require`` (the promotion gate, ``evaluation/gate.py``) keeps out each
 adapter whose scores in the evaluate stage's ``metrics.json`` fall short, in one line; ``--adapters a,b``
@@ -29,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 
 from ..config.evaluate import ParityConfig
@@ -359,13 +364,20 @@ def run(ctx: StageContext) -> StageResult:
     model_ids = [model_id] + [f"{model_id}:{a}" for a in adapter_names]
     host = cfg.listen_host(on_cluster=bool(address))
 
+    records_endpoint = detach or not address
     if address:
         # The user's cluster: its Ray Serve, its nodes' environments (checked), no state on this machine.
         if cfg.direct_streaming:
             say("[serve] serve.direct_streaming applies to the workflow's own cluster (it is a setting of the "
                 "cluster's Serve controller); on this cluster the app runs behind the workflow ingress")
         direct_streaming = False
-        name = app.app_name(ctx.recipe.name)
+        # Each recipe's app at a route of its own. Without --detach the check runs as a temporary app (its own
+        # name and route, removed after), so a detached app of the recipe goes on answering; it is never
+        # recorded in endpoint.json, which names what `workflow stop` stops.
+        name, route = app.app_name(ctx.recipe.name), cfg.route(ctx.recipe.name)
+        if not detach:
+            name = f"{name}-check-{uuid.uuid4().hex[:8]}"
+            route = f"/{name}"
         port = cfg.port or 8000
         ray_cluster.init_ray(log_to_driver=False, storage_uri=ctx.run_uri, needs=("vllm",))
         import ray
@@ -373,13 +385,21 @@ def run(ctx: StageContext) -> StageResult:
         host, port = _serve_listening_at(ctx, host, port, address)
 
         public = host if host != "0.0.0.0" else ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
-        base_url = f"http://{public}:{port}/v1"
+        base_url = f"http://{public}:{port}{route.rstrip('/')}/v1"
+        # A detached app of the recipe already there is updated in place (Serve's rolling update).
+        replacing = detach and app.application_status(name) is not None
         where = {"ray_address": address, "app": name}
 
         def undeploy() -> None:
             app.delete(name)
             ray.shutdown()
     else:
+        # One app per cluster: at the root, where direct streaming's HAProxy routes (serve.route_prefix is for a
+        # shared cluster).
+        route, replacing = "/", False
+        if cfg.route_prefix not in (None, "/"):
+            say("[serve] serve.route_prefix applies on a cluster named by RAY_ADDRESS; the workflow's own cluster "
+                "runs one app, at /")
         if _stop_own_cluster(ctx):
             say("[serve] replaced the app that was running")
         env_vars = adapter_store.loopback_env(s3_port) if s3_port else {}
@@ -412,7 +432,9 @@ def run(ctx: StageContext) -> StageResult:
         app.deploy(app.validate_llm_config(llm, f"{ctx.recipe.path}: serve.llm_config"), host=host,
                    port=port, ingress_cls_config=app.ingress_cls_config(api_key, cfg),
                    ingress_deployment_config=cfg.ingress_deployment_config, direct_streaming=direct_streaming,
-                   name=name)
+                   name=name, route_prefix=route)
+        if address:
+            app.wait_until_deployed(name)
         client.wait_until_answering(base_url, model_id, api_key)
         say(client.usage_text(base_url, model_ids, cfg.api_key_env))
         smoke = client.smoke_check(base_url, model_id=model_id, adapters=adapter_names, rows=rows or
@@ -426,26 +448,39 @@ def run(ctx: StageContext) -> StageResult:
             for warning in parity.check(smoke["parity"]["adapters"], parity_settings.min_identical, where="serve",
                                         key="evaluate.parity", allow_mismatch=parity_settings.allow_mismatch):
                 say(f"warning: {warning}; going on because evaluate.parity.allow_mismatch is true")
-        endpoint = {"base_url": base_url, "model_ids": model_ids, "api_key_env": cfg.api_key_env,
-                    "detached": bool(ctx.options.get("detach")), **where}
-        storage.write_json(_endpoint_uri(ctx), endpoint)
+        if records_endpoint:
+            endpoint = {"base_url": base_url, "model_ids": model_ids, "api_key_env": cfg.api_key_env,
+                        "detached": detach, "route_prefix": route, **where}
+            storage.write_json(_endpoint_uri(ctx), endpoint)
         if not smoke["passed"]:
             raise WorkflowError("serve: smoke check failed: " + "; ".join(smoke["problems"]),
                                 hint=f"details in {smoke_uri}")
+        # endpoint.json: this run's app, or one a run with --detach left (a check app is never recorded).
+        outputs = {"smoke": smoke_uri, **({"endpoint": _endpoint_uri(ctx)} if storage.exists(_endpoint_uri(ctx))
+                                          else {})}
+        summary = {"model_ids": model_ids, **({"base_url": base_url} if records_endpoint else {})}
         manifest.write(ctx.out_uri, stage=ctx.stage, run=ctx.recipe.name, config=config(ctx), inputs=inputs(ctx),
-                       outputs={"smoke": smoke_uri, "endpoint": _endpoint_uri(ctx)},
-                       started_at=started, summary={"model_ids": model_ids, "base_url": base_url})
+                       outputs=outputs, started_at=started, summary=summary)
         say(f"[serve] smoke check passed; {smoke_uri}")
     except BaseException:
-        undeploy()
-        _mark_stopped(ctx)
+        if replacing:
+            # Deleting it would take down what clients use: where the new replicas did not start, Serve keeps the
+            # old ones serving.
+            say(f"[serve] {name} ran before this deploy: left as Ray Serve has it now; stop it with "
+                f"`{envs.command()} stop {ctx.recipe.path}`")
+            ray.shutdown()
+        else:
+            undeploy()
+            if records_endpoint:
+                _mark_stopped(ctx)
         raise
-    if ctx.options.get("detach"):
+    if detach:
         say(f"[serve] left running at {base_url}; stop it with `{envs.command()} stop {ctx.recipe.path}`")
         if address:
             ray.shutdown()
     else:
         undeploy()
-        _mark_stopped(ctx)
-        say("[serve] shut down")
-    return StageResult(outputs={"smoke": smoke_uri, "endpoint": _endpoint_uri(ctx)}, summary={"model_ids": model_ids})
+        if records_endpoint:
+            _mark_stopped(ctx)
+        say(f"[serve] shut down{' the check app ' + name if address else ''}")
+    return StageResult(outputs=outputs, summary={"model_ids": model_ids})
