@@ -6,7 +6,8 @@ namespace (its own ``/tmp`` and home) of its own, every node started with ``ray 
 the serve environment, as a user would start them; storage on an S3-compatible server on the
 bridge. ``workflow run --detach`` of the CPU recipe, shrunk as tests/test_end_to_end.py
 shrinks it, with ``RAY_ADDRESS`` set, then: where the work ran, a chat completion from another
-host, ``workflow show`` and ``workflow stop`` from fresh processes, and the cases that must
+host, a second recipe's app beside it at a route of its own (a rerun and a redeploy of it under a
+streaming client), ``workflow show`` and ``workflow stop`` from fresh processes, and the cases that must
 fail in one line on such a cluster.
 """
 
@@ -112,6 +113,7 @@ def test_every_stage_ran_on_the_worker_nodes(ns_cluster, cluster_run):
     endpoint = cluster_run["endpoint"]
     assert endpoint["ray_address"] == ns_cluster.address and endpoint["app"] == f"workflow-{RUN}"
     assert endpoint["base_url"].startswith(f"http://{ns_cluster.head.ip}:")
+    assert endpoint["base_url"].endswith(f"/{RUN}/v1") and endpoint["route_prefix"] == f"/{RUN}"
 
 
 CHAT = """
@@ -148,6 +150,115 @@ def test_the_endpoint_answers_another_host_for_the_base_and_the_adapter(ns_clust
     assert base[0] == 200 and adapter[0] == 200, (base, adapter)
     assert base[1] != adapter[1]
     assert chat_from(ns_cluster, node, base_url, "viggo", key="wrong-key")[0] == 401
+
+
+SYNCED_ROUTE = "/team/synced"
+
+
+@pytest.fixture(scope="module")
+def synced_app(ns_cluster, cluster_run, make_run, tiny_model, tiny_adapter):
+    """A second recipe's app beside the cluster run's, detached at ``serve.route_prefix`` /team/synced: a run
+    finished in a local folder (its model and two adapters inside it), copied with `workflow sync` to the
+    cluster's bucket and served from there."""
+    import shutil
+
+    from workflow.core import manifest
+
+    recipe = make_run("synced", adapters={"viggo": tiny_adapter, "viggo2": tiny_adapter})
+    data = yaml.safe_load(recipe.read_text())
+    run = Path(data["storage"]) / "synced"
+    shutil.copytree(tiny_model, run / "model" / "weights")  # where the model stage of `source: tiny` puts it
+    found = manifest.read(str(run / "model"))
+    manifest.write(str(run / "model"), **{k: found[k] for k in ("stage", "run", "config", "inputs", "started_at")},
+                   outputs={"model": str(run / "model" / "weights")})
+    for written in run.glob("*/manifest.json"):
+        assert str(run) not in written.read_text(), written
+    bucket = ns_cluster.make_bucket(f"synced-{free_port()}")
+    synced = workflow(ns_cluster, "sync", str(run), f"{bucket}/runs/synced")
+    assert synced.returncode == 0, synced.stderr[-2000:]
+    serve = yaml.safe_load(cluster_run["recipe"].read_text())["serve"]  # its port: where the cluster's Serve listens
+    serve.pop("require")  # no evaluate stage in this run
+    serve["route_prefix"] = SYNCED_ROUTE
+    data["evaluate"]["parity"] = None  # the cluster run's serve checks parity on the cluster; here only where from
+    data.update(storage=f"{bucket}/runs", serve=serve)
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    proc = workflow(ns_cluster, "serve", str(recipe), "--detach")
+    endpoint_uri = f"{bucket}/runs/synced/serve/endpoint.json"
+    try:
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        yield {"recipe": recipe, "endpoint_uri": endpoint_uri, "endpoint": json.loads(read_s3(ns_cluster, endpoint_uri))}
+    finally:
+        stopped = workflow(ns_cluster, "stop", str(recipe))
+        assert stopped.returncode == 0, (stopped.stdout + stopped.stderr)[-3000:]
+
+
+def listed_apps(ns_cluster, recipe) -> dict[str, list[str]]:
+    """`workflow show RECIPE` with RAY_ADDRESS set: the cluster's workflow apps it lists, name -> [route, status, url]."""
+    shown = workflow(ns_cluster, "show", str(recipe))
+    assert shown.returncode == 0, (shown.stdout + shown.stderr)[-3000:]
+    listing = shown.stdout.split(f"workflow apps on the Ray cluster at {ns_cluster.address}:\n", 1)[1]
+    return {fields[0]: fields[1:] for fields in map(str.split, listing.splitlines()) if fields}
+
+
+def test_two_recipes_serve_side_by_side_each_at_its_route(ns_cluster, cluster_run, synced_app):
+    """Each recipe's app at a route of its own (the default /<recipe>, and serve.route_prefix), both answering
+    another host; `workflow show` lists both."""
+    synced_url, run_url = synced_app["endpoint"]["base_url"], cluster_run["endpoint"]["base_url"]
+    assert synced_url == run_url.replace(f"/{RUN}/v1", f"{SYNCED_ROUTE}/v1")
+    for model in ("viggo:viggo", "viggo:viggo2"):
+        status, answer = chat_from(ns_cluster, ns_cluster.nodes[-1], synced_url, model)
+        assert status == 200 and answer, (model, status, answer)
+    assert chat_from(ns_cluster, ns_cluster.nodes[-1], run_url, f"viggo:{RUN}")[0] == 200
+    assert chat_from(ns_cluster, ns_cluster.nodes[-1], synced_url, f"viggo:{RUN}")[0] != 200  # not that app's
+    apps = listed_apps(ns_cluster, synced_app["recipe"])
+    assert apps == {f"workflow-{RUN}": [f"/{RUN}", "RUNNING", run_url],
+                    "workflow-synced": [SYNCED_ROUTE, "RUNNING", synced_url]}, apps
+
+
+def test_a_rerun_and_a_redeploy_lose_no_request_of_a_streaming_client(ns_cluster, synced_app):
+    """A client streams through the detached app without pause while the recipe is served again without
+    --detach (a check app of its own, removed after) and then redeployed with --detach (Serve's in-place
+    update): every request answers in full; endpoint.json still names the detached app."""
+    import threading
+
+    import httpx
+
+    base_url, done, results = synced_app["endpoint"]["base_url"], threading.Event(), []
+
+    def stream() -> None:
+        while not done.is_set():
+            model = ("viggo", "viggo:viggo")[len(results) % 2]
+            body = {"model": model, "messages": [{"role": "user", "content": f"{INSTRUCTION}\n\nIs Portal 2 fun?"}],
+                    "max_tokens": 8, "stream": True}
+            try:
+                with httpx.stream("POST", f"{base_url}/chat/completions", json=body, timeout=600,
+                                  headers={"Authorization": f"Bearer {KEY}"}) as resp:
+                    text = resp.read().decode()
+                results.append((resp.status_code, "data: [DONE]" in text, text[-200:]))
+            except httpx.HTTPError as err:
+                results.append((0, False, repr(err)))
+
+    client = threading.Thread(target=stream, daemon=True)
+    client.start()
+    try:
+        checked = workflow(ns_cluster, "serve", str(synced_app["recipe"]))
+        assert checked.returncode == 0, (checked.stdout + checked.stderr)[-4000:]
+        assert "deploying build_openai_app as workflow-synced-check-" in checked.stdout, checked.stdout[-3000:]
+        assert "shut down the check app workflow-synced-check-" in checked.stdout
+        assert json.loads(read_s3(ns_cluster, synced_app["endpoint_uri"])) == synced_app["endpoint"]
+        assert not any("check" in name for name in listed_apps(ns_cluster, synced_app["recipe"]))
+        during_check = len(results)
+        redeployed = workflow(ns_cluster, "serve", str(synced_app["recipe"]), "--detach")
+        assert redeployed.returncode == 0, (redeployed.stdout + redeployed.stderr)[-4000:]
+        assert "deploying build_openai_app as workflow-synced on " in redeployed.stdout
+    finally:
+        done.set()
+        client.join(timeout=600)
+    failed = [r for r in results if r[:2] != (200, True)]
+    print(f"streamed requests: {len(results)} ({during_check} during the check run), failed: {len(failed)}")
+    assert during_check >= 5 and len(results) - during_check >= 5, results
+    assert failed == [], failed[:5]
+    assert chat_from(ns_cluster, ns_cluster.nodes[0], base_url, "viggo:viggo")[0] == 200
 
 
 def test_show_and_stop_from_fresh_processes_without_the_address(ns_cluster, cluster_run):
@@ -234,41 +345,3 @@ def test_batch_with_an_adapter_and_input_on_this_disk_runs_on_the_nodes(ns_clust
     assert [(r["model"], r["error"]) for r in out] == [("mine", ""), ("mine", "")], out
     assert all(r["generated_text"] for r in out)
     assert s3_keys(ns_cluster, f"{run}/batch/uploads/") == []
-
-
-def test_a_local_run_synced_to_a_bucket_serves_on_the_cluster(ns_cluster, cluster_run, make_run, tiny_model,
-                                                              tiny_adapter, tmp_path):
-    """A run finished in a local folder (its model and two adapters inside it), copied with `workflow sync` to the
-    cluster's bucket and served from there: both adapters answer another host. After the cluster run's app has
-    been stopped (above): every app is at route "/" for now."""
-    import shutil
-
-    from workflow.core import manifest
-
-    recipe = make_run("synced", adapters={"viggo": tiny_adapter, "viggo2": tiny_adapter})
-    data = yaml.safe_load(recipe.read_text())
-    run = Path(data["storage"]) / "synced"
-    shutil.copytree(tiny_model, run / "model" / "weights")  # where the model stage of `source: tiny` puts it
-    found = manifest.read(str(run / "model"))
-    manifest.write(str(run / "model"), **{k: found[k] for k in ("stage", "run", "config", "inputs", "started_at")},
-                   outputs={"model": str(run / "model" / "weights")})
-    for written in run.glob("*/manifest.json"):
-        assert str(run) not in written.read_text(), written
-    bucket = ns_cluster.make_bucket(f"synced-{free_port()}")
-    synced = workflow(ns_cluster, "sync", str(run), f"{bucket}/runs/synced")
-    assert synced.returncode == 0, synced.stderr[-2000:]
-    serve = yaml.safe_load(cluster_run["recipe"].read_text())["serve"]  # its port: where the cluster's Serve listens
-    serve.pop("require")  # no evaluate stage in this run
-    data["evaluate"]["parity"] = None  # the cluster run's serve checks parity on the cluster; here only where from
-    data.update(storage=f"{bucket}/runs", serve=serve)
-    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
-    proc = workflow(ns_cluster, "serve", str(recipe), "--detach")
-    try:
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-        endpoint = json.loads(read_s3(ns_cluster, f"{bucket}/runs/synced/serve/endpoint.json"))
-        for model in ("viggo:viggo", "viggo:viggo2"):
-            status, answer = chat_from(ns_cluster, ns_cluster.nodes[-1], endpoint["base_url"], model)
-            assert status == 200 and answer, (model, status, answer)
-    finally:
-        stopped = workflow(ns_cluster, "stop", str(recipe))
-    assert stopped.returncode == 0, (stopped.stdout + stopped.stderr)[-3000:]
