@@ -1,4 +1,5 @@
-"""serving/llm_server.py: requests arriving together for an adapter a replica has not loaded load it once.
+"""patches/ray_serve_llm_server.py: requests arriving together for an adapter a replica has not loaded load it once;
+an adapter of a local folder is loaded from where it is.
 
 vLLM refuses a second load of an adapter it holds ("has already been loaded"); Ray 2.60's
 ``LLMServer`` let every concurrent first request ask for a load, so all but one failed with
@@ -114,7 +115,7 @@ def test_without_the_router_the_adapter_comes_from_the_request_body():
     """One replica is served without Ray's router, which otherwise names the adapter in a header."""
     import json
 
-    from workflow.serving.llm_server import _AdapterFromBody
+    from workflow.patches.ray_serve_llm_server import _AdapterFromBody
 
     seen = []
 
@@ -160,3 +161,64 @@ def test_one_fixed_replica_is_served_without_the_router():
     assert not app._one_replica(config({"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}, adapters=True))
     theirs = config({"num_replicas": 1}, adapters=True).model_copy(update={"server_cls": RayLLMServer})
     assert not app._reads_adapter_from_body(theirs)  # Ray's class would not find the adapter
+
+
+# ---------------------------------------------------------------- adapters of a local folder
+
+def _folder_with_adapters(root, tiny: dict[str, bool]):
+    """``root/adapters`` with a subfolder per name, complete (adapter_config.json written) or not."""
+    folder = root / "adapters"
+    for name, complete in tiny.items():
+        (folder / name).mkdir(parents=True)
+        (folder / name / "adapter_model.safetensors").write_bytes(b"weights")
+        if complete:
+            (folder / name / "adapter_config.json").write_text('{"r": 8, "max_length": 512}')
+    return folder
+
+
+def test_a_local_folder_is_named_so_that_ray_accepts_it_and_lists_complete_adapters(tmp_path):
+    from workflow.patches import ray_serve_adapter_folders as folders
+
+    folder = _folder_with_adapters(tmp_path, {"viggo": True, "half-written": False})
+    (folder / "notes.txt").write_text("not an adapter")
+    uri = folders.served_uri(str(folder))
+    assert uri == f"pyarrow-file://{folder.resolve()}" and folders.local_folder(uri) == folder.resolve()
+    assert folders.served_uri("s3://b/adapters") == "s3://b/adapters" and folders.local_folder("s3://b/a") is None
+    assert folders.list_adapters(uri) == ["viggo"]  # adapter_config.json comes last: a folder without it is not one
+    assert folders.list_adapters(folders.served_uri(str(tmp_path / "none"))) == []
+    from workflow.config import ServeConfig
+
+    llm = app.build_llm_config(ServeConfig(), model_source="/m", default_model_id="m", adapters_uri=uri, lora_rank=8)
+    assert app.validate_llm_config(llm, "r.yaml").lora_config.dynamic_lora_loading_path == uri
+
+
+def test_an_adapter_of_a_local_folder_is_loaded_from_where_it_is(tmp_path):
+    from fastapi import HTTPException
+
+    from workflow.patches import ray_serve_adapter_folders as folders
+    from workflow.patches.ray_serve_llm_server import _FolderLoader
+
+    folder = _folder_with_adapters(tmp_path, {"viggo": True})
+    llm_config = SimpleNamespace(lora_config=SimpleNamespace(dynamic_lora_loading_path=folders.served_uri(str(folder))))
+    loader = _FolderLoader()
+    loaded = asyncio.run(loader.load_model_from_config("m:viggo", llm_config))
+    assert loaded.model_id == "m:viggo" and loaded.local_path == str(folder.resolve() / "viggo")
+    assert loaded.max_total_tokens == 512
+    with pytest.raises(HTTPException) as gone:
+        asyncio.run(loader.load_model_from_config("m:removed", llm_config))
+    assert gone.value.status_code == 404 and "m:removed" in gone.value.detail
+
+
+def test_a_local_folder_is_refused_outside_the_tested_ray(monkeypatch, capsys):
+    import workflow.patches as patches
+    from workflow.patches import ray_serve_adapter_folders as folders
+
+    assert patches.outside_tested(folders.TESTED) is None  # this environment's Ray
+    monkeypatch.setattr(patches, "installed_version", lambda package: "0.1.0")
+    monkeypatch.setattr(patches, "_warned", set())
+    assert folders.served_uri("/runs/r/train/adapters") is None
+    assert folders.served_uri("s3://b/adapters") == "s3://b/adapters"  # a bucket is Ray's own path
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert lines == ["warning: workflow.patches.ray_serve_adapter_folders not applied: ray 0.1.0 is outside the "
+                     "versions it was tested on (==2.60.*); adapters in a local folder cannot be served (Ray Serve "
+                     "LLM loads adapters from s3://, gs:// or Azure storage only)"]

@@ -1,4 +1,4 @@
-"""Serve stage: recipe checks, and one detached deploy (tiny model, two adapters in loopback S3).
+"""Serve stage: recipe checks, and one detached deploy (tiny model, two adapters in the run's local folder).
 
 The deploy takes minutes on the CPU, so the module deploys once (``served``) through the
 CLI with ``--detach`` and runs every endpoint check against it; the last test stops it
@@ -76,23 +76,6 @@ def test_an_endpoint_reachable_from_other_hosts_needs_a_key_or_an_explicit_open(
     cfg.check_open_endpoint(on_cluster=False)
     with pytest.raises(ValueError, match="0.0.0.0 is reachable from other hosts"):
         cfg.check_open_endpoint(on_cluster=True)
-
-
-def test_local_adapters_with_a_model_in_s3_are_refused_in_one_line(make_run, tiny_adapter):
-    """The loopback adapter store's endpoint would replace the bucket's for the whole serving cluster."""
-    path = make_run("serve-local-s3-model", adapters={"viggo": tiny_adapter})
-    recipe = yaml.safe_load(path.read_text())
-    recipe["serve"] = {"llm_config": LLM_CONFIG}
-    path.write_text(yaml.safe_dump(recipe))
-    model_dir = f"{recipe['storage']}/{recipe['name']}/model"
-    found = manifest.read(model_dir)
-    manifest.write(model_dir, **{**{k: found[k] for k in ("stage", "run", "config", "inputs", "started_at")},
-                                 "outputs": {"model": "s3://models/tiny"}})
-    proc = subprocess.run([envs.python_for(envs.SERVE), "-m", "workflow", "serve", str(path)],
-                          env=envs.stage_environment(envs.SERVE), capture_output=True, text=True, timeout=300)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
-    assert "the run's adapters are in a local folder" in errors[0] and "s3://models/tiny" in errors[0]
 
 
 def _evaluated(path: Path, scores: dict[str, float], require: dict) -> None:
@@ -292,12 +275,11 @@ def _workflow(*args: str, env: dict, timeout: int = 900) -> subprocess.Completed
 
 
 @pytest.fixture(scope="module")
-def served(s3_server, tiny_model, tiny_adapter, viggo_alpaca, tmp_path_factory):
-    import boto3
-
-    bucket = f"serve-{cluster.free_port()}"
-    boto3.client("s3").create_bucket(Bucket=bucket)
-    storage_uri = f"s3://{bucket}/runs"
+def served(tiny_model, tiny_adapter, viggo_alpaca, tmp_path_factory):
+    """The run in a local folder, as the CPU recipe's: the replicas load its adapters from there
+    (patches/ray_serve_llm_server.py; a run in a bucket is served on the namespace cluster, tests/test_on_a_cluster.py)."""
+    tmp = tmp_path_factory.mktemp("serve")
+    storage_uri = str(tmp / "runs")
     run_uri = f"{storage_uri}/{RUN}"
     _layout_run(run_uri, tiny_model, tiny_adapter, viggo_alpaca)
     # Where the adapter name "../x" would lead Ray (beside the adapters folder): the name must be refused.
@@ -309,7 +291,6 @@ def served(s3_server, tiny_model, tiny_adapter, viggo_alpaca, tmp_path_factory):
         "slot_f1": [f, f]}} for v, f in scores.items()})
     manifest.write(f"{run_uri}/evaluate", stage="evaluate", run=RUN, config={}, inputs={}, started_at=manifest.now(),
                    outputs={"metrics.json": f"{run_uri}/evaluate/metrics.json"})
-    tmp = tmp_path_factory.mktemp("serve")
     serve = {"api_key_env": KEY_ENV, "port": cluster.free_port(), "ingress_deployment_config": {"num_replicas": 1},
              "smoke": {"rows": 2, "max_tokens": 32}, "llm_config": LLM_CONFIG, "max_request_bytes": MAX_BODY,
              "require": {"at_least": {"slot_f1": 0.5}}}
@@ -442,6 +423,42 @@ def test_the_ingress_app_guards_every_route_and_names_adapters_from_the_list(ser
     attack.check_no_serving_listener_off_loopback(json.loads(served["state_file"].read_text())["address"])
 
 
+def test_an_adapter_added_after_the_deploy_is_served_and_a_removed_one_is_a_404(served, tiny_adapter):
+    """The replicas load the adapters of the run's local folder themselves: one copied into the folder the app
+    serves from is answered once the listings (every 5 s) have seen it; once removed, it is OpenAI's 404."""
+    import shutil
+
+    import httpx
+
+    (folder,) = Path(served["run_uri"], "serve", "adapters").iterdir()  # the copy without 'weak' (serve.require)
+    later = f"{RUN}:later"
+
+    def ask() -> httpx.Response:
+        return httpx.post(f"{served['base_url']}/chat/completions", headers=_auth(), timeout=120, json={
+            "model": later, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0.0})
+
+    def listed() -> set[str]:
+        return {m["id"] for m in httpx.get(f"{served['base_url']}/models", headers=_auth(), timeout=60).json()["data"]}
+
+    storage.upload_dir(tiny_adapter, str(folder / "later"), last=["adapter_config.json"])
+    try:
+        deadline = time.monotonic() + 60
+        while (resp := ask()).status_code == 404 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"], resp.text
+        assert later in listed()
+    finally:
+        shutil.rmtree(folder / "later")
+    deadline = time.monotonic() + 60
+    while (resp := ask()).status_code == 200 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert resp.status_code == 404, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error", error
+    assert f"The model '{later}' does not exist." in error["message"]
+    assert later not in listed()
+
+
 def test_stop_leaves_no_application_or_replica_behind(served):
     import httpx
 
@@ -469,10 +486,10 @@ def test_direct_streaming_serves_base_and_adapters_behind_haproxy(tiny_model, ti
                                                                   tmp_path):
     """serve.direct_streaming: vLLM's app in the LLM replica, HAProxy in front, the key checked by vLLM.
 
-    The run is in a local folder, as the CPU recipe's: the adapters reach the replica through the
-    loopback S3 server, which also picks up an adapter trained into the folder after the deploy.
+    The run is in a local folder, as the CPU recipe's: the replica loads the adapters from there, an adapter
+    trained into the folder after the deploy too.
     One fixed replica, as the CPU recipe's: no router deployment; the replica finds the adapter
-    named in the request body (serving/llm_server.py).
+    named in the request body (patches/ray_serve_llm_server.py).
     """
     import httpx
     from openai import OpenAI
@@ -540,7 +557,7 @@ def _guards_every_route(root: str, state_file: Path) -> None:
     def loaded() -> set[str]:  # vLLM's list: the base model and the adapters the engine holds
         return {m["id"] for m in httpx.get(f"{root}/v1/models", headers=_auth(), timeout=60).json()["data"]}
 
-    time.sleep(10)  # the loopback S3 server and the replica's adapter listing pick "later" up (2 s, 5 s)
+    time.sleep(10)  # the replica's adapter listing (every 5 s) picks "later" up
     before = loaded()
     assert f"{RUN}:later" not in before, before
     attack.check_every_route_needs_the_key(root, attack.app_routes(state_file, "LLMServer"), f"{RUN}:later", KEY)

@@ -116,3 +116,24 @@ def check_nodes(nodes: list[dict], address: str, *, needs: tuple[str, ...]) -> N
         others = f" (and {len(problems) - 1} more node(s))" if len(problems) > 1 else ""
         raise WorkflowError(f"node {ip} of the cluster at {address} cannot run this stage's workers: {found}{others}",
                             hint=CONTRACT_HINT)
+
+
+def nodes_off_this_machine(nodes: list[dict]) -> list[str]:
+    """The addresses (``NodeManagerAddress``) of ``nodes`` that are not this machine's: neither loopback nor an
+    address of one of its network interfaces. A node in a network namespace of its own has its own address (and
+    its own mounts), so it counts as another machine."""
+    import ipaddress
+
+    import psutil
+
+    own = {a.address.split("%")[0] for addresses in psutil.net_if_addrs().values() for a in addresses}
+    off = []
+    for node in nodes:
+        ip = node["NodeManagerAddress"]
+        try:
+            loopback = ipaddress.ip_address(ip).is_loopback
+        except ValueError:  # a host name
+            loopback = False
+        if not loopback and ip not in own:
+            off.append(ip)
+    return off

@@ -15,36 +15,39 @@ Where direct streaming runs without Ray's router deployment (one replica: ``serv
 nothing sets the adapter's name in Serve's request context (the router sends it as a header); the
 replica then reads it from the request's ``model`` (``<model id>:<adapter>``), as Ray's router does.
 
-With direct streaming the replica's app is the ingress: ``KeyGuard`` (``serving/guard.py``) wraps
-it outermost, before this module's ``_AdapterFromBody``, Ray's LoRA middleware and vLLM's own key
-check, with the key's digest, the body limit and the CORS origins from the cluster's environment
-(``serving.app.direct_streaming_env``). Whatever the mode, an adapter is resolved (downloaded,
-loaded) only if the adapters folder lists it and its name is a plain folder name
-(``adapter_store.AdapterCatalogue``); any other name is a 404 before storage is read.
+With direct streaming the replica's app is the ingress: the subclass's ``outer_middleware``
+(``serving/llm_server.py``: the API key check) wraps it outermost, before this module's
+``_AdapterFromBody``, Ray's LoRA middleware and vLLM's own key check. Whatever the mode, an adapter
+is resolved (downloaded, loaded) only if the subclass's ``adapter_catalogue`` knows it (the
+adapters folder lists it, under a plain folder name); any other name is a 404 before storage is read.
+
+An adapter of a local folder (``ray_serve_adapter_folders.py``: the run's storage is a folder on
+the serving machine) is handed to vLLM from its own subfolder; Ray's loader, which downloads a
+bucket's adapter into its cache first, loads the others.
 
 The class keeps Ray's name (deployments are named after it: ``LLMServer:<model id>``).
-It overrides private methods and sets Serve's private request context: ``serving.app`` names it
-in ``server_cls`` only on the Ray versions in ``SERVER_TESTED`` there. Only the Ray replicas import
-this module.
+It overrides private methods and sets Serve's private request context: ``serving.app`` names its
+subclass in ``server_cls`` only on the Ray versions in ``TESTED`` (``serving.app.SERVER_TESTED``).
+Only the Ray replicas import this module.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 
 from fastapi import HTTPException
 from ray import serve
+from ray.llm._internal.common.models import global_id_manager
+from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
 from ray.llm._internal.serve.core.server.llm_server import LLMServer as RayLLMServer
 from ray.llm._internal.serve.core.server.llm_server import _add_middleware_to_built_app
+from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
 from ray.serve.context import _set_request_context
 
-from . import guard
-from .adapter_store import AdapterCatalogue
+from . import ray_serve_adapter_folders as adapter_folders
 
-# The body limit where the cluster's environment names none (ServeConfig.max_request_bytes' default).
-DEFAULT_MAX_BODY_BYTES = 16 * 2**20
+TESTED = {"ray": "==2.60.*"}
 
 
 class _AdapterFromBody:
@@ -75,27 +78,52 @@ class _AdapterFromBody:
         await self.app(scope, replay, send)
 
 
+class _FolderLoader(LoraModelLoader):
+    """Ray's LoRA loader, but an adapter of a local folder is loaded from where it is: nothing is downloaded or
+    copied, and nothing is cached here (Serve's multiplexing keeps the loaded ones)."""
+
+    async def load_model_from_config(self, lora_model_id: str, llm_config) -> DiskMultiplexConfig:
+        folder = adapter_folders.local_folder(llm_config.lora_config.dynamic_lora_loading_path)
+        if folder is None:
+            return await super().load_model_from_config(lora_model_id, llm_config)
+        path = folder / lora_model_id.partition(":")[2]
+        try:
+            config = json.loads(await asyncio.to_thread((path / adapter_folders.ADAPTER_CONFIG).read_text))
+        except FileNotFoundError:  # removed since the last listing
+            raise HTTPException(404, f"The model '{lora_model_id}' does not exist.") from None
+        return DiskMultiplexConfig(model_id=lora_model_id, max_total_tokens=config.get("max_length"),
+                                   local_path=str(path), lora_assigned_int_id=global_id_manager.next())
+
+
 class LLMServer(RayLLMServer):
+    """Ray's ``LLMServer`` with the adapter handling above; the serving layer's subclass
+    (``serving/llm_server.py``) names what wraps the replica's app and what lists its adapters."""
+
+    def outer_middleware(self) -> tuple[type, dict] | None:
+        """An ASGI middleware class and its options, wrapped around the replica's app outermost; None for none."""
+        return None
+
+    def adapter_catalogue(self, adapters_uri: str):
+        """What lists the adapters folder: an object with ``async start()`` and ``knows(name)``."""
+        raise NotImplementedError
+
+    def _init_multiplex_loader(self, model_downloader_cls=None):
+        super()._init_multiplex_loader(model_downloader_cls or _FolderLoader)
+
     async def __serve_build_asgi_app__(self):
         app = await super().__serve_build_asgi_app__()
         if self._llm_config.lora_config is not None:
             # Outside Ray's LoRA middleware (added by super()), so that it sees the adapter.
             _add_middleware_to_built_app(app, _AdapterFromBody, base_model_id=self._llm_config.model_id)
-        # Outermost: nothing reads the body or resolves an adapter before the key is checked.
-        origins = [o for o in os.environ.get(guard.CORS_ENV, "").split(",") if o]
-        _add_middleware_to_built_app(app, guard.KeyGuard, api_key_sha256=os.environ.get(guard.DIGEST_ENV) or None,
-                                     max_body_bytes=int(os.environ.get(guard.MAX_BODY_ENV) or DEFAULT_MAX_BODY_BYTES),
-                                     cors_preflight=bool(origins))
-        self._workflow_app = app
+        outer = self.outer_middleware()
+        if outer is not None:
+            _add_middleware_to_built_app(app, outer[0], **outer[1])
+        self.asgi_app = app
         return app
 
-    def asgi_routes(self) -> list[tuple[str, list[str]]]:
-        """The routes of the app this replica serves (direct streaming), for a deployment handle's caller."""
-        return guard.route_table(self._workflow_app)
-
-    async def _adapter_catalogue(self) -> AdapterCatalogue:
+    async def _adapter_catalogue(self):
         catalogue = self.__dict__.setdefault(
-            "_workflow_adapters", AdapterCatalogue(self._llm_config.lora_config.dynamic_lora_loading_path))
+            "_workflow_adapters", self.adapter_catalogue(self._llm_config.lora_config.dynamic_lora_loading_path))
         await catalogue.start()
         return catalogue
 

@@ -19,14 +19,20 @@ from ..core import storage
 from ..core.errors import WorkflowError
 from ..core.secrets import key_digest
 from ..inference.adapters import supported_lora_rank, with_revision
-from ..patches import ray_serve_direct_streaming, ray_serve_haproxy_listeners, supported
-from . import adapter_store, guard
+from ..patches import (
+    ray_serve_adapter_folders,
+    ray_serve_direct_streaming,
+    ray_serve_haproxy_listeners,
+    supported,
+)
+from . import guard
 
 APP_NAME = "workflow"  # on the workflow's own cluster; on a user's cluster: app_name(recipe)
 INGRESS = "workflow.serving.ingress"
 INGRESS_TESTED = {"ray": "==2.60.*"}
 # The replicas' server class where adapters are served: Ray's LLMServer with one adapter load per
-# replica however many requests ask at once (serving/llm_server.py; it overrides a private method).
+# replica however many requests ask at once, from a bucket or a local folder (serving/llm_server.py, on
+# patches/ray_serve_llm_server.py: it overrides private methods).
 SERVER = "workflow.serving.llm_server:LLMServer"
 SERVER_TESTED = {"ray": "==2.60.*"}
 SERVER_CONSEQUENCE = ("Ray's LLMServer serves: requests arriving together for an adapter a replica has not loaded "
@@ -104,9 +110,9 @@ def check_recipe_llm_config(recipe) -> None:
     adapters_uri, lora_rank = None, None
     if recipe.train is not None:
         adapters_dir = storage.join(recipe.run_uri, "train", "adapters")
-        # Local adapters are served from the loopback S3 server (serving/adapter_store.py).
-        adapters_uri = (f"s3://{adapter_store.LOOPBACK_BUCKET}/{recipe.name}" if storage.is_local(adapters_dir)
-                        else adapters_dir)
+        # A local folder as the replicas name it (patches/ray_serve_adapter_folders.py; None outside its Ray versions,
+        # where the serve stage refuses it).
+        adapters_uri = ray_serve_adapter_folders.served_uri(adapters_dir)
         lora_rank = recipe.train.llamafactory.get("lora_rank", 8)  # LLaMA-Factory's default rank
     llm = build_llm_config(recipe.serve, model_source=model_source, default_model_id=recipe.name,
                            adapters_uri=adapters_uri, lora_rank=lora_rank)

@@ -10,7 +10,9 @@ nodes' environment) and Serve's deployment config, the recipe and the manifests 
 Ray's ingress allows every origin with credentials (CORS); here no origin is allowed unless
 ``cors_allow_origins`` names it. The routes turn the ``HTTPException``s that Ray raises for an
 unknown model or adapter (FastAPI would answer ``{"detail": ...}``) into OpenAI's error body, and
-an adapter that the adapters folder does not list is a 404 before Ray reads storage for it.
+an adapter that the adapters folder does not list is a 404 before Ray reads storage for it. The
+adapters of a local folder (``patches/ray_serve_adapter_folders.py``), which Ray does not read, are
+listed and described from the folder's listing.
 
 It subclasses a private Ray class: ``serving.app.ingress_cls_config`` names it only for the Ray
 versions it was tested on (``INGRESS_TESTED`` there). Only the Ray replicas import this module.
@@ -27,6 +29,7 @@ from fastapi.responses import JSONResponse
 from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, OpenAiIngress
 from starlette.middleware import Middleware
 
+from ..patches.ray_serve_adapter_folders import local_folder
 from .adapter_store import AdapterCatalogue
 from .guard import KeyGuard, route_table
 from .llm_server import DEFAULT_MAX_BODY_BYTES
@@ -74,6 +77,34 @@ class WorkflowIngress(OpenAiIngress):
                 return None
         return openai_error(404, f"The model '{model}' does not exist.", "model_not_found")
 
+    async def model(self, model_id: str):
+        """Ray's card of ``model_id``; an adapter of a local folder (Ray reads buckets only) gets its base model's
+        card under its own id, if the folder lists it."""
+        base, _, adapter = model_id.partition(":")
+        if not adapter or local_folder(self._lora_paths.get(base)) is None:
+            return await super().model(model_id)
+        catalogue = self._adapter_catalogues[base]
+        await catalogue.start()
+        if not catalogue.knows(adapter):
+            return None
+        card = self._model_cards[base]
+        return card.model_copy(update={"id": model_id, "metadata": {**card.metadata, "base_model_id": base}})
+
+    async def models(self):
+        """Ray's list; with a local adapters folder (Ray lists buckets only) the adapters the folder lists."""
+        if not any(local_folder(path) for path in self._lora_paths.values()):
+            return await super().models()
+        from ray.llm._internal.serve.core.configs.openai_api_models import ModelList
+
+        cards = []
+        for base in self._model_cards:
+            cards.append(await self.model(base))
+            catalogue = self._adapter_catalogues.get(base)
+            if catalogue is not None:
+                await catalogue.start()
+                cards += [await self.model(f"{base}:{name}") for name in catalogue.names()]
+        return ModelList(data=[card for card in cards if card is not None])
+
 
 def _requested_model(kwargs: dict):
     """The model a route's arguments name: a path parameter, or the request body's ``model``."""
@@ -108,4 +139,4 @@ def _guarded(method):
 
 
 for _name in DEFAULT_ENDPOINTS:
-    setattr(WorkflowIngress, _name, _guarded(getattr(OpenAiIngress, _name)))
+    setattr(WorkflowIngress, _name, _guarded(getattr(WorkflowIngress, _name)))

@@ -47,10 +47,10 @@ from ..evaluation import gate, parity, tasks
 from ..evaluation.task_inference import stage_task
 from ..inference.adapters import check_trained_on, lint_adapters, model_architectures, stored_adapters
 from ..inference.processor import cpu_engine, note_emulated_bfloat16
-from ..patches import ray_serve_direct_streaming
+from ..patches import ray_serve_adapter_folders, ray_serve_direct_streaming
 from ..prompts import guard
 from ..prompts.messages import expected_output, row_messages
-from ..serving import adapter_store, app, client, cluster
+from ..serving import app, client, cluster
 
 ENV = SERVE
 CACHEABLE = False
@@ -275,6 +275,24 @@ def _endpoint_parity(ctx: StageContext, base_url: str, model_id: str, api_key: s
             "adapters": results}
 
 
+def _check_cluster_on_this_machine(ctx: StageContext, address: str) -> None:
+    """A run in a local folder serves on a cluster whose every node is this machine (a workstation's
+    ``ray start --head``): its replicas read the model and adapters where they are. Any other node is refused."""
+    import ray
+
+    ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+    try:
+        off = ray_cluster.nodes_off_this_machine([n for n in ray.nodes() if n.get("Alive")])
+    finally:
+        ray.shutdown()
+    if off:
+        raise WorkflowError(f"serve: the run's storage {ctx.run_uri} is a folder on this machine, which the replicas "
+                            f"on the cluster at {address} cannot load the model and adapters from (node {off[0]} "
+                            f"is another machine{f', and {len(off) - 1} more' if len(off) > 1 else ''})",
+                            hint="set the recipe's storage (or WORKFLOW_STORAGE) to s3://... or gs://..., or unset "
+                                 "RAY_ADDRESS to serve on a cluster of the workflow's own on this machine")
+
+
 def _serve_listening_at(ctx: StageContext, host: str, port: int, address: str) -> tuple[str, int]:
     """Where the cluster's Serve will answer: ours if Serve is not running yet, else where it already listens.
 
@@ -318,24 +336,20 @@ def run(ctx: StageContext) -> StageResult:
         raise WorkflowError(f"{ctx.recipe.path}: {err}", hint=f"export {cfg.api_key_env}=<key>, or remove "
                             "serve.api_key_env for an open endpoint") from None
     if address and storage.is_local(ctx.run_uri):
-        raise WorkflowError(f"serve: the run's storage {ctx.run_uri} is a folder on this machine, which the replicas "
-                            f"on the cluster at {address} cannot load the model and adapters from",
-                            hint="set the recipe's storage (or WORKFLOW_STORAGE) to s3://... or gs://..., or unset "
-                                 "RAY_ADDRESS to serve on a cluster of the workflow's own on this machine")
+        _check_cluster_on_this_machine(ctx, address)
     model = ctx.upstream("model")
     model_source = model["outputs"]["model"]
     adapters_dir, adapter_names, lora_rank, training = _adapters(ctx)
     adapter_names, served_dir = _chosen_adapters(ctx, adapters_dir, adapter_names)
     main_metric = _smoke_metric(ctx, training) if adapter_names else None
     rows = training[: cfg.smoke.rows]
-    # Before anything reads the model (its config.json, for the adapters' lint).
-    local_adapters = adapters_dir is not None and storage.is_local(adapters_dir)
-    if local_adapters and model_source.startswith("s3://"):
-        raise WorkflowError(f"serve: the run's adapters are in a local folder ({adapters_dir}) and the model in "
-                            f"{model_source}: the loopback S3 endpoint the adapters are served from would replace "
-                            "the bucket's for the whole serving cluster",
-                            hint="keep the run in a bucket too (storage: s3://...), or copy the model to a local "
-                                 "folder and point model.source at it")
+    # The replicas load a local folder's adapters from where they are (patches/ray_serve_adapter_folders.py).
+    adapters_uri = ray_serve_adapter_folders.served_uri(served_dir) if served_dir is not None else None
+    if served_dir is not None and adapters_uri is None:
+        raise WorkflowError(f"serve: the run's adapters are in a local folder ({served_dir}), which Ray Serve LLM "
+                            f"loads adapters from only with the workflow's LLMServer, tested on ray "
+                            f"{ray_serve_adapter_folders.TESTED['ray']}",
+                            hint="use that Ray, or keep the run in a bucket (storage: s3://... or gs://...)")
     if cpu_engine(cfg.llm_config):
         note_emulated_bfloat16(cfg.llm_config.get("engine_kwargs") or {}, "serve.llm_config.engine_kwargs.dtype")
     if adapter_names:
@@ -353,11 +367,8 @@ def run(ctx: StageContext) -> StageResult:
     if adapter_names and parity_settings is not None:
         # Before the serving cluster takes the cores (and a GPU).
         checked = _parity_reference(ctx, parity_settings, adapters_dir, adapter_names)
-    s3_port = cluster.free_port() if local_adapters else None
-    # The loopback URI is only known once published; validate with a placeholder of the same form.
-    placeholder = f"s3://{adapter_store.LOOPBACK_BUCKET}/{ctx.recipe.name}" if local_adapters else served_dir
     llm = app.build_llm_config(cfg, model_source=model_source, default_model_id=ctx.recipe.name,
-                               adapters_uri=placeholder, lora_rank=lora_rank,
+                               adapters_uri=adapters_uri, lora_rank=lora_rank,
                                revision=model.get("summary", {}).get("revision"))
     app.validate_llm_config(app.with_cors_origins(llm, cfg), f"{ctx.recipe.path}: serve.llm_config")
     model_id = llm["model_loading_config"]["model_id"]
@@ -402,7 +413,7 @@ def run(ctx: StageContext) -> StageResult:
                 "runs one app, at /")
         if _stop_own_cluster(ctx):
             say("[serve] replaced the app that was running")
-        env_vars = adapter_store.loopback_env(s3_port) if s3_port else {}
+        env_vars = {}
         direct_streaming = cfg.direct_streaming and ray_serve_direct_streaming.available()
         if direct_streaming:
             env_vars.update(app.direct_streaming_env(api_key, cfg))
@@ -425,9 +436,6 @@ def run(ctx: StageContext) -> StageResult:
     try:
         if not address:
             cluster.connect(state)
-        if local_adapters:
-            llm["lora_config"]["dynamic_lora_loading_path"] = adapter_store.publish_adapters_on_loopback(
-                served_dir, s3_port, ctx.recipe.name)
         say(f"[serve] deploying build_openai_app as {name} on {base_url} (takes a minute or two on a CPU)")
         app.deploy(app.validate_llm_config(llm, f"{ctx.recipe.path}: serve.llm_config"), host=host,
                    port=port, ingress_cls_config=app.ingress_cls_config(api_key, cfg),
