@@ -2,7 +2,9 @@
 # Create the two environments under .venvs/ from the checked-in lock files.
 #   envs/setup.sh            # train + serve (serve-cpu, or serve-gpu where nvidia-smi sees a GPU)
 #   WORKFLOW_GPU=1 envs/setup.sh   # force the CUDA serve environment
-# An environment whose lock file has not changed since it was built is left as it is.
+#   WORKFLOW_TEST_TOOLS=0 envs/setup.sh   # without the test tools of envs/test.lock (the containerfile's image)
+# An environment whose lock file has not changed since it was built is left as it is; the test tools
+# (envs/test.lock) are installed into both, again only when that lock has changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,5 +54,19 @@ build_env() {  # name lockfile [extra uv sources...]
   echo "[setup] $name environment ready: $dir"
 }
 
+# The tests' tools (moto, pytest, ruff, the notebook runner) and what they need beyond the runtime locks: not part
+# of a runtime lock, so the image (WORKFLOW_TEST_TOOLS=0) runs without them.
+add_test_tools() {  # name
+  local dir=$VENVS/$1 want; want="$(sha256sum envs/test.lock | cut -c1-16)"
+  [ "$(cat "$dir/.test-hash" 2>/dev/null)" = "$want" ] && return
+  uv pip install -q --compile-bytecode --python "$dir/bin/python" --no-deps -r envs/test.lock
+  echo "$want" > "$dir/.test-hash"
+  echo "[setup] $1 environment: test tools installed (envs/test.lock)"
+}
+
 build_env train envs/train.lock
 build_env serve "$serve_lock" ${serve_sources[@]+"${serve_sources[@]}"}
+if [ "${WORKFLOW_TEST_TOOLS:-1}" != 0 ]; then
+  add_test_tools train
+  add_test_tools serve
+fi
