@@ -11,11 +11,12 @@ Ray's ingress allows every origin with credentials (CORS); here no origin is all
 ``cors_allow_origins`` names it. The routes turn the ``HTTPException``s that Ray raises for an
 unknown model or adapter (FastAPI would answer ``{"detail": ...}``) into OpenAI's error body, and
 an adapter that the adapters folder does not list is a 404 before Ray reads storage for it. The
-adapters of a local folder (``patches/ray_serve_adapter_folders.py``), which Ray does not read, are
-listed and described from the folder's listing.
+adapters of a local folder, which Ray does not read, are listed and described from the folder's
+listing (``patches/ray_serve_ingress.py``).
 
-It subclasses a private Ray class: ``serving.app.ingress_cls_config`` names it only for the Ray
-versions it was tested on (``INGRESS_TESTED`` there). Only the Ray replicas import this module.
+Its base, ``patches/ray_serve_ingress.py``, subclasses a private Ray class: ``serving.app.ingress_cls_config``
+names it only for the Ray versions it was tested on (``INGRESS_TESTED`` there). Only the Ray replicas import
+this module.
 """
 
 from __future__ import annotations
@@ -26,10 +27,9 @@ import inspect
 from fastapi import HTTPException, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
-from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS, OpenAiIngress
 from starlette.middleware import Middleware
 
-from ..patches.ray_serve_adapter_folders import local_folder
+from ..patches import ray_serve_ingress
 from .adapter_store import AdapterCatalogue
 from .guard import KeyGuard, route_table
 from .llm_server import DEFAULT_MAX_BODY_BYTES
@@ -41,69 +41,43 @@ def openai_error(status_code: int, message: str, code: str | int | None = None) 
                         content={"error": {"message": message, "type": kind, "param": None, "code": code}})
 
 
-class WorkflowIngress(OpenAiIngress):
+class WorkflowIngress(ray_serve_ingress.Ingress):
     def __init__(self, *args, api_key_sha256: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  cors_allow_origins: list[str] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._api_key_sha256 = api_key_sha256
-        self._max_body_bytes = max_body_bytes
-        self._cors_allow_origins = list(cors_allow_origins or [])
-        self._adapter_catalogues = {base: AdapterCatalogue(path) for base, path in self._lora_paths.items()}
+        self.api_key_sha256 = api_key_sha256
+        self.max_body_bytes = max_body_bytes
+        self.cors_allow_origins = list(cors_allow_origins or [])
 
-    def _set_asgi_app(self, app) -> None:
-        """Serve's hook for the replica's app: Ray's CORS rule replaced, the whole app behind the key."""
+    def adapter_catalogue(self, adapters_uri: str) -> AdapterCatalogue:
+        return AdapterCatalogue(adapters_uri)
+
+    def wrap_app(self, app):
+        """The replica's app: Ray's CORS rule replaced, the whole app behind the key."""
         app.user_middleware = [m for m in app.user_middleware if m.cls is not CORSMiddleware]
-        if self._cors_allow_origins:
-            app.user_middleware.insert(0, Middleware(CORSMiddleware, allow_origins=self._cors_allow_origins,
+        if self.cors_allow_origins:
+            app.user_middleware.insert(0, Middleware(CORSMiddleware, allow_origins=self.cors_allow_origins,
                                                      allow_methods=["GET", "POST"],
                                                      allow_headers=["authorization", "content-type"]))
-        self._workflow_app = app
-        super()._set_asgi_app(KeyGuard(app, api_key_sha256=self._api_key_sha256, max_body_bytes=self._max_body_bytes,
-                                       cors_preflight=bool(self._cors_allow_origins)))
+        self.routed_app = app
+        return KeyGuard(app, api_key_sha256=self.api_key_sha256, max_body_bytes=self.max_body_bytes,
+                        cors_preflight=bool(self.cors_allow_origins))
 
     def asgi_routes(self) -> list[tuple[str, list[str]]]:
         """The routes of the app this replica serves, for a deployment handle's caller."""
-        return route_table(self._workflow_app)
+        return route_table(self.routed_app)
 
-    async def _unknown_adapter(self, model) -> JSONResponse | None:
+    async def unknown_adapter(self, model) -> JSONResponse | None:
         """OpenAI's 404 for ``<base>:<adapter>`` unless the base model's adapters folder lists the adapter."""
         if not isinstance(model, str) or ":" not in model:
             return None
         base, _, adapter = model.partition(":")
-        catalogue = self._adapter_catalogues.get(base)
+        catalogue = self.adapter_catalogues.get(base)
         if catalogue is not None:
             await catalogue.start()
             if catalogue.knows(adapter):
                 return None
         return openai_error(404, f"The model '{model}' does not exist.", "model_not_found")
-
-    async def model(self, model_id: str):
-        """Ray's card of ``model_id``; an adapter of a local folder (Ray reads buckets only) gets its base model's
-        card under its own id, if the folder lists it."""
-        base, _, adapter = model_id.partition(":")
-        if not adapter or local_folder(self._lora_paths.get(base)) is None:
-            return await super().model(model_id)
-        catalogue = self._adapter_catalogues[base]
-        await catalogue.start()
-        if not catalogue.knows(adapter):
-            return None
-        card = self._model_cards[base]
-        return card.model_copy(update={"id": model_id, "metadata": {**card.metadata, "base_model_id": base}})
-
-    async def models(self):
-        """Ray's list; with a local adapters folder (Ray lists buckets only) the adapters the folder lists."""
-        if not any(local_folder(path) for path in self._lora_paths.values()):
-            return await super().models()
-        from ray.llm._internal.serve.core.configs.openai_api_models import ModelList
-
-        cards = []
-        for base in self._model_cards:
-            cards.append(await self.model(base))
-            catalogue = self._adapter_catalogues.get(base)
-            if catalogue is not None:
-                await catalogue.start()
-                cards += [await self.model(f"{base}:{name}") for name in catalogue.names()]
-        return ModelList(data=[card for card in cards if card is not None])
 
 
 def _requested_model(kwargs: dict):
@@ -123,7 +97,7 @@ def _guarded(method):
     async def guarded(self, *args, **kwargs):
         if adds_request:
             kwargs.pop("request")
-        refusal = await self._unknown_adapter(_requested_model(kwargs))
+        refusal = await self.unknown_adapter(_requested_model(kwargs))
         if refusal is not None:
             return refusal
         try:
@@ -138,5 +112,5 @@ def _guarded(method):
     return guarded
 
 
-for _name in DEFAULT_ENDPOINTS:
+for _name in ray_serve_ingress.ENDPOINTS:
     setattr(WorkflowIngress, _name, _guarded(getattr(WorkflowIngress, _name)))
