@@ -222,3 +222,13 @@ def test_a_local_folder_is_refused_outside_the_tested_ray(monkeypatch, capsys):
     assert lines == ["warning: workflow.patches.ray_serve_adapter_folders not applied: ray 0.1.0 is outside the "
                      "versions it was tested on (==2.60.*); adapters in a local folder cannot be served (Ray Serve "
                      "LLM loads adapters from s3://, gs:// or Azure storage only)"]
+
+
+def test_the_serving_gates_name_the_versions_the_patches_were_tested_on():
+    """serving.app decides whether the replicas use the patched classes; it must use the patches' own versions."""
+    import workflow.patches as patches
+    from workflow.patches import ray_serve_ingress, ray_serve_llm_server
+
+    assert app.SERVER_TESTED == ray_serve_llm_server.TESTED and app.INGRESS_TESTED == ray_serve_ingress.TESTED
+    for tested in (ray_serve_llm_server.TESTED, ray_serve_ingress.TESTED):
+        assert patches.outside_tested(tested) is None
