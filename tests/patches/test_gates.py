@@ -7,6 +7,7 @@ installed version is what the tests change (``installed_version``), nothing else
 
 from __future__ import annotations
 
+import os
 import time
 import types
 
@@ -30,12 +31,21 @@ def _one_warning(capsys) -> str:
 
 
 def test_installed_versions_are_inside_every_patch_of_this_environment():
-    from workflow.patches import ray_serve_direct_streaming, vllm_cpu_lora, vllm_cpu_placement
+    from workflow.patches import (
+        ray_serve_direct_streaming,
+        ray_serve_http_options,
+        ray_token_auth,
+        vllm_cpu_lora,
+        vllm_cpu_placement,
+        vllm_model_registry,
+        vllm_offline_batch_defaults,
+    )
     from workflow.patches import ray_serve_haproxy_listeners as listeners
     from workflow.serving import app
 
     for tested in (vllm_cpu_lora.TESTED, vllm_cpu_placement.TESTED, ray_serve_direct_streaming.TESTED,
-                   listeners.TESTED, app.INGRESS_TESTED):
+                   listeners.TESTED, app.INGRESS_TESTED, ray_serve_http_options.TESTED, ray_token_auth.TESTED,
+                   vllm_model_registry.TESTED, vllm_offline_batch_defaults.TESTED):
         assert patches.outside_tested(tested) is None, tested
 
 
@@ -137,6 +147,44 @@ def test_direct_streaming_switch_sets_and_resets_the_builder(monkeypatch):
     assert builder.RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING is False
 
 
+def test_direct_streaming_off_runs_nothing_of_the_patch_on_another_ray(old_versions, capsys, monkeypatch):
+    """Off (the default), a deploy on another Ray touches none of Ray's modules and prints nothing."""
+    from workflow.patches import ray_serve_direct_streaming
+
+    def no_modules():
+        raise AssertionError("the patch reached for Ray's modules")
+
+    monkeypatch.setattr(ray_serve_direct_streaming, "_modules", no_modules)
+    monkeypatch.setattr(ray_serve_direct_streaming, "_switched_on", False)
+    monkeypatch.delenv("RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING", raising=False)
+    ray_serve_direct_streaming.set_direct_streaming(False)
+    assert capsys.readouterr().err == ""
+    # Switched on by the environment (Ray reads it at import) on another Ray: one warning, Ray's modules untouched.
+    monkeypatch.setenv("RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING", "1")
+    ray_serve_direct_streaming.set_direct_streaming(False)
+    assert "serve.direct_streaming is off" in _one_warning(capsys)
+
+
+def test_direct_streaming_off_resets_the_builder_only_after_it_was_on(monkeypatch):
+    import importlib
+
+    from ray.llm._internal.serve.core.ingress import builder
+
+    from workflow.patches import ray_serve_direct_streaming
+
+    for module, name in ray_serve_direct_streaming.TARGETS:  # restored after the test
+        module = importlib.import_module(module)
+        monkeypatch.setattr(module, name, getattr(module, name))
+    monkeypatch.setattr(ray_serve_direct_streaming, "_switched_on", False)
+    monkeypatch.delenv("RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING", raising=False)
+    monkeypatch.setattr(builder, "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING", "left alone")
+    ray_serve_direct_streaming.set_direct_streaming(False)
+    assert builder.RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING == "left alone"
+    ray_serve_direct_streaming.set_direct_streaming(True)
+    ray_serve_direct_streaming.set_direct_streaming(False)
+    assert builder.RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING is False
+
+
 def test_workflow_ingress_only_with_the_tested_ray(old_versions, capsys):
     from workflow.core.errors import WorkflowError
     from workflow.serving import app
@@ -216,3 +264,96 @@ def test_haproxy_listeners_are_left_where_the_template_lacks_its_bind_lines(caps
     assert not patch.bind_listeners_to_loopback()
     assert haproxy.HAPROXY_CONFIG_TEMPLATE == "listen stats\n  bind *:8404\n"
     assert "has no line" in _one_warning(capsys)
+
+
+def test_lm_head_adapters_are_left_to_vllm_outside_the_tested_vllm(old_versions, capsys):
+    from workflow.inference import adapters
+
+    tensors = {"base_model.model.lm_head.lora_A.weight": {}}
+    assert adapters.modules_vllm_does_not_adapt(tensors, ["Qwen2ForCausalLM"]) == []  # inside: ["lm_head"]
+    line = _one_warning(capsys)
+    assert "vllm_model_registry not applied: vllm 0.1.0" in line and "not refused before an engine loads" in line
+
+
+def test_lm_head_adapters_are_left_to_vllm_where_the_registry_lacks_its_loader(capsys, monkeypatch):
+    from vllm.model_executor.models import ModelRegistry
+
+    from workflow.inference import adapters
+
+    monkeypatch.setattr(patches, "_warned", set())
+    tensors = {"base_model.model.lm_head.lora_A.weight": {}}
+    assert adapters.modules_vllm_does_not_adapt(tensors, ["Qwen2ForCausalLM"]) == ["lm_head"]
+    monkeypatch.delattr(type(ModelRegistry), "_try_load_model_cls")
+    assert adapters.modules_vllm_does_not_adapt(tensors, ["Qwen2ForCausalLM"]) == []
+    assert "ModelRegistry._try_load_model_cls does not exist" in _one_warning(capsys)
+
+
+def test_cpu_engines_keep_rays_scheduler_limits_outside_the_tested_vllm(old_versions, capsys):
+    from workflow.inference import processor
+
+    cpu = {"placement_group_config": {"bundles": [{"CPU": 1}]}}
+    assert processor.offline_scheduler_limits({"tensor_parallel_size": 2}, cpu) == {"tensor_parallel_size": 2}
+    line = _one_warning(capsys)
+    assert "vllm_offline_batch_defaults not applied: vllm 0.1.0" in line and "max_num_seqs" in line
+
+
+def test_running_serves_http_options_are_not_read_outside_the_tested_ray(old_versions, capsys, monkeypatch):
+    from ray.serve import context
+
+    from workflow.serving import app
+
+    def no_client(**kwargs):
+        raise AssertionError("read Serve's private client")
+
+    monkeypatch.setattr(context, "_get_global_client", no_client)
+    assert app.running_http_options() is None
+    assert "ray_serve_http_options not applied: ray 0.1.0" in _one_warning(capsys)
+
+
+def test_running_serves_http_options_without_serve(capsys, monkeypatch):
+    """No Serve on the connected cluster (none is connected here): None, without a warning."""
+    from ray.serve import context
+
+    from workflow.serving import app
+
+    monkeypatch.setattr(patches, "_warned", set())
+    monkeypatch.setattr(context, "_get_global_client", lambda **kwargs: None)  # Ray's answer without a controller
+    assert app.running_http_options() is None
+    assert capsys.readouterr().err == ""
+    monkeypatch.delattr(context, "_get_global_client")
+    assert app.running_http_options() is None
+    assert "_get_global_client does not exist" in _one_warning(capsys)
+
+
+def test_token_auth_is_only_set_in_the_environment_outside_the_tested_ray(old_versions, capsys, monkeypatch):
+    from ray import _raylet
+
+    from workflow.patches import ray_token_auth
+
+    class Config:
+        @staticmethod
+        def initialize(text):
+            raise AssertionError("re-read Ray's config through its private Config")
+
+    monkeypatch.setattr(_raylet, "Config", Config)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    ray_token_auth.use_token_auth()
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    assert "ray_token_auth not applied: ray 0.1.0" in _one_warning(capsys)
+
+
+def test_token_auth_is_re_read_on_the_tested_ray():
+    """Ray imported before RAY_AUTH_MODE is set: the mode is token after (in a process of its own, as Ray's
+    config is process-wide)."""
+    import subprocess
+    import sys
+
+    script = ("import ray\n"
+              "from ray._raylet import AuthenticationMode, get_authentication_mode\n"
+              "from workflow.patches import ray_token_auth\n"
+              "before = get_authentication_mode()\n"
+              "ray_token_auth.use_token_auth()\n"
+              "print(before == AuthenticationMode.TOKEN, get_authentication_mode() == AuthenticationMode.TOKEN)\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"], out.stderr

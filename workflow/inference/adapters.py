@@ -17,6 +17,7 @@ from typing import Any
 from ..core import storage
 from ..core.console import say
 from ..core.errors import WorkflowError
+from ..patches import vllm_model_registry
 
 # vLLM's allowed values for max_lora_rank (vllm.config.lora.MaxLoRARanks).
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -122,13 +123,15 @@ def modules_vllm_does_not_adapt(tensors: dict[str, Any], architectures: list[str
     the embedding modules its model class declares (``embedding_modules``, empty for most, Qwen2 and
     Llama included); its LM head and token embeddings are not linear layers there. So ``lm_head`` and
     any module with embedding weights (PEFT's ``lora_embedding_A/B``) must be declared by the class.
-    Only then is vLLM's model registry consulted (importing it costs seconds).
+    Only then is vLLM's model registry consulted (importing it costs seconds), through
+    ``patches.vllm_model_registry``: where it cannot tell (another vLLM), nothing is refused here.
     """
     candidates = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in tensors
                   if ".lora_embedding_" in name or name.split(".lora_")[0].endswith("lm_head")}
     if not candidates or not architectures:  # an unknown architecture: nothing to tell from
         return []
-    return sorted(candidates - _vllm_embedding_modules(architectures))
+    adapted = vllm_model_registry.embedding_modules(architectures[0])
+    return [] if adapted is None else sorted(candidates - adapted)
 
 
 def model_architectures(model_uri: str, revision: str | None = None) -> list[str]:
@@ -144,16 +147,6 @@ def model_architectures(model_uri: str, revision: str | None = None) -> list[str
     except Exception:  # noqa: BLE001 - offline, gated or missing: the lint then skips this check
         return []
     return list(json.loads(Path(path).read_text()).get("architectures") or [])
-
-
-def _vllm_embedding_modules(architectures: list[str]) -> set[str]:
-    try:
-        from vllm.model_executor.models import ModelRegistry
-
-        model_cls = ModelRegistry._try_load_model_cls(architectures[0]) if architectures else None
-    except (ImportError, AttributeError):  # no vLLM here, or another registry than 0.32's: none declared
-        return set()
-    return set(getattr(model_cls, "embedding_modules", None) or {})
 
 
 def check_trained_on(train_manifest: dict[str, Any], model_manifest: dict[str, Any], where: str) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 from ..core import ray_cluster, storage
 from ..core.console import say
 from ..core.errors import WorkflowError
+from ..patches import vllm_offline_batch_defaults
 from ..prompts import messages as prompts
 from ..prompts.guard import is_tokenizer_file
 from .adapters import lora_engine_kwargs, with_revision
@@ -232,16 +233,13 @@ def offline_scheduler_limits(engine_kwargs: dict[str, Any], fields: dict[str, An
     """
     if not cpu_engine(fields) or {"max_num_seqs", "max_num_batched_tokens"} <= engine_kwargs.keys():
         return engine_kwargs
-    from vllm.engine.arg_utils import EngineArgs
     from vllm.platforms import current_platform
-    from vllm.usage.usage_lib import UsageContext
 
     if not current_platform.is_cpu():
         return engine_kwargs
     world_size = engine_kwargs.get("tensor_parallel_size", 1) * engine_kwargs.get("pipeline_parallel_size", 1)
-    tokens, seqs = EngineArgs.get_batch_defaults(world_size)
-    return {"max_num_seqs": seqs[UsageContext.LLM_CLASS], "max_num_batched_tokens": tokens[UsageContext.LLM_CLASS],
-            **engine_kwargs}
+    limits = vllm_offline_batch_defaults.offline_limits(world_size)  # None with another vLLM (one warning)
+    return engine_kwargs if limits is None else {**limits, **engine_kwargs}
 
 
 def cpu_engine(fields: dict[str, Any]) -> bool:

@@ -15,10 +15,12 @@ With one replica, :func:`single_replica_app` leaves out Ray's router deployment:
 which replica takes each request (a new TCP connection and a Python request per request, ~3 ms of
 CPU on the 2-core VM), and with one replica the answer is always the same. HAProxy then sends
 each request to the replica itself; the workflow's ``LLMServer`` reads the adapter's name from
-the request body (``serving/llm_server.py``), which Ray's router otherwise sends as a header.
+the request body (``ray_serve_llm_server.py``), which Ray's router otherwise sends as a header.
 """
 
 from __future__ import annotations
+
+import os
 
 from . import replace_attribute, supported, warn
 
@@ -29,6 +31,7 @@ CONSEQUENCE = "serve.direct_streaming is off: requests go through Ray Serve's pr
 TARGETS = (("ray.llm._internal.serve.core.ingress.builder", "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING"),
            ("ray.llm._internal.serve.core.ingress.builder", "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY"),
            ("ray.serve._private.build_app", "RAY_SERVE_ENABLE_HA_PROXY"))
+_switched_on = False  # whether set_direct_streaming(True) ran in this process since it was last switched off
 
 
 def _modules() -> dict[str, object]:
@@ -52,14 +55,21 @@ def available() -> bool:
 def set_direct_streaming(enabled: bool) -> None:
     """Set the build-time globals for the next ``build_openai_app`` in this process.
 
-    Off, only the LLM builder's switch is reset (the other two matter only when it is on).
+    Call it on only after :func:`available` said yes. Off, only the LLM builder's switch is reset
+    (the other two matter only when it is on), and only where it can be on: this process switched it
+    on before, or its environment did (Ray reads ``RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1`` at
+    import) on the tested Ray. Otherwise nothing of this patch runs.
     """
+    global _switched_on
+    if not enabled and not _switched_on and (os.environ.get(TARGETS[0][1]) != "1" or not available()):
+        return
     modules = _modules()
     builder = modules[TARGETS[0][0]]
     replace_attribute(builder, TARGETS[0][1], enabled)
     if enabled:
         replace_attribute(builder, TARGETS[1][1], True)
         replace_attribute(modules[TARGETS[2][0]], TARGETS[2][1], True)
+    _switched_on = enabled
 
 
 def single_replica_app(llm_config):

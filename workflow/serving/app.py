@@ -23,6 +23,7 @@ from ..patches import (
     ray_serve_adapter_folders,
     ray_serve_direct_streaming,
     ray_serve_haproxy_listeners,
+    ray_serve_http_options,
     supported,
 )
 from . import guard
@@ -185,12 +186,10 @@ def running_http_options() -> tuple[str, int] | None:
 
     Serve fixes its HTTP options when it starts: a later ``serve.start`` with other options is
     ignored with a log warning only, and the app would answer somewhere else than asked.
-    (Read through the client that ``serve.start`` itself uses; Serve has no public reader.)
+    Serve has no public reader: ``patches/ray_serve_http_options.py`` reads them on the tested Ray
+    (elsewhere None, with one warning line).
     """
-    from ray.serve.context import _get_global_client
-
-    client = _get_global_client(raise_if_no_controller_running=False)
-    return None if client is None else (client.http_config.host, client.http_config.port)
+    return ray_serve_http_options.running_http_options()
 
 
 def deploy(llm_config, *, host: str, port: int, ingress_cls_config: dict[str, Any] | None,

@@ -27,6 +27,7 @@ from typing import Any
 from ..core.console import say
 from ..core.errors import WorkflowError
 from ..core.secrets import redact
+from ..patches import ray_token_auth
 
 # Set in the environment of every process of a serving cluster, to its address.
 CLUSTER_MARKER = "WORKFLOW_SERVE_CLUSTER"
@@ -92,11 +93,7 @@ def connect(state: dict[str, Any]) -> None:
     import ray
 
     if not ray.is_initialized():
-        from ray._raylet import Config
-
-        # Ray reads its auth mode into a process-wide config when first imported; reload it.
-        os.environ["RAY_AUTH_MODE"] = "token"
-        Config.initialize("")
+        ray_token_auth.use_token_auth()  # Ray read RAY_AUTH_MODE when first imported: set, and re-read
         ray.init(address=state["address"], include_dashboard=False, logging_level="ERROR",
                  log_to_driver=False, namespace="workflow")
 
