@@ -102,7 +102,7 @@ def check_adapter_names_come_from_the_list(root: str, model: str, key: str) -> N
 
 
 def _speaks_http(host: str, port: int) -> bool:
-    """Whether the listener on ``port`` answers an HTTP/1 request (Serve's proxy, HAProxy, a replica's app, moto do;
+    """Whether the listener on ``port`` answers an HTTP/1 request (Serve's proxy, HAProxy, a replica's app do;
     the gRPC server of every Ray worker, which binds every interface, does not)."""
     import socket
 
@@ -117,7 +117,7 @@ def _speaks_http(host: str, port: int) -> bool:
 
 def check_no_serving_listener_off_loopback(address: str) -> None:
     """No HTTP listener of the cluster (the serving path: Serve's proxy, HAProxy's frontend, stats and metrics, the
-    replicas' apps, the loopback S3 server) is on an address other than loopback. Ray's own services
+    replicas' apps) is on an address other than loopback. Ray's own services
     (``RAY_CORE``) and its workers' gRPC servers bind every interface whatever the settings (README's table)."""
     import ipaddress
 
