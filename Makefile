@@ -7,10 +7,11 @@ SERVE_PY := $(VENVS)/serve/bin/python
 WORKFLOW := $(SERVE_PY) -m workflow
 PYTEST_ARGS ?=
 BENCH_MODEL ?= runs/viggo-cpu/model/weights
+BENCH_ADAPTER ?= runs/viggo-cpu/train/adapters/viggo-cpu
 SOAK_APP ?= direct
 
 .PHONY: setup lock check-locks demo test test-serve test-train test-fast test-gpu lint validate ingest model train \
-        evaluate serve stop show bench-batch bench-serve bench-soak bench-train bench-demo
+        evaluate serve stop show bench-batch bench-serve bench-soak bench-adapters bench-train bench-demo
 
 setup:            ## build the train and serve environments from envs/*.lock
 	WORKFLOW_VENVS=$(VENVS) bash envs/setup.sh
@@ -74,6 +75,9 @@ bench-serve: setup ## needs a model folder: BENCH_MODEL (default: the CPU demo's
 
 bench-soak: setup ## 32 streaming clients for 60 s on the CPU recipe's serve app (SOAK_APP=vllm: plain vLLM): failures, memory, shutdown
 	$(SERVE_PY) bench/serve_soak.py --model $(BENCH_MODEL) --app $(SOAK_APP) $(if $(filter-out direct,$(SOAK_APP)),--out /tmp/serve_soak-$(SOAK_APP).json)
+
+bench-adapters: setup ## 1-256 adapters (ranks 8, 64) on the CPU recipe's app and plain vLLM: req/s, TTFT, cold loads, memory
+	$(SERVE_PY) bench/serve_adapters.py --model $(BENCH_MODEL) --adapter $(BENCH_ADAPTER)
 
 bench-train: setup ## needs a GPU machine (see bench/README.md)
 	$(TRAIN_PY) bench/train_throughput.py

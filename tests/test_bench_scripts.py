@@ -288,3 +288,42 @@ def test_train_scaling_on_gpus(tmp_path):
     figures = check_schema(json.loads(out.read_text()), "train_scaling")
     assert list(figures["rows_per_s"]) == workers.split(",") and not figures["failed"]
     assert list(figures["efficiency"]) == workers.split(",")[1:]
+
+
+@pytest.mark.heavy  # starts vLLM itself
+def test_serve_adapters(tiny_model, tiny_adapter, tmp_path):
+    """Plain vLLM's side only: the workflow app's deploy and drain are 2 minutes (the serve stage's tests deploy it,
+    and tests/stages/test_serve.py reads the per-adapter metrics this bench reads)."""
+    out = tmp_path / "adapters.json"
+    run_bench("serve_adapters.py", "--model", str(tiny_model), "--adapter", str(tiny_adapter), "--servers", "vllm",
+              "--adapters", "1,4", "--ranks", "8", "--clients", "4", "--duration", "3", "--max-tokens", "4",
+              "--out", str(out))
+    figures = written(out, "serve_adapters", "serve_adapters.py")
+    assert figures["failed_requests"] == 0 and figures["max_loras"] == 2  # the CPU recipe's
+    for key in ("req_per_s", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "cold_load_p50_ms", "peak_rss_mb"):
+        assert list(figures[key]) == ["vllm@r8"] and list(figures[key]["vllm@r8"]) == ["1", "4"], key
+        assert all(v > 0 for v in figures[key]["vllm@r8"].values()), (key, figures[key])
+    assert figures["req_per_s_vs_n1"]["vllm@r8"]["1"] == 1.0
+    assert figures["tokens_per_s"]["vllm@r8"]["4"] == pytest.approx(4 * figures["req_per_s"]["vllm@r8"]["4"], rel=0.02)
+    rows = json.loads(out.with_name("adapters.raw.json").read_text())["rows"]["vllm@r8"]
+    assert {r[1] for r in rows["1"]} == {0} and {r[1] for r in rows["4"]} <= {0, 1, 2, 3}
+    served = len({r[1] for r in rows["4"]})
+    assert figures["evictions_lru_model"]["vllm@r8"]["4"] >= served - 2 and figures["app_vs_vllm_req_per_s"] == {"r8": {}}
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_serve_adapters_makes_adapters_of_any_rank_that_differ(tiny_adapter, tmp_path):
+    from safetensors.numpy import load_file
+
+    bench = load_bench("serve_adapters")
+    bench.make_adapters(tiny_adapter, tmp_path, ["a", "b"], 16, base_name="base")
+    trained = load_file(str(tiny_adapter / "adapter_model.safetensors"))
+    config = json.loads((tiny_adapter / "adapter_config.json").read_text())
+    a, b = (load_file(str(tmp_path / n / "adapter_model.safetensors")) for n in "ab")
+    assert set(a) == set(trained)
+    for key, w in trained.items():
+        grown = (16, w.shape[1]) if ".lora_A." in key else (w.shape[0], 16)
+        assert a[key].shape == grown and not (a[key] == b[key]).all(), key
+    made = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert made["r"] == 16 and made["lora_alpha"] / 16 == config["lora_alpha"] / config["r"]
+    assert made["base_model_name_or_path"] == "base"

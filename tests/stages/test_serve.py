@@ -459,6 +459,54 @@ def test_an_adapter_added_after_the_deploy_is_served_and_a_removed_one_is_a_404(
     assert later not in listed()
 
 
+def _adapter_metrics(base_url: str) -> dict[tuple[str, str], float]:
+    """``GET <route>/metrics`` parsed by prometheus_client: (sample name, model label) -> value."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    resp = httpx.get(base_url.removesuffix("/v1") + "/metrics", headers=_auth(), timeout=120)
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain"), resp.text
+    return {(s.name, s.labels.get("model")): s.value for family in text_string_to_metric_families(resp.text)
+            if family.name.startswith("workflow_adapter_") for s in family.samples if "le" not in s.labels}
+
+
+def test_per_adapter_metrics_behind_the_key(served):
+    """Requests, errors, generated tokens and TTFT by adapter (the ingress), adapter loads (the LLM replica);
+    after the adapter added and removed above was loaded into the 2 slots, the others are loaded again."""
+    import httpx
+
+    assert httpx.get(served["base_url"].removesuffix("/v1") + "/metrics", timeout=60).status_code == 401
+    before = _adapter_metrics(served["base_url"])
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "min_tokens": 4, "ignore_eos": True,
+            "temperature": 0.0}
+    for model in (f"{RUN}:viggo", f"{RUN}:viggo2", f"{RUN}:viggo2"):
+        with httpx.stream("POST", f"{served['base_url']}/chat/completions", headers=_auth(), timeout=120,
+                          json={**body, "model": model, "stream": True}) as resp:
+            assert resp.status_code == 200 and "data: [DONE]" in resp.read().decode()
+    missing = httpx.post(f"{served['base_url']}/chat/completions", headers=_auth(), timeout=120,
+                         json={**body, "model": f"{RUN}:nope"})
+    assert missing.status_code == 404
+    after = _adapter_metrics(served["base_url"])
+
+    def grew(name: str, model: str) -> float:
+        return after.get((name, model), 0) - before.get((name, model), 0)
+
+    viggo, viggo2 = f"{RUN}:viggo", f"{RUN}:viggo2"
+    assert grew("workflow_adapter_requests_total", viggo2) == 2 and grew("workflow_adapter_requests_total", viggo) == 1
+    assert grew("workflow_adapter_generated_tokens_total", viggo2) == 8
+    assert grew("workflow_adapter_time_to_first_token_seconds_count", viggo2) == 2
+    assert grew("workflow_adapter_time_to_first_token_seconds_sum", viggo2) > 0
+    assert grew("workflow_adapter_errors_total", viggo2) == 0
+    assert grew("workflow_adapter_requests_total", "<unknown>") == grew("workflow_adapter_errors_total", "<unknown>") == 1
+    assert not [key for key in after if key[1] == f"{RUN}:nope"]  # a 404's name is no label
+    for model in (viggo, viggo2):
+        loads = after[("workflow_adapter_loads_total", model)]
+        assert loads >= 1 and after[("workflow_adapter_load_seconds_count", model)] == loads
+        assert after.get(("workflow_adapter_reloads_total", model), 0) == loads - 1
+    if after.get(("workflow_adapter_loads_total", f"{RUN}:later")):  # the test above ran: one of the two was evicted
+        assert grew("workflow_adapter_reloads_total", viggo) + grew("workflow_adapter_reloads_total", viggo2) >= 1
+
+
 def test_stop_leaves_no_application_or_replica_behind(served):
     import httpx
 

@@ -9,7 +9,7 @@ for the first and refuses the others ("The lora adapter ... has already been loa
 reach the client as HTTP 500. Measured on a cluster (bench/README.md, "Faults"): 5 adapter
 requests failed so once the replica that replaced a lost one was up. Here the check and the
 load are one step per adapter and replica: a request waits for the load in flight, then
-finds the adapter loaded.
+finds the adapter loaded. Each load is reported to ``adapter_loaded`` (the subclass's per-adapter metrics).
 
 Where direct streaming runs without Ray's router deployment (one replica: ``serving.app.deploy``),
 nothing sets the adapter's name in Serve's request context (the router sends it as a header); the
@@ -34,7 +34,9 @@ Only the Ray replicas import this module.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import time
 
 from fastapi import HTTPException
 from ray import serve
@@ -82,7 +84,12 @@ class _FolderLoader(LoraModelLoader):
     """Ray's LoRA loader, but an adapter of a local folder is loaded from where it is: nothing is downloaded or
     copied, and nothing is cached here (Serve's multiplexing keeps the loaded ones)."""
 
+    def __init__(self, *args, loads: set[str] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._loads = loads if loads is not None else set()
+
     async def load_model_from_config(self, lora_model_id: str, llm_config) -> DiskMultiplexConfig:
+        self._loads.add(lora_model_id)  # Serve's multiplexing missed it: a load (LLMServer.adapter_loaded)
         folder = adapter_folders.local_folder(llm_config.lora_config.dynamic_lora_loading_path)
         if folder is None:
             return await super().load_model_from_config(lora_model_id, llm_config)
@@ -107,8 +114,13 @@ class LLMServer(RayLLMServer):
         """What lists the adapters folder: an object with ``async start()`` and ``knows(name)``."""
         raise NotImplementedError
 
+    def adapter_loaded(self, model_id: str, seconds: float) -> None:
+        """Called once a request's adapter was loaded for it (Serve's multiplexing did not hold it): the seconds the
+        request waited for the load, vLLM's included."""
+
     def _init_multiplex_loader(self, model_downloader_cls=None):
-        super()._init_multiplex_loader(model_downloader_cls or _FolderLoader)
+        loads = self.__dict__.setdefault("_workflow_loading", set())
+        super()._init_multiplex_loader(model_downloader_cls or functools.partial(_FolderLoader, loads=loads))
 
     async def __serve_build_asgi_app__(self):
         app = await super().__serve_build_asgi_app__()
@@ -137,4 +149,12 @@ class LLMServer(RayLLMServer):
         # Created here, on the replica's event loop (the replica's __init__ may run elsewhere).
         locks = self.__dict__.setdefault("_workflow_adapter_locks", {})
         async with locks.setdefault(model_id, asyncio.Lock()):
-            await super()._maybe_resolve_lora_from_multiplex()
+            started = time.monotonic()
+            try:
+                await super()._maybe_resolve_lora_from_multiplex()
+            except BaseException:
+                self._workflow_loading.discard(model_id)
+                raise
+            if model_id in self._workflow_loading:
+                self._workflow_loading.discard(model_id)
+                self.adapter_loaded(model_id, time.monotonic() - started)

@@ -12,7 +12,8 @@ Ray's ingress allows every origin with credentials (CORS); here no origin is all
 unknown model or adapter (FastAPI would answer ``{"detail": ...}``) into OpenAI's error body, and
 an adapter that the adapters folder does not list is a 404 before Ray reads storage for it. The
 adapters of a local folder, which Ray does not read, are listed and described from the folder's
-listing (``patches/ray_serve_ingress.py``).
+listing (``patches/ray_serve_ingress.py``). Inside the key check, ``GET <route>/metrics`` answers the
+per-adapter metrics (``serving/metrics.py``): the ingress's request metrics and the LLM replicas' load metrics.
 
 Its base, ``patches/ray_serve_ingress.py``, subclasses a private Ray class: ``serving.app.ingress_cls_config``
 names it only for the Ray versions it was tested on (``INGRESS_TESTED`` there). Only the Ray replicas import
@@ -30,6 +31,7 @@ from fastapi.responses import JSONResponse
 from starlette.middleware import Middleware
 
 from ..patches import ray_serve_ingress
+from . import metrics
 from .adapter_store import AdapterCatalogue
 from .guard import KeyGuard, route_table
 from .llm_server import DEFAULT_MAX_BODY_BYTES
@@ -60,7 +62,8 @@ class WorkflowIngress(ray_serve_ingress.Ingress):
                                                      allow_methods=["GET", "POST"],
                                                      allow_headers=["authorization", "content-type"]))
         self.routed_app = app
-        return KeyGuard(app, api_key_sha256=self.api_key_sha256, max_body_bytes=self.max_body_bytes,
+        recorded = metrics.MetricsMiddleware(app, metrics=metrics.request_metrics(), more_text=_llm_load_metrics)
+        return KeyGuard(recorded, api_key_sha256=self.api_key_sha256, max_body_bytes=self.max_body_bytes,
                         cors_preflight=bool(self.cors_allow_origins))
 
     def asgi_routes(self) -> list[tuple[str, list[str]]]:
@@ -78,6 +81,21 @@ class WorkflowIngress(ray_serve_ingress.Ingress):
             if catalogue.knows(adapter):
                 return None
         return openai_error(404, f"The model '{model}' does not exist.", "model_not_found")
+
+
+async def _llm_load_metrics() -> bytes:
+    """The adapter load metrics of this app's LLM deployments (one replica's each), for ``/metrics``."""
+    import asyncio
+
+    from ray import serve
+
+    app_name = serve.get_replica_context().app_name
+    status = await asyncio.to_thread(serve.status)
+    texts = []
+    for name in status.applications[app_name].deployments:
+        if name.startswith("LLMServer"):
+            texts.append(await serve.get_deployment_handle(name, app_name).adapter_load_metrics.remote())
+    return b"".join(texts)
 
 
 def _requested_model(kwargs: dict):
