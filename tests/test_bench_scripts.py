@@ -140,7 +140,7 @@ def test_batch_throughput(tiny_model, tmp_path):
 def test_serve_latency(tiny_model, tmp_path):
     out = tmp_path / "serve.json"
     run_bench("serve_latency.py", "--model", str(tiny_model), "--variants", "vllm,vllm-stock", "--clients", "2",
-              "--duration", "3", "--warmup", "1", "--rounds", "1", "--max-tokens", "4", "--out", str(out))
+              "--duration", "1", "--warmup", "0.5", "--rounds", "1", "--max-tokens", "4", "--out", str(out))
     figures = written(out, "serve_latency", "serve_latency.py")
     assert figures["app"] == "vllm-stock" and figures["errors"] == 0
     for key in REQUIRED["serve_latency"]:
@@ -152,8 +152,8 @@ def test_serve_latency(tiny_model, tmp_path):
 @pytest.mark.heavy  # starts vLLM (and Ray) itself
 def test_serve_soak(tiny_model, tmp_path):
     out = tmp_path / "soak.json"
-    run_bench("serve_soak.py", "--model", str(tiny_model), "--app", "vllm", "--clients", "2", "--duration", "3",
-              "--warmup", "1", "--max-tokens", "4", "--sample-every", "1", "--out", str(out))
+    run_bench("serve_soak.py", "--model", str(tiny_model), "--app", "vllm", "--clients", "2", "--duration", "1",
+              "--warmup", "0.5", "--max-tokens", "4", "--sample-every", "0.25", "--out", str(out))
     figures = written(out, "serve_soak", "serve_soak.py")
     assert figures["requests"] > 0 and figures["failed_requests"] == 0
     assert figures["processes_left"] == 0 and figures["port_open_after"] is False
