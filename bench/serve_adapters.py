@@ -147,6 +147,7 @@ async def load(base_url: str, models: list[str], weights: list[float], clients: 
                 rows.append([round(begun, 4), index, round(ttft, 4), tokens, None])
             except Exception as err:  # noqa: BLE001 - every failure is counted, not fatal
                 rows.append([round(begun, 4), index, None, 0, f"{type(err).__name__}: {err}"[:200]])
+                await asyncio.sleep(0.1)  # a failing server answers at once: no busy loop
 
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=clients + 4)) as http:
         await asyncio.gather(*(client_loop(http) for _ in range(clients)))
@@ -244,7 +245,7 @@ def start_plain_vllm(args, folder: Path, rank: int, port: int):
     cmd += ["--max-cpu-loras", str(args.max_cpu_loras)] if args.max_cpu_loras else []
     env = {**os.environ, **llm.get("runtime_env", {}).get("env_vars", {}), cluster.CLUSTER_MARKER: address,
            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_LORA_RESOLVER_CACHE_DIR": str(folder)}
-    log_path = folder.parent / f"vllm-r{rank}.log"
+    log_path = folder.parent / "vllm.log"
     print(f"[bench] plain vLLM's log: {log_path}", flush=True)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -334,6 +335,8 @@ def plot(results: dict, path: Path) -> None:
         p99.plot(ns, [by_n[n]["ttft_p99_ms"] for n in by_n], marker="o", label=series)
     for ax, label in ((tput, "requests/s"), (p99, "TTFT p99 (ms)")):
         ax.set_xscale("log", base=2)
+        ns = sorted({int(n) for by_n in results.values() for n in by_n})
+        ax.set_xticks(ns, [str(n) for n in ns])
         ax.set_xlabel("adapters (N)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -390,6 +393,7 @@ def main() -> int:
                         help="adapters vLLM keeps in host memory (its LRU); default vLLM's (= max_loras)")
     parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated: workflow, vllm")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep", action="store_true", help="keep the adapters and plain vLLM's log (printed)")
     parser.add_argument("--out", help="result file (default bench/results/serve_adapters/<machine>.json); the request "
                                       "rows (.raw.json) and the plot (.png) go beside it")
     parser.add_argument("--load", help=argparse.SUPPRESS)  # internal: one load, JSON arguments of load()
@@ -415,16 +419,16 @@ def main() -> int:
     try:
         for rank in args.ranks:
             names = [name for n in args.adapters for name in adapter_names(n)]
+            folder = work / f"r{rank}" / "adapters"
+            # vLLM's filesystem resolver serves an adapter only if its base_model_name_or_path is the --model given.
+            make_adapters(Path(args.adapter), folder, names, rank, base_name=args.model)
             for server in servers:
-                folder = work / f"r{rank}" / server
-                # The workflow's replicas load any adapter of the folder; vLLM's resolver wants its served name.
-                make_adapters(Path(args.adapter), folder, names, rank,
-                              base_name=args.model if server == "workflow" else
-                              yaml.safe_load(RECIPE.read_text())["serve"]["llm_config"]["model_loading_config"]
-                              ["model_id"])
                 measure_server(server, args, rank, folder, results, raw)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"[bench] adapters and logs kept in {work}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
     print(f"{'series':14} {'N':>4} {'req/s':>7} {'x N=1':>6} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'cold p50':>8} {'cold p99':>8} {'evict':>6} {'RSS MB':>8} {'failed':>6}")

@@ -507,6 +507,35 @@ def test_per_adapter_metrics_behind_the_key(served):
         assert grew("workflow_adapter_reloads_total", viggo) + grew("workflow_adapter_reloads_total", viggo2) >= 1
 
 
+def test_an_adapter_over_the_served_rank_is_refused_in_one_line_not_loaded(served, tiny_adapter):
+    """The served max_lora_rank is the train stage's rank, 8: an adapter of rank 16 put into the folder gets
+    OpenAI's 400 naming the rank at its first request, and the replica loads nothing for it."""
+    import shutil
+
+    import httpx
+
+    (folder,) = Path(served["run_uri"], "serve", "adapters").iterdir()
+    shutil.copytree(tiny_adapter, folder / "wide")
+    config = json.loads((folder / "wide" / "adapter_config.json").read_text())
+    (folder / "wide" / "adapter_config.json").write_text(json.dumps({**config, "r": 16}))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            resp = httpx.post(f"{served['base_url']}/chat/completions", headers=_auth(), timeout=120, json={
+                "model": f"{RUN}:wide", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+            if resp.status_code != 404 or time.monotonic() > deadline:  # 404 until the listing (every 5 s) sees it
+                break
+            time.sleep(1)
+    finally:
+        shutil.rmtree(folder / "wide")
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["message"] == (f"The model '{RUN}:wide' cannot be served: adapter 'wide' has LoRA rank 16, over the "
+                                "served model's max_lora_rank 8 (serve.llm_config.engine_kwargs.max_lora_rank).")
+    assert error["type"] == "invalid_request_error"
+    assert _adapter_metrics(served["base_url"]).get(("workflow_adapter_loads_total", f"{RUN}:wide"), 0) == 0
+
+
 def test_stop_leaves_no_application_or_replica_behind(served):
     import httpx
 

@@ -23,7 +23,8 @@ adapters folder lists it, under a plain folder name); any other name is a 404 be
 
 An adapter of a local folder (``ray_serve_adapter_folders.py``: the run's storage is a folder on
 the serving machine) is handed to vLLM from its own subfolder; Ray's loader, which downloads a
-bucket's adapter into its cache first, loads the others.
+bucket's adapter into its cache first, loads the others. Before either is handed to vLLM, the subclass's
+``adapter_misfit`` may refuse it (HTTP 400 naming what does not fit the served model).
 
 The class keeps Ray's name (deployments are named after it: ``LLMServer:<model id>``).
 It overrides private methods and sets Serve's private request context: ``serving.app`` names its
@@ -37,6 +38,7 @@ import asyncio
 import functools
 import json
 import time
+from pathlib import Path
 
 from fastapi import HTTPException
 from ray import serve
@@ -84,20 +86,36 @@ class _FolderLoader(LoraModelLoader):
     """Ray's LoRA loader, but an adapter of a local folder is loaded from where it is: nothing is downloaded or
     copied, and nothing is cached here (Serve's multiplexing keeps the loaded ones)."""
 
-    def __init__(self, *args, loads: set[str] | None = None, **kwargs) -> None:
+    def __init__(self, *args, loads: set[str] | None = None, misfit=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._loads = loads if loads is not None else set()
+        self._misfit = misfit
+
+    async def _refuse_misfit(self, lora_model_id: str, path: Path, config: dict, llm_config) -> None:
+        """OpenAI's 400 naming what does not fit, before vLLM loads the adapter (LLMServer.adapter_misfit)."""
+        reason = self._misfit and await asyncio.to_thread(self._misfit, lora_model_id.partition(":")[2], path,
+                                                          config, llm_config)
+        if reason:
+            raise HTTPException(400, f"The model '{lora_model_id}' cannot be served: {reason}.")
 
     async def load_model_from_config(self, lora_model_id: str, llm_config) -> DiskMultiplexConfig:
         self._loads.add(lora_model_id)  # Serve's multiplexing missed it: a load (LLMServer.adapter_loaded)
         folder = adapter_folders.local_folder(llm_config.lora_config.dynamic_lora_loading_path)
         if folder is None:
-            return await super().load_model_from_config(lora_model_id, llm_config)
+            loaded = await super().load_model_from_config(lora_model_id, llm_config)
+            path = Path(loaded.local_path)
+            try:
+                config = json.loads(await asyncio.to_thread((path / adapter_folders.ADAPTER_CONFIG).read_text))
+            except FileNotFoundError:  # not a PEFT folder: vLLM says what it misses
+                return loaded
+            await self._refuse_misfit(lora_model_id, path, config, llm_config)
+            return loaded
         path = folder / lora_model_id.partition(":")[2]
         try:
             config = json.loads(await asyncio.to_thread((path / adapter_folders.ADAPTER_CONFIG).read_text))
         except FileNotFoundError:  # removed since the last listing
             raise HTTPException(404, f"The model '{lora_model_id}' does not exist.") from None
+        await self._refuse_misfit(lora_model_id, path, config, llm_config)
         return DiskMultiplexConfig(model_id=lora_model_id, max_total_tokens=config.get("max_length"),
                                    local_path=str(path), lora_assigned_int_id=global_id_manager.next())
 
@@ -118,9 +136,15 @@ class LLMServer(RayLLMServer):
         """Called once a request's adapter was loaded for it (Serve's multiplexing did not hold it): the seconds the
         request waited for the load, vLLM's included."""
 
+    def adapter_misfit(self, name: str, folder: Path, config: dict, llm_config) -> str | None:
+        """Why adapter ``name`` (its folder and ``adapter_config.json``) does not fit the served model
+        (``llm_config``), or None: asked before each load, a reason refuses the request with HTTP 400."""
+        return None
+
     def _init_multiplex_loader(self, model_downloader_cls=None):
         loads = self.__dict__.setdefault("_workflow_loading", set())
-        super()._init_multiplex_loader(model_downloader_cls or functools.partial(_FolderLoader, loads=loads))
+        super()._init_multiplex_loader(model_downloader_cls or functools.partial(_FolderLoader, loads=loads,
+                                                                                 misfit=self.adapter_misfit))
 
     async def __serve_build_asgi_app__(self):
         app = await super().__serve_build_asgi_app__()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 from ..patches import ray_serve_llm_server
-from . import guard, metrics
+from . import adapter_fit, guard, metrics
 from .adapter_store import AdapterCatalogue
 
 # The body limit where the cluster's environment names none (ServeConfig.max_request_bytes' default).
@@ -41,6 +41,11 @@ class LLMServer(ray_serve_llm_server.LLMServer):
         return _guarded_metrics, {"api_key_sha256": os.environ.get(guard.DIGEST_ENV) or None,
                                   "max_body_bytes": int(os.environ.get(guard.MAX_BODY_ENV) or DEFAULT_MAX_BODY_BYTES),
                                   "cors_preflight": bool(origins)}
+
+    def adapter_misfit(self, name: str, folder, config: dict, llm_config) -> str | None:
+        """An adapter whose rank or base model does not fit the served one is refused at its first request."""
+        return adapter_fit.misfit(name, folder, config, max_lora_rank=llm_config.engine_kwargs.get("max_lora_rank"),
+                                  model_source=llm_config.model_loading_config.model_source)
 
     def adapter_loaded(self, model_id: str, seconds: float) -> None:
         metrics.load_metrics().loaded(model_id, seconds)
