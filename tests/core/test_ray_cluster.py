@@ -150,3 +150,34 @@ def test_batch_engine_runs_the_serve_environment_on_a_cluster_started_from_the_t
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert len(out) == 2 and all(r["generated_text"] and not r["error"] for r in out)
+
+
+def test_a_cluster_whose_nodes_all_run_on_this_machine_may_serve_a_run_in_a_local_folder(tmp_path):
+    """A workstation's `ray start --head`: the serve stage's check passes a run in a local folder (its replicas
+    read the model and adapters where they are); a node at another address (TEST-NET-1, no machine's here) is
+    another machine, as each node of the namespace cluster is (its own address and mounts)."""
+    import shutil
+
+    temp_dir = Path(f"/tmp/wf-ray-{free_port()}")  # short: Ray's socket paths must fit 107 bytes
+    head = start_head(envs.SERVE, tmp_path, num_cpus=1, temp_dir=temp_dir)
+    try:
+        proc = python(envs.SERVE, f"""
+            import types
+            import ray
+            from workflow.core import ray_cluster
+            from workflow.stages.serve import _check_cluster_on_this_machine
+
+            _check_cluster_on_this_machine(types.SimpleNamespace(run_uri="/runs/r"), "{head.address}")
+            ray.init(address="{head.address}", log_to_driver=False)
+            nodes = [n for n in ray.nodes() if n["Alive"]]
+            ray.shutdown()
+            print("NODES", [n["NodeManagerAddress"] for n in nodes])
+            print("OFF", ray_cluster.nodes_off_this_machine(nodes + [{{"NodeManagerAddress": "192.0.2.7"}}]))
+        """, {"RAY_AUTH_MODE": "token"}, timeout=300)
+    finally:
+        stop_head(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.startswith(("NODES ", "OFF ")))
+    assert len(json.loads(lines["NODES"].replace("'", '"'))) == 1
+    assert lines["OFF"] == "['192.0.2.7']"
