@@ -173,12 +173,14 @@ class LLMServer(RayLLMServer):
         # Created here, on the replica's event loop (the replica's __init__ may run elsewhere).
         locks = self.__dict__.setdefault("_workflow_adapter_locks", {})
         async with locks.setdefault(model_id, asyncio.Lock()):
+            # What the loader made by _init_multiplex_loader loaded (none where another loader loads).
+            loading = self.__dict__.setdefault("_workflow_loading", set())
             started = time.monotonic()
             try:
                 await super()._maybe_resolve_lora_from_multiplex()
             except BaseException:
-                self._workflow_loading.discard(model_id)
+                loading.discard(model_id)
                 raise
-            if model_id in self._workflow_loading:
-                self._workflow_loading.discard(model_id)
+            if model_id in loading:
+                loading.discard(model_id)
                 self.adapter_loaded(model_id, time.monotonic() - started)
