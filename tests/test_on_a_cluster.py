@@ -216,10 +216,34 @@ def test_two_recipes_serve_side_by_side_each_at_its_route(ns_cluster, cluster_ru
                     "workflow-synced": [SYNCED_ROUTE, "RUNNING", synced_url]}, apps
 
 
+def serve_again(ns_cluster, recipe: Path, *args: str) -> subprocess.CompletedProcess:
+    """`workflow serve RECIPE ARGS`; what it printed stays in the failure when it runs past its time."""
+    try:
+        return workflow(ns_cluster, "serve", str(recipe), *args, timeout=900)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"workflow serve {' '.join(args)} ran past 900 s: {str(err.stdout)[-3000:]} {str(err.stderr)[-3000:]}")
+
+
+def test_show_and_stop_from_fresh_processes_without_the_address(ns_cluster, cluster_run):
+    recipe, base_url = str(cluster_run["recipe"]), cluster_run["endpoint"]["base_url"]
+    shown = workflow(ns_cluster, "show", recipe, RAY_ADDRESS="")
+    assert f"app: application workflow-{RUN} on the Ray cluster at {ns_cluster.address}, detached: answering" \
+        in shown.stdout, shown.stdout + shown.stderr
+    # RAY_ADDRESS unset: `workflow stop` finds the cluster through the run's endpoint.json.
+    stopped = workflow(ns_cluster, "stop", recipe, RAY_ADDRESS="")
+    assert stopped.returncode == 0, (stopped.stdout + stopped.stderr)[-3000:]
+    assert f"stopping the application workflow-{RUN} on the Ray cluster at {ns_cluster.address}" in stopped.stdout
+    assert chat_from(ns_cluster, ns_cluster.nodes[0], base_url, "viggo")[0] != 200
+    shown = workflow(ns_cluster, "show", recipe, RAY_ADDRESS="")
+    assert f"app: application workflow-{RUN} on the Ray cluster at {ns_cluster.address}, stopped" in shown.stdout
+
+
 def test_a_rerun_and_a_redeploy_lose_no_request_of_a_streaming_client(ns_cluster, synced_app):
     """A client streams through the detached app without pause while the recipe is served again without
     --detach (a check app of its own, removed after) and then redeployed with --detach (Serve's in-place
-    update): every request answers in full; endpoint.json still names the detached app."""
+    update): every request answers in full; endpoint.json still names the detached app. After the cluster run's
+    app has been stopped (above): beside two apps, the worker nodes' 8 CPUs have no room for a check app's LLM
+    replica (its deploy waits, and Serve's message says for what)."""
     import threading
 
     import httpx
@@ -260,28 +284,6 @@ def test_a_rerun_and_a_redeploy_lose_no_request_of_a_streaming_client(ns_cluster
     assert during_check >= 5 and len(results) - during_check >= 5, results
     assert failed == [], failed[:5]
     assert chat_from(ns_cluster, ns_cluster.nodes[0], base_url, "viggo:viggo")[0] == 200
-
-
-def serve_again(ns_cluster, recipe: Path, *args: str) -> subprocess.CompletedProcess:
-    """`workflow serve RECIPE ARGS`; what it printed stays in the failure when it runs past its time."""
-    try:
-        return workflow(ns_cluster, "serve", str(recipe), *args, timeout=900)
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"workflow serve {' '.join(args)} ran past 900 s: {str(err.stdout)[-3000:]} {str(err.stderr)[-3000:]}")
-
-
-def test_show_and_stop_from_fresh_processes_without_the_address(ns_cluster, cluster_run):
-    recipe, base_url = str(cluster_run["recipe"]), cluster_run["endpoint"]["base_url"]
-    shown = workflow(ns_cluster, "show", recipe, RAY_ADDRESS="")
-    assert f"app: application workflow-{RUN} on the Ray cluster at {ns_cluster.address}, detached: answering" \
-        in shown.stdout, shown.stdout + shown.stderr
-    # RAY_ADDRESS unset: `workflow stop` finds the cluster through the run's endpoint.json.
-    stopped = workflow(ns_cluster, "stop", recipe, RAY_ADDRESS="")
-    assert stopped.returncode == 0, (stopped.stdout + stopped.stderr)[-3000:]
-    assert f"stopping the application workflow-{RUN} on the Ray cluster at {ns_cluster.address}" in stopped.stdout
-    assert chat_from(ns_cluster, ns_cluster.nodes[0], base_url, "viggo")[0] != 200
-    shown = workflow(ns_cluster, "show", recipe, RAY_ADDRESS="")
-    assert f"app: application workflow-{RUN} on the Ray cluster at {ns_cluster.address}, stopped" in shown.stdout
 
 
 def test_another_port_than_the_running_serves_is_refused_in_one_line(ns_cluster, cluster_run, tmp_path):

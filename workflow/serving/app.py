@@ -16,6 +16,7 @@ from typing import Any
 from ..config.base import check_engine_kwargs, format_validation_error
 from ..config.serve import ServeConfig
 from ..core import storage
+from ..core.console import say
 from ..core.errors import WorkflowError
 from ..core.secrets import key_digest
 from ..inference.adapters import supported_lora_rank, with_revision
@@ -260,12 +261,16 @@ def wait_until_deployed(name: str, *, timeout_s: float = 1200) -> None:
 
     from ray import serve
 
-    deadline = time.monotonic() + timeout_s
+    deadline, said = time.monotonic() + timeout_s, ""
     while time.monotonic() < deadline:
         found = serve.status().applications.get(name)
         if found is not None:
             if found.status == "RUNNING":
                 return
+            waiting = [" ".join(d.message.split()) for d in found.deployments.values() if d.message]
+            if waiting and waiting[0] != said:  # e.g. replicas that cannot be scheduled, and the resources they need
+                said = waiting[0]
+                say(f"[serve] Ray Serve: {said[:400]}")
             if found.status == "DEPLOY_FAILED":
                 message = " ".join(found.message.split())[:400]
                 raise WorkflowError(f"serve: Ray Serve could not deploy the application {name}: {found.status.value}: "
