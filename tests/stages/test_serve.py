@@ -78,6 +78,18 @@ def test_an_endpoint_reachable_from_other_hosts_needs_a_key_or_an_explicit_open(
         cfg.check_open_endpoint(on_cluster=True)
 
 
+def test_route_prefix_is_a_path_of_its_own():
+    assert _parse({}).serve.route(RUN) == f"/{RUN}"  # the default on a user's cluster: /<recipe name>
+    assert _parse({"route_prefix": "/team/viggo"}).serve.route(RUN) == "/team/viggo"
+    assert _parse({"route_prefix": "/"}).serve.route(RUN) == "/"
+    for bad in ("viggo", "/viggo/", "/a b", "/{x}"):
+        with pytest.raises(WorkflowError, match=r"recipe.yaml: serve.route_prefix: .*give a path such as /viggo"):
+            _parse({"route_prefix": bad})
+    for clash in ("/viggo/v1", "/v1/x", "/-/routes"):
+        with pytest.raises(WorkflowError, match=r"serve.route_prefix: .*clashes with the routes the app answers"):
+            _parse({"route_prefix": clash})
+
+
 def _evaluated(path: Path, scores: dict[str, float], require: dict) -> None:
     """The run of ``path`` with an evaluate stage that scored each variant's slot F1 as given (interval +-0.05)."""
     recipe = yaml.safe_load(path.read_text())
@@ -421,6 +433,23 @@ def test_the_ingress_app_guards_every_route_and_names_adapters_from_the_list(ser
     card = httpx.get(f"{root}/v1/models/{RUN}:nope", headers=_auth(), timeout=60)
     assert card.status_code == 404 and set(card.json()["error"]) >= {"message", "type", "code"}, card.text
     attack.check_no_serving_listener_off_loopback(json.loads(served["state_file"].read_text())["address"])
+
+
+def test_a_run_without_detach_is_refused_while_the_detached_app_is_live(served):
+    """It would replace the detached app on the workflow's own cluster: one line, at the start of `workflow run`
+    too (before its first stage), and the app goes on answering."""
+    import httpx
+
+    expected = (f"error: {served['recipe']}: serve: the app of {RUN} left running (--detach) is live at "
+                f"{served['base_url']}; a run without --detach would replace it with one it shuts down after its "
+                "smoke check (pass --replace to do so, --detach to redeploy it, or stop it first")
+    for args in (("serve",), ("run", "--stages", "serve")):
+        proc = _workflow(*args, str(served["recipe"]), env=served["env"], timeout=300)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(errors) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert errors[0].startswith(expected), errors[0]
+        assert f"run {RUN}:" not in proc.stdout and "deploying" not in proc.stdout
+    assert httpx.get(f"{served['base_url']}/models", headers=_auth(), timeout=60).status_code == 200
 
 
 def test_an_adapter_added_after_the_deploy_is_served_and_a_removed_one_is_a_404(served, tiny_adapter):
