@@ -307,7 +307,7 @@ def figures(results: dict, args) -> dict:
                  "max_tokens": args.max_tokens, "adapters": args.adapters, "ranks": args.ranks,
                  "max_loras": args.max_loras, "max_cpu_loras": args.max_cpu_loras}
     keys = ("req_per_s", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "cold_load_p50_ms", "cold_load_p99_ms",
-            "evictions_lru_model", "adapter_loads", "adapter_reloads", "peak_rss_mb", "failed")
+            "adapters_served", "evictions_lru_model", "adapter_loads", "adapter_reloads", "peak_rss_mb", "failed")
     for key in keys:
         out[key] = {series: {n: row[key] for n, row in by_n.items()} for series, by_n in results.items()}
     for key in ("req_per_s", "tokens_per_s", "ttft_p99_ms"):
