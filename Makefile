@@ -25,7 +25,8 @@ check-locks:      ## check that envs/serve-gpu.lock still resolves on the packag
 demo: setup       ## the whole pipeline on the CPU, offline, then a summary
 	$(WORKFLOW) run $(RECIPE)
 
-test: test-serve test-train   ## the whole suite, in both environments
+test: setup       ## the whole suite, both environments, in two streams side by side (tests/run_suite.sh)
+	bash tests/run_suite.sh $(SERVE_PY) $(TRAIN_PY) $(PYTEST_ARGS)
 
 test-serve: setup
 	$(SERVE_PY) -m pytest -m "not train_env" $(PYTEST_ARGS)
