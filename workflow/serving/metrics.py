@@ -1,4 +1,4 @@
-"""Per-adapter metrics of a served app, in Prometheus text format at ``<route>/metrics`` (issue 34).
+"""Per-adapter metrics of a served app, in Prometheus text format at ``<route>/metrics``.
 
 What the replica that answers HTTP records, labelled by the OpenAI model id a request names (``<model id>``
 or ``<model id>:<adapter>``; ``<unknown>`` for a name the app answered 404, so that a client cannot grow
