@@ -7,7 +7,6 @@ import asyncio
 import json
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from workflow.core.secrets import key_digest
 from workflow.serving import metrics
@@ -44,6 +43,8 @@ async def completions(scope, receive, send):
 
 
 def samples(text: str) -> dict[tuple[str, str | None], float]:
+    from prometheus_client.parser import text_string_to_metric_families  # in the serve environment only
+
     return {(s.name, s.labels.get("model")): s.value for f in text_string_to_metric_families(text)
             for s in f.samples if "le" not in s.labels}
 
