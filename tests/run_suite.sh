@@ -20,14 +20,14 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
 second_stream() {
-  local code=0 t0
+  local train_code=0 beside_code=0 t0
   t0=$(date +%s)
-  "$train_py" -m pytest -m train_env "$@" || code=$?
-  echo "[test] train half: $(( $(date +%s) - t0 ))s (exit $code)"
+  "$train_py" -m pytest -m train_env "$@" || train_code=$?
+  echo "[test] train half: $(( $(date +%s) - t0 ))s (exit $train_code)"
   t0=$(date +%s)
-  "$serve_py" -m pytest -m "not train_env" "$@" "${BESIDE[@]}" || code=$?
-  echo "[test] ${BESIDE[*]}: $(( $(date +%s) - t0 ))s (exit $code)"
-  return $code
+  "$serve_py" -m pytest -m "not train_env" "$@" "${BESIDE[@]}" || beside_code=$?
+  echo "[test] ${BESIDE[*]}: $(( $(date +%s) - t0 ))s (exit $beside_code)"
+  [ "$train_code" = 0 ] && [ "$beside_code" = 0 ]
 }
 
 second_stream "$@" >"$log" 2>&1 &
