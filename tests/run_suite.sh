@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # `make test`: the whole suite in two streams side by side, every test once (the README's test command;
 # .ci/run calls it). The serve half runs in the foreground, less the files of BESIDE; in the background,
-# one after the other, the train half and then those files (the namespace-cluster tests, and a
-# whole-pipeline file on the tiny model that shares no run with the rest) in a serve-environment pytest
+# one after the other, the train half and then those files (the namespace-cluster tests, and files of
+# runs and Ray heads on the tiny model that share no run with the rest) in a serve-environment pytest
 # process of their own, which builds the tiny model and adapter again. Much of each stream is one core's
 # work (processes importing torch, vLLM and Ray; engines and clusters starting; nodes declared dead) on a
 # 2-core machine, so the other stream fills the second core; BESIDE is chosen so that the two streams take
-# about as long (2026-12-07, one after the other: serve half 1,957 s, of it the task-kind runs ~120 s;
-# namespace-cluster tests 853 s, and about 445 s more since for the rerun/redeploy test; train half
-# 461 s). Measured on a slice (AVX-512 VM, 2026-12-07): 145 s + 59 s one after the other, 162 s side by side.
+# about as long. Measured on a clean clone (AVX-512 VM, 2026-12-07, 90617b3^): the foreground 2,363 s; beside
+# it the namespace-cluster and task-kind files 1,198 s (the train half, 461 s when alone, had stopped at
+# collection), so tests/test_interrupted.py (72 s) and tests/core/test_ray_cluster.py (~110 s) moved beside.
 # The background stream's output is printed when it ends; each stream's seconds are printed; the exit code
 # is non-zero when either stream failed.
 #   tests/run_suite.sh SERVE_PY TRAIN_PY [pytest args...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 serve_py=$1 train_py=$2; shift 2
-BESIDE=(tests/test_on_a_cluster.py tests/core/test_netns_cluster.py tests/test_task_kinds.py)
+BESIDE=(tests/test_on_a_cluster.py tests/core/test_netns_cluster.py tests/test_task_kinds.py tests/test_interrupted.py
+        tests/core/test_ray_cluster.py)
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
